@@ -1,0 +1,161 @@
+"""The site's configuration: attrs models, their cattrs converter, load/save of the site dir.
+
+A site directory holds:
+
+    site.yaml         this file's models, readable and editable by people
+    identity/         CA and site key pair (see pki.py), keys mode 0600
+    links/<name>/     per outgoing link: the peer's CA and our cert it signed
+    state/            incarnation counter and issued-token grants
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import yaml
+from cattrs.preconf.pyyaml import make_converter
+
+from .errors import ConfigError
+
+CONFIG_FILE = "site.yaml"
+STATE_DIR = "state"
+LINKS_DIR = "links"
+
+DEFAULT_LINK_HOST = "127.0.0.1"
+DEFAULT_LISTENER_HOST = "127.0.0.1"  # nothing is exposed beyond the host unless asked
+DEFAULT_CONNECTOR_HOST = "localhost"
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be greater than 0, not {value!r}")
+
+
+def _port(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be a port number 0-65535, not {value!r}")
+
+
+def _mode(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value not in ("interior", "edge"):
+        raise ValueError(f"{attribute.name} must be 'interior' or 'edge', not {value!r}")
+
+
+@attrs.frozen
+class Settings:
+    """Timers and limits. Each has a unit and a reason."""
+
+    keepalive_interval: float = attrs.field(default=1.0, validator=_positive)  # seconds between PINGs
+    keepalive_timeout: float = attrs.field(default=3.0, validator=_positive)  # seconds of silence -> link dead
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)  # seconds for TLS + HELLO
+    dial_timeout: float = attrs.field(default=5.0, validator=_positive)  # seconds to reach a peer or a target
+    reconnect_min: float = attrs.field(default=0.25, validator=_positive)  # seconds, first retry of a link
+    reconnect_max: float = attrs.field(default=10.0, validator=_positive)  # seconds, cap of the backoff
+    # Bytes a flow may have in flight per hop. 256 KiB fills a loopback or LAN
+    # link from one stream; memory per flow per hop is at most this much.
+    flow_window: int = attrs.field(default=256 * 1024, validator=_positive)
+    # Flows per link; with flow_window this bounds a link's buffered bytes.
+    max_flows_per_link: int = attrs.field(default=4096, validator=_positive)
+    # Bytes queued for a link's writer before data senders wait for it to drain.
+    link_write_buffer: int = attrs.field(default=1024 * 1024, validator=_positive)
+    max_hops: int = attrs.field(default=32, validator=_positive)  # hop limit of a new flow
+
+
+@attrs.frozen
+class LinkConfig:
+    """An outgoing link, made by redeeming a token of the peer."""
+
+    name: str
+    peer_id: str
+    addresses: tuple[str, ...]
+    cost: int = attrs.field(default=1, validator=_positive)
+
+
+@attrs.frozen
+class ListenerConfig:
+    name: str
+    routing_key: str
+    port: int = attrs.field(validator=_port)
+    host: str = DEFAULT_LISTENER_HOST
+    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(("tcp",)))
+
+
+@attrs.frozen
+class ConnectorConfig:
+    name: str
+    routing_key: str
+    port: int = attrs.field(validator=_port)
+    host: str = DEFAULT_CONNECTOR_HOST
+    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(("tcp",)))
+
+
+@attrs.frozen
+class SiteConfig:
+    name: str
+    mode: str = attrs.field(default="interior", validator=_mode)
+    link_host: str = DEFAULT_LINK_HOST
+    link_port: int | None = attrs.field(default=None, validator=_port)  # None: accepts no links
+    settings: Settings = Settings()
+    links: tuple[LinkConfig, ...] = ()
+    listeners: tuple[ListenerConfig, ...] = ()
+    connectors: tuple[ConnectorConfig, ...] = ()
+
+
+_converter = make_converter(forbid_extra_keys=True)  # a typo in site.yaml is an error, not ignored
+
+
+def config_path(site_dir: Path) -> Path:
+    return site_dir / CONFIG_FILE
+
+
+def load_config(site_dir: Path) -> SiteConfig:
+    path = config_path(site_dir)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{site_dir} is not a fabric site directory: {path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {_first_line(exc)}") from None
+    try:
+        return _converter.structure(raw, SiteConfig)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def save_config(site_dir: Path, config: SiteConfig) -> None:
+    """Write site.yaml atomically: a crash leaves the old file or the new one."""
+    path = config_path(site_dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(_converter.unstructure(config), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def describe_validation_error(exc: BaseException) -> str:
+    """One line naming the key at fault (`listeners[0].port: ...`), from a cattrs error tree."""
+    where = ""
+    while True:
+        for note in getattr(exc, "__notes__", ()):
+            if isinstance(note, cattrs.AttributeValidationNote):
+                where += f".{note.name}" if where else note.name
+            elif isinstance(note, cattrs.IterableValidationNote):
+                where += f"[{note.index}]"
+        if not (isinstance(exc, cattrs.BaseValidationError) and exc.exceptions):
+            break
+        exc = exc.exceptions[0]
+    prefix = f"{where}: " if where else ""
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"{prefix}unknown key {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, KeyError):
+        return f"{prefix}missing value"
+    if isinstance(exc, (AttributeError, TypeError)) and not where:
+        return "expected a mapping of keys to values"
+    return prefix + _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

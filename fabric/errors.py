@@ -1,0 +1,74 @@
+"""The fabric error family: one root, split by cause.
+
+Everything the library raises on purpose is a `FabricError`. Errors from trio,
+OpenSSL or the OS are translated where they happen, so the CLI can print
+`str(error)` as one line that names the cause.
+"""
+
+
+class FabricError(Exception):
+    """Root of every error fabric raises on purpose."""
+
+
+class ConfigError(FabricError):
+    """The site directory or its config is missing, malformed or inconsistent."""
+
+
+class TokenError(FabricError):
+    """A token could not be issued, read or redeemed."""
+
+
+class TokenFormatError(TokenError):
+    """The file is not a fabric token (mistyped, truncated, another format)."""
+
+
+class TokenSpentError(TokenError):
+    """The token has been redeemed as many times as it allows."""
+
+
+class TokenExpiredError(TokenError):
+    """The token's expiration window has passed."""
+
+
+class TokenForgedError(TokenError):
+    """The token's secret does not match, or the issuer never issued it."""
+
+
+class IssuerUnreachableError(TokenError):
+    """None of the token's link addresses answered."""
+
+
+class LinkError(FabricError):
+    """A link could not be made or was lost."""
+
+
+class ProtocolError(LinkError):
+    """The peer broke the link protocol; the link is closed with this reason."""
+
+
+class FrameError(ProtocolError):
+    """Bytes from the peer do not decode as a frame."""
+
+
+class FlowError(FabricError):
+    """A flow could not be opened or was ended abnormally."""
+
+
+class FlowRefused(FlowError):
+    """OPEN_FAIL came back: no route, no connector, or the target refused the dial."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class FlowReset(FlowError):
+    """The flow was reset: by the peer, by a link that broke, or by shutdown."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class NoProviderError(FabricError):
+    """No reachable site has a connector for the routing key."""

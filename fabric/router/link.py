@@ -1,0 +1,533 @@
+"""A link: one authenticated byte stream between two sites, carrying frames.
+
+A `Link` runs three tasks: a reader that decodes frames and dispatches them
+without ever blocking (flows buffer at most their credit), one writer that
+coalesces queued frames into large writes, and a pinger. Silence longer than
+the keepalive timeout ends the link; so does any protocol error, with a
+GOAWAY that says why.
+
+A `FlowEnd` is one hop of a flow on a link: a half-closeable byte stream with
+credit-based flow control (CREDIT carries the absolute byte offset the
+receiver allows, QUIC style).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Protocol
+
+import trio
+
+from ..config import Settings
+from ..errors import FlowRefused, FlowReset, LinkError, ProtocolError
+from .frames import (
+    PROTOCOL_MAX,
+    PROTOCOL_MIN,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    Hello,
+    Open,
+    Reason,
+    decode_message_untrusted,
+    decode_reason_untrusted,
+    decode_u64_untrusted,
+    encode_frame,
+    encode_header,
+    encode_message,
+    encode_reason,
+    encode_u64,
+)
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024  # bytes per read from the link stream
+MAX_DATA = 64 * 1024  # bytes of payload per DATA frame: one TCP read of a client
+GOAWAY_GRACE = 0.5  # seconds to flush a last GOAWAY before the stream is closed
+RTT_SMOOTHING = 0.125  # weight of a new RTT sample (as TCP's SRTT)
+
+
+class LinkHandler(Protocol):
+    """What a link needs from the router above it. Called from the reader: must not block."""
+
+    def on_open(self, link: Link, flow: FlowEnd, request: Open) -> None: ...
+
+    def on_gossip(self, link: Link, payload: bytes) -> None: ...
+
+
+# -- handshake ----------------------------------------------------------------
+
+
+async def read_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder) -> Frame:
+    """The next frame during a handshake (the caller bounds the time)."""
+    while (frame := decoder.next_frame()) is None:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise LinkError("peer closed the connection during the handshake")
+        decoder.receive_data(data)
+    return frame
+
+
+def read_hello_untrusted(frame: Frame, local: Hello) -> Hello:
+    """The peer's HELLO; refuses a peer with no protocol version in common."""
+    if frame.type is FrameType.GOAWAY:
+        code, text = decode_reason_untrusted(frame.payload)
+        raise LinkError(f"peer refused the link: {text}")
+    if frame.type is not FrameType.HELLO:
+        raise ProtocolError(f"expected HELLO, got {frame.type.name}")
+    peer = decode_message_untrusted(frame.payload, Hello)
+    if max(peer.min_version, local.min_version) > min(peer.max_version, local.max_version):
+        raise LinkError(
+            f"no common link protocol version: this site speaks {local.min_version}-{local.max_version}, "
+            f"site {peer.name} speaks {peer.min_version}-{peer.max_version}"
+        )
+    return peer
+
+
+def make_hello(site_id: str, name: str, mode: str, incarnation: int, settings: Settings, cost: int) -> Hello:
+    return Hello(PROTOCOL_MIN, PROTOCOL_MAX, site_id, name, mode, incarnation, settings.flow_window, cost)
+
+
+def goaway_frame(code: Reason, text: str) -> bytes:
+    return encode_frame(FrameType.GOAWAY, 0, encode_reason(code, text))
+
+
+# -- the link -----------------------------------------------------------------
+
+
+class _LinkEnded(Exception):
+    """Internal: why the link ended, as one line."""
+
+
+class Link(trio.abc.AsyncResource):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        decoder: FrameDecoder,
+        *,
+        local: Hello,
+        peer: Hello,
+        dialer: bool,
+        cost: int,
+        settings: Settings,
+        handler: LinkHandler,
+    ) -> None:
+        self.stream = stream
+        self.local = local
+        self.peer = peer
+        self.dialer = dialer
+        self.cost = cost
+        self.rtt: float | None = None  # seconds, smoothed
+        self.settings = settings
+        self._handler = handler
+        self._decoder = decoder
+        self._flows: dict[int, FlowEnd] = {}
+        self._next_id = 1 if dialer else 2  # DESIGN.md: dialer odd, acceptor even
+        self._peer_max_id = 0
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._out_ready = trio.Event()
+        self._drained = trio.Event()
+        self._closed = False
+        self._reason: str | None = None
+        self._goaway: bytes | None = None
+        self._scope = trio.CancelScope()
+        self.up_since = trio.current_time()
+
+    def __repr__(self) -> str:
+        role = "dialed" if self.dialer else "accepted"
+        return f"<Link {role} peer={self.peer.name} flows={len(self._flows)} queued={self._out_bytes}B>"
+
+    @property
+    def peer_id(self) -> str:
+        return self.peer.site_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def flow_count(self) -> int:
+        return len(self._flows)
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Link] = trio.TASK_STATUS_IGNORED) -> str:
+        """Serve the link until it ends; returns why, as one line."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._reader)
+                    nursery.start_soon(self._guard, self._writer)
+                    nursery.start_soon(self._guard, self._pinger)
+                    task_status.started(self)
+        finally:
+            self._closed = True
+            reason = self._reason or "link closed"
+            for flow in list(self._flows.values()):
+                flow._on_link_lost(reason)
+            self._flows.clear()
+            self._drained.set()
+            await self._close_stream()
+        return reason
+
+    def close(self, code: Reason = Reason.SHUTDOWN, text: str = "site is shutting down") -> None:
+        """End the link, telling the peer why. Returns at once; `run` does the rest."""
+        self._end(f"closed here: {text}", goaway=goaway_frame(code, text))
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def _end(self, reason: str, goaway: bytes | None = None) -> None:
+        if self._reason is None:
+            self._reason = reason
+            self._goaway = goaway
+        self._scope.cancel()
+
+    async def _guard(self, task) -> None:
+        try:
+            await task()
+        except _LinkEnded as exc:
+            self._end(str(exc))
+        except ProtocolError as exc:
+            self._end(f"protocol error: {exc}", goaway_frame(Reason.PROTOCOL, str(exc)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            self._end(f"connection lost: {cause}" if str(cause) else "connection lost")
+        except OSError as exc:
+            self._end(f"connection lost: {exc.strerror or exc}")
+
+    async def _close_stream(self) -> None:
+        with trio.move_on_after(GOAWAY_GRACE, shield=True):
+            if self._goaway is not None:
+                try:
+                    await self.stream.send_all(self._goaway)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                    pass  # the peer will notice by the stream ending instead
+        await trio.aclose_forcefully(self.stream)
+
+    async def _reader(self) -> None:
+        timeout = self.settings.keepalive_timeout
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as silence:
+            for frame in self._decoder:  # frames that came with the handshake
+                self._dispatch(frame)
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise _LinkEnded("peer closed the connection")
+                silence.deadline = trio.current_time() + timeout
+                self._decoder.receive_data(data)
+                for frame in self._decoder:
+                    self._dispatch(frame)
+        raise _LinkEnded(f"no frames from peer for {timeout:g} s (keepalive timeout)")
+
+    async def _writer(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            chunks, self._out = self._out, []
+            data = b"".join(chunks)
+            await self.stream.send_all(data)
+            self._out_bytes -= len(data)
+            if self._out_bytes < self.settings.link_write_buffer:
+                self._drained.set()
+
+    async def _pinger(self) -> None:
+        while True:
+            self.send_frame(FrameType.PING, 0, encode_u64(int(trio.current_time() * 1e9)))
+            await trio.sleep(self.settings.keepalive_interval)
+
+    # -- sending -----------------------------------------------------------------
+
+    def send_frame(self, type: FrameType, flow_id: int = 0, payload: bytes = b"") -> None:
+        """Queue a frame. Never blocks: what may be queued is bounded by credit and flow limits."""
+        if self._closed:
+            return
+        self._out.append(encode_header(type, flow_id, len(payload)))
+        if payload:
+            self._out.append(payload)
+        self._out_bytes += len(payload) + 12
+        self._out_ready.set()
+
+    async def wait_writable(self) -> None:
+        """Wait while the writer has more than `link_write_buffer` bytes queued."""
+        while self._out_bytes >= self.settings.link_write_buffer and not self._closed:
+            if self._drained.is_set():
+                self._drained = trio.Event()
+            await self._drained.wait()
+
+    def send_gossip(self, payload: bytes) -> None:
+        self.send_frame(FrameType.GOSSIP, 0, payload)
+
+    # -- flows -------------------------------------------------------------------
+
+    def open_flow(self, request: Open) -> FlowEnd:
+        """Send OPEN for a new flow; `await flow.wait_opened()` for the answer."""
+        if self._closed:
+            raise FlowRefused(Reason.LINK_LOST, f"link to {self.peer.name} is down")
+        if len(self._flows) >= self.settings.max_flows_per_link:
+            raise FlowRefused(Reason.FLOW_LIMIT, f"link to {self.peer.name} has {len(self._flows)} flows, its limit")
+        flow_id = self._next_id
+        self._next_id += 2
+        flow = FlowEnd(self, flow_id, request.flow_uid, opener=True)
+        self._flows[flow_id] = flow
+        self.send_frame(FrameType.OPEN, flow_id, encode_message(request))
+        return flow
+
+    def _forget(self, flow: FlowEnd) -> None:
+        self._flows.pop(flow.flow_id, None)
+
+    def _was_opened(self, flow_id: int) -> bool:
+        if flow_id == 0:
+            return False
+        mine = flow_id % 2 == (1 if self.dialer else 0)
+        return flow_id < self._next_id if mine else flow_id <= self._peer_max_id
+
+    def _flow(self, frame: Frame) -> FlowEnd | None:
+        """The live flow a frame is for; None for a flow that has ended (late frames are dropped)."""
+        flow = self._flows.get(frame.flow_id)
+        if flow is None and not self._was_opened(frame.flow_id):
+            raise ProtocolError(f"{frame.type.name} frame for unknown flow {frame.flow_id}")
+        return flow
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        kind = frame.type
+        if kind is FrameType.DATA:
+            if flow := self._flow(frame):
+                flow._on_data(frame.payload)
+        elif kind is FrameType.CREDIT:
+            if flow := self._flow(frame):
+                flow._on_credit(decode_u64_untrusted(frame.payload))
+        elif kind is FrameType.CLOSE:
+            if flow := self._flow(frame):
+                flow._on_close()
+        elif kind is FrameType.RESET:
+            if flow := self._flow(frame):
+                flow._on_reset(*decode_reason_untrusted(frame.payload))
+        elif kind is FrameType.OPEN:
+            self._on_open(frame)
+        elif kind is FrameType.OPEN_OK:
+            if flow := self._flow(frame):
+                flow._on_open_ok()
+        elif kind is FrameType.OPEN_FAIL:
+            if flow := self._flow(frame):
+                flow._on_open_fail(*decode_reason_untrusted(frame.payload))
+        elif kind is FrameType.PING:
+            self.send_frame(FrameType.PONG, 0, frame.payload)
+        elif kind is FrameType.PONG:
+            self._on_pong(decode_u64_untrusted(frame.payload))
+        elif kind is FrameType.GOSSIP:
+            self._handler.on_gossip(self, frame.payload)
+        elif kind is FrameType.GOAWAY:
+            _, text = decode_reason_untrusted(frame.payload)
+            raise _LinkEnded(f"peer went away: {text}")
+        else:
+            raise ProtocolError(f"unexpected {kind.name} frame on an established link")
+
+    def _on_open(self, frame: Frame) -> None:
+        flow_id = frame.flow_id
+        peers_parity = 0 if self.dialer else 1
+        if flow_id % 2 != peers_parity or flow_id <= self._peer_max_id:
+            raise ProtocolError(f"OPEN with flow id {flow_id}, which the peer may not use now")
+        self._peer_max_id = flow_id
+        request = decode_message_untrusted(frame.payload, Open)
+        if len(self._flows) >= self.settings.max_flows_per_link:
+            reason = f"link from {self.peer.name} has {len(self._flows)} flows, its limit"
+            self.send_frame(FrameType.OPEN_FAIL, flow_id, encode_reason(Reason.FLOW_LIMIT, reason))
+            return
+        flow = FlowEnd(self, flow_id, request.flow_uid, opener=False)
+        self._flows[flow_id] = flow
+        self._handler.on_open(self, flow, request)
+
+    def _on_pong(self, sent_ns: int) -> None:
+        sample = max(0.0, trio.current_time() - sent_ns / 1e9)
+        if sample > 3600:
+            raise ProtocolError("PONG does not echo a PING this link sent")
+        self.rtt = sample if self.rtt is None else self.rtt + RTT_SMOOTHING * (sample - self.rtt)
+
+
+class FlowEnd(trio.abc.HalfCloseableStream):
+    """One hop of a flow on one link, as a half-closeable byte stream.
+
+    Receiving buffers at most `flow_window` bytes: the peer may send only up to
+    the offset we granted, and we grant more only as bytes are consumed.
+    """
+
+    def __init__(self, link: Link, flow_id: int, uid: str, *, opener: bool) -> None:
+        self.link = link
+        self.flow_id = flow_id
+        self.uid = uid
+        self._window = link.settings.flow_window
+        self._inbound: collections.deque[bytes] = collections.deque()
+        self._received = 0
+        self._consumed = 0
+        self._recv_limit = self._window
+        self._recv_closed = False
+        self._sent = 0
+        self._send_limit = link.peer.flow_window
+        self._send_closed = False
+        self._error: FlowReset | FlowRefused | None = None
+        self._changed = trio.Event()
+        self._opened = trio.Event()
+        if not opener:
+            self._opened.set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<FlowEnd {self.flow_id} on {self.link.peer.name} sent={self._sent}/{self._send_limit} "
+            f"received={self._received}/{self._recv_limit} buffered={self._received - self._consumed}>"
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self._error is not None or (self._send_closed and self._recv_closed)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _maybe_forget(self) -> None:
+        if self.finished:
+            self.link._forget(self)
+
+    # -- opening -----------------------------------------------------------------
+
+    async def wait_opened(self) -> None:
+        """Wait for OPEN_OK; raises FlowRefused on OPEN_FAIL, FlowReset if the link broke."""
+        await self._opened.wait()
+        if self._error is not None:
+            raise self._error
+
+    def accept(self) -> None:
+        self.link.send_frame(FrameType.OPEN_OK, self.flow_id)
+
+    def refuse(self, code: Reason, text: str) -> None:
+        if self._error is None:
+            self._error = FlowRefused(code, text)
+            self.link.send_frame(FrameType.OPEN_FAIL, self.flow_id, encode_reason(code, text))
+            self.link._forget(self)
+
+    # -- stream interface ------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._inbound:
+            if self._error is not None:
+                raise self._error
+            if self._recv_closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return b""
+            await self._changed.wait()
+        if self._error is not None:
+            raise self._error
+        chunk = self._inbound.popleft()
+        if max_bytes is not None and len(chunk) > max_bytes:
+            self._inbound.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._consumed += len(chunk)
+        if not self._recv_closed and self._recv_limit - self._consumed <= self._window // 2:
+            self._recv_limit = self._consumed + self._window
+            self.link.send_frame(FrameType.CREDIT, self.flow_id, encode_u64(self._recv_limit))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return chunk
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_closed:
+            raise trio.ClosedResourceError("this flow was half-closed for sending")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        total, pos = len(data), 0
+        while pos < total:
+            if self._error is not None:
+                raise self._error
+            room = self._send_limit - self._sent
+            if room <= 0:
+                await self._changed.wait()
+                continue
+            await self.link.wait_writable()
+            if self._error is not None:
+                raise self._error
+            n = min(room, total - pos, MAX_DATA)
+            chunk = data if (pos == 0 and n == total and isinstance(data, bytes)) else bytes(data[pos : pos + n])
+            self.link.send_frame(FrameType.DATA, self.flow_id, chunk)
+            self._sent += n
+            pos += n
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while self._send_limit <= self._sent and self._error is None:
+            await self._changed.wait()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._error is not None:
+            raise self._error
+        if not self._send_closed:
+            self._send_closed = True
+            self.link.send_frame(FrameType.CLOSE, self.flow_id)
+            self._maybe_forget()
+
+    def reset(self, code: Reason, text: str) -> None:
+        """Abandon the flow in both directions and tell the peer why. Idempotent."""
+        if self.finished:
+            return
+        self._error = FlowReset(code, text)
+        self.link.send_frame(FrameType.RESET, self.flow_id, encode_reason(code, text))
+        self.link._forget(self)
+        self._opened.set()
+        self._wake()
+
+    abort = reset
+
+    async def aclose(self) -> None:
+        self.reset(Reason.ENDPOINT_RESET, "flow closed before it finished")
+        await trio.lowlevel.checkpoint()
+
+    # -- from the link's reader (synchronous, never blocks) ------------------------------
+
+    def _on_data(self, payload: bytes) -> None:
+        if self._recv_closed:
+            raise ProtocolError(f"DATA after CLOSE on flow {self.flow_id}")
+        self._received += len(payload)
+        if self._received > self._recv_limit:
+            raise ProtocolError(
+                f"peer sent past its credit on flow {self.flow_id} ({self._received} > {self._recv_limit} bytes)"
+            )
+        if payload:
+            self._inbound.append(payload)
+            self._wake()
+
+    def _on_credit(self, limit: int) -> None:
+        if limit > self._send_limit:
+            self._send_limit = limit
+            self._wake()
+
+    def _on_close(self) -> None:
+        self._recv_closed = True
+        self._maybe_forget()
+        self._wake()
+
+    def _on_reset(self, code: int, text: str) -> None:
+        self._error = FlowReset(code, text)
+        self.link._forget(self)
+        self._opened.set()
+        self._wake()
+
+    def _on_open_ok(self) -> None:
+        self._opened.set()
+
+    def _on_open_fail(self, code: int, text: str) -> None:
+        self._error = FlowRefused(code, text)
+        self.link._forget(self)
+        self._opened.set()
+        self._wake()
+
+    def _on_link_lost(self, reason: str) -> None:
+        if not self.finished:
+            self._error = FlowReset(Reason.LINK_LOST, f"link to {self.link.peer.name} lost: {reason}")
+            self._opened.set()
+            self._wake()
+

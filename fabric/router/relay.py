@@ -1,0 +1,139 @@
+"""Carry a flow's bytes between two ends: a TCP socket and a flow, or two flows.
+
+`relay(a, b)` pumps both ways until both directions have ended (EOF is
+passed on as a half-close, so the other way keeps working). If either end
+fails, both are aborted: a flow gets RESET with the reason, a socket is
+closed with an RST, so nobody mistakes a failure for a clean end.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Protocol
+
+import trio
+
+from ..errors import FlowError, FlowReset
+from .frames import Reason
+
+CHUNK = 64 * 1024  # bytes per read: one DATA frame
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class End(Protocol):
+    """A half-closeable stream that can also be aborted with a reason."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def send_eof(self) -> None: ...
+
+    def abort(self, code: Reason, text: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SocketEnd:
+    """A TCP connection (client or target) as a relay end; `label` names it in reasons."""
+
+    def __init__(self, stream: trio.SocketStream, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+
+    def __repr__(self) -> str:
+        return f"<SocketEnd {self.label}>"
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    def abort(self, code: Reason, text: str) -> None:
+        """Close with an RST: the application sees a reset, not a clean end of data."""
+        sock = self.stream.socket
+        if sock.fileno() != -1:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            sock.close()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class _Broken(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        self.code = code
+        self.text = text
+
+
+_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, FlowError)
+
+
+def _describe(end: End, exc: BaseException) -> _Broken:
+    if isinstance(exc, FlowError):
+        return _Broken(getattr(exc, "code", Reason.UNSPECIFIED), str(exc))
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
+    detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    return _Broken(Reason.ENDPOINT_RESET, f"{getattr(end, 'label', 'peer')}: {detail}")
+
+
+async def _pump(src: End, dst: End) -> None:
+    while True:
+        try:
+            data = await src.receive_some(CHUNK)
+        except _FAILURES as exc:
+            raise _describe(src, exc) from None
+        if not data:
+            break
+        try:
+            await dst.send_all(data)
+        except _FAILURES as exc:
+            raise _describe(dst, exc) from None
+    try:
+        await dst.send_eof()
+    except _FAILURES as exc:
+        raise _describe(dst, exc) from None
+
+
+async def relay(a: End, b: End) -> None:
+    """Pump a<->b until both ways end; on failure or cancellation abort both ends.
+
+    Raises `FlowReset` with the first failure's reason (callers log it), so
+    the caller can tell a clean end from a broken one.
+    """
+    failure: _Broken | None = None
+    clean = False
+
+    async def pump(src: End, dst: End, scope: trio.CancelScope) -> None:
+        nonlocal failure
+        try:
+            await _pump(src, dst)
+        except _Broken as broken:
+            failure = failure or broken
+            scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, a, b, nursery.cancel_scope)
+            nursery.start_soon(pump, b, a, nursery.cancel_scope)
+        clean = failure is None
+    finally:
+        if clean:
+            with trio.move_on_after(1, shield=True):  # seconds; closing a socket does not block
+                await a.aclose()
+                await b.aclose()
+        else:
+            code, text = (failure.code, failure.text) if failure else (Reason.SHUTDOWN, "site is shutting down")
+            a.abort(code, text)
+            b.abort(code, text)
+    if failure is not None:
+        raise FlowReset(failure.code, failure.text)

@@ -1,0 +1,315 @@
+"""Forwarding: the links of a site, the routes over them, and every flow that crosses it.
+
+A flow meets a site in one of three roles:
+
+- ingress (`connect`): a listener's client wants a routing key; pick a
+  provider site, open a flow toward it on a next hop, wait for OPEN_OK
+  (trying another provider if one refuses);
+- transit (`on_open`, destination elsewhere): forward the OPEN to a
+  loop-free next hop (never back where it came from), then relay;
+- egress (`on_open`, destination here): dial a connector's target, answer
+  OPEN_OK or OPEN_FAIL, then relay.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import attrs
+import trio
+
+from ..config import Settings
+from ..errors import FlowError, FlowRefused, NoProviderError
+from ..gossip.gossip import Gossip
+from ..gossip.records import EDGE, LinkInfo, ServiceInfo, SiteRecord
+from .frames import Open, Reason
+from .link import FlowEnd, Link
+from .relay import End, relay
+from .routes import Candidate, Route, choose_next_hop, choose_provider, compute_routes
+
+log = logging.getLogger("fabric.router")
+
+MAX_PROVIDER_TRIES = 3  # providers an ingress tries before failing the client
+
+
+class Connector(Protocol):
+    """What the router needs of a connector (see proxy/tcp.py)."""
+
+    port: int
+
+    async def dial(self) -> End:
+        """Reach the target; raises FlowRefused(DIAL_FAILED, why) if it cannot."""
+        ...
+
+
+@attrs.define
+class ConnectorSlot:
+    """The connectors of one routing key at this site, used round robin."""
+
+    connectors: list[Connector] = attrs.Factory(list)
+    turn: itertools.count = attrs.Factory(itertools.count)
+
+    def next(self) -> Connector:
+        return self.connectors[next(self.turn) % len(self.connectors)]
+
+
+class Router:
+    def __init__(self, *, site_id: str, name: str, mode: str, incarnation: int, settings: Settings) -> None:
+        self.site_id = site_id
+        self.name = name
+        self.mode = mode
+        self.settings = settings
+        self.links: dict[str, Link] = {}
+        self.routes: dict[str, Route] = {}
+        self.connectors: dict[str, ConnectorSlot] = {}
+        self.outstanding: collections.Counter[str] = collections.Counter()  # flows per provider site
+        self.active: collections.Counter[str] = collections.Counter()  # flows per next-hop peer
+        self.gossip = Gossip(
+            site_id=site_id,
+            name=name,
+            mode=mode,
+            incarnation=incarnation,
+            links=lambda: list(self.links.values()),
+            on_change=self._recompute,
+        )
+        self._changed = trio.Event()
+        self._flow_serial = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self.on_event: Callable[[str], None] = lambda line: log.info("%s", line)
+
+    def __repr__(self) -> str:
+        return f"<Router {self.name} links={sorted(l.peer.name for l in self.links.values())} routes={len(self.routes)}>"
+
+    async def run(self, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery that transit and egress flows run in."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    # -- links -----------------------------------------------------------------
+
+    async def run_link(self, link: Link) -> str:
+        """Serve a handshaken link until it ends; returns why it ended."""
+        old = self.links.get(link.peer_id)
+        if old is not None:
+            if old.dialer != link.dialer:
+                link.close(Reason.DUPLICATE_LINK, f"site {self.name} already has a link with {link.peer.name}")
+            else:
+                old.close(Reason.DUPLICATE_LINK, "replaced by a new link from the same site")
+        if not link.closed:
+            self.links[link.peer_id] = link
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(link.run)
+                if self.links.get(link.peer_id) is link:
+                    self.gossip.link_up(link)
+                    self._publish()
+            return link._reason or "link closed"
+        finally:
+            if self.links.get(link.peer_id) is link:
+                del self.links[link.peer_id]
+                self._publish()
+
+    def close_links(self) -> None:
+        for link in list(self.links.values()):
+            link.close()
+
+    # -- gossip and routes ---------------------------------------------------------
+
+    def on_gossip(self, link: Link, payload: bytes) -> None:
+        self.gossip.receive(link, payload)
+
+    def _publish(self) -> None:
+        links = [LinkInfo(peer=l.peer_id, cost=max(1, l.cost)) for l in self.links.values()]
+        services = [
+            ServiceInfo(routing_key=key, protocol="tcp", port=slot.connectors[0].port, connectors=len(slot.connectors))
+            for key, slot in self.connectors.items()
+            if slot.connectors
+        ]
+        self.gossip.publish(links, services)
+
+    def _recompute(self) -> None:
+        before = set(self.routes)
+        self.routes = compute_routes(self.site_id, self.gossip.table.records)
+        for site in set(self.routes) ^ before:
+            record = self.gossip.table.get(site)
+            name = record.name if record else site[:8]
+            self.on_event(f"site {name} {'reachable' if site in self.routes else 'unreachable'}")
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def record(self, site_id: str) -> SiteRecord | None:
+        return self.gossip.table.get(site_id)
+
+    def providers(self, routing_key: str) -> list[str]:
+        """Sites, reachable from here, that have a connector for the key (this site included)."""
+        found = []
+        for record in self.gossip.table.values():
+            if record.site_id != self.site_id and record.site_id not in self.routes:
+                continue
+            if any(s.routing_key == routing_key and s.connectors > 0 for s in record.services):
+                found.append(record.site_id)
+        return found
+
+    async def wait_reachable(self, routing_key: str) -> None:
+        while not self.providers(routing_key):
+            await self._changed.wait()
+
+    # -- connectors ------------------------------------------------------------------
+
+    def add_connector(self, routing_key: str, connector: Connector) -> None:
+        self.connectors.setdefault(routing_key, ConnectorSlot()).connectors.append(connector)
+        self._publish()
+
+    def remove_connector(self, routing_key: str, connector: Connector) -> None:
+        slot = self.connectors.get(routing_key)
+        if slot and connector in slot.connectors:
+            slot.connectors.remove(connector)
+            if not slot.connectors:
+                del self.connectors[routing_key]
+            self._publish()
+
+    # -- ingress -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connect(self, routing_key: str) -> AsyncIterator[End]:
+        """An open end toward a provider of the key; counted as outstanding while held."""
+        tried: set[str] = set()
+        error: FlowError | None = None
+        for _ in range(MAX_PROVIDER_TRIES):
+            candidates = [
+                Candidate(site_id=s, cost=self.routes[s].cost if s in self.routes else 0.0, outstanding=self.outstanding[s])
+                for s in self.providers(routing_key)
+                if s not in tried
+            ]
+            provider = choose_provider(candidates)
+            if provider is None:
+                break
+            tried.add(provider)
+            self.outstanding[provider] += 1
+            try:
+                try:
+                    end, hop = await self._open(provider, routing_key)
+                except FlowError as exc:
+                    error = exc
+                    continue
+                try:
+                    yield end
+                finally:
+                    if hop is not None:
+                        self.active[hop] -= 1
+                return
+            finally:
+                self.outstanding[provider] -= 1
+        if error is not None:
+            raise error
+        raise NoProviderError(f"no reachable site has a connector for routing key {routing_key!r}")
+
+    async def _open(self, provider: str, routing_key: str) -> tuple[End, str | None]:
+        if provider == self.site_id:
+            return await self._dial_local(routing_key), None
+        route = self.routes.get(provider)
+        hop = choose_next_hop(route, self.active) if route else None
+        if hop is None or hop not in self.links:
+            raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self._name_of(provider)}")
+        uid = f"{self.site_id}:{next(self._flow_serial)}:{secrets.token_hex(4)}"
+        flow = self.links[hop].open_flow(
+            Open(dest=provider, routing_key=routing_key, origin=self.site_id, flow_uid=uid, hop_limit=self.settings.max_hops)
+        )
+        self.active[hop] += 1
+        try:
+            with trio.fail_after(self.settings.dial_timeout * 2):
+                await flow.wait_opened()
+        except trio.TooSlowError:
+            flow.reset(Reason.UNSPECIFIED, "no answer to OPEN in time")
+            self.active[hop] -= 1
+            raise FlowRefused(Reason.UNSPECIFIED, f"site {self._name_of(provider)} did not answer in time") from None
+        except BaseException:
+            flow.reset(Reason.UNSPECIFIED, "open abandoned")
+            self.active[hop] -= 1
+            raise
+        return flow, hop
+
+    async def _dial_local(self, routing_key: str) -> End:
+        slot = self.connectors.get(routing_key)
+        if not slot or not slot.connectors:
+            raise FlowRefused(Reason.NO_CONNECTOR, f"site {self.name} has no connector for {routing_key!r}")
+        return await slot.next().dial()
+
+    def _name_of(self, site_id: str) -> str:
+        record = self.record(site_id)
+        return record.name if record else site_id[:8]
+
+    # -- transit and egress (called from a link's reader: must not block) -----------------
+
+    def on_open(self, link: Link, flow: FlowEnd, request: Open) -> None:
+        if self._nursery is None:
+            flow.refuse(Reason.SHUTDOWN, f"site {self.name} is not ready")
+        elif request.dest == self.site_id:
+            self._nursery.start_soon(self._egress, flow, request)
+        else:
+            self._transit(link, flow, request)
+
+    async def _egress(self, flow: FlowEnd, request: Open) -> None:
+        slot = self.connectors.get(request.routing_key)
+        if not slot or not slot.connectors:
+            flow.refuse(Reason.NO_CONNECTOR, f"site {self.name} has no connector for {request.routing_key!r}")
+            return
+        try:
+            target = await slot.next().dial()
+        except FlowRefused as exc:
+            flow.refuse(exc.code, str(exc))
+            return
+        flow.accept()
+        await self._relay(flow, target)
+
+    def _transit(self, link: Link, flow: FlowEnd, request: Open) -> None:
+        dest = self._name_of(request.dest)
+        if self.mode == EDGE:
+            flow.refuse(Reason.NO_ROUTE, f"edge site {self.name} carries no transit traffic")
+            return
+        if request.hop_limit <= 1:
+            flow.refuse(Reason.HOP_LIMIT, f"hop limit reached at site {self.name}")
+            return
+        route = self.routes.get(request.dest)
+        hop = choose_next_hop(route, self.active, exclude=link.peer_id) if route else None
+        if hop is None or hop not in self.links:
+            flow.refuse(Reason.NO_ROUTE, f"site {self.name} has no route to site {dest}")
+            return
+        try:
+            onward = self.links[hop].open_flow(attrs.evolve(request, hop_limit=request.hop_limit - 1))
+        except FlowRefused as exc:
+            flow.refuse(exc.code, str(exc))
+            return
+        self.active[hop] += 1
+        self._nursery.start_soon(self._carry, flow, onward, hop)
+
+    async def _carry(self, flow: FlowEnd, onward: FlowEnd, hop: str) -> None:
+        try:
+            try:
+                with trio.fail_after(self.settings.dial_timeout * 2):
+                    await onward.wait_opened()
+            except FlowError as exc:
+                flow.refuse(getattr(exc, "code", Reason.UNSPECIFIED), str(exc))
+                return
+            except trio.TooSlowError:
+                onward.reset(Reason.UNSPECIFIED, "no answer to OPEN in time")
+                flow.refuse(Reason.UNSPECIFIED, f"no answer from the next hop of site {self.name} in time")
+                return
+            flow.accept()
+            await self._relay(flow, onward)
+        finally:
+            self.active[hop] -= 1
+
+    async def _relay(self, a: End, b: End) -> None:
+        try:
+            await relay(a, b)
+        except FlowError as exc:
+            log.debug("flow %s reset: %s", getattr(a, "uid", "?"), exc)

@@ -1,0 +1,95 @@
+"""How a link's byte stream is made. Today: `tls://host:port`, TCP + TLS 1.3.
+
+The TLS context decides who is trusted (see pki.py); this module only dials,
+accepts and translates OS and OpenSSL failures into `LinkError` lines.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import attrs
+import trio
+
+from ..errors import LinkError
+
+SCHEMES = ("tls",)
+
+
+@attrs.frozen
+class Address:
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """`tls://host:port` -> Address; ValueError with the reason otherwise."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(f"link address {text!r} must start with one of: {', '.join(s + '://' for s in SCHEMES)}")
+    host, sep, port = rest.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"link address {text!r} must look like {scheme}://host:port")
+    return Address(scheme, host, int(port))
+
+
+def _tune(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+
+
+async def dial(address: Address, context: ssl.SSLContext) -> trio.SSLStream:
+    """TCP connect and TLS handshake; the caller bounds the time."""
+    try:
+        tcp = await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        raise LinkError(f"cannot reach {address}: {exc.strerror or exc}") from None
+    _tune(tcp)
+    stream = trio.SSLStream(tcp, context, server_hostname=None)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(stream)
+        raise LinkError(f"TLS handshake with {address} failed: {describe_tls_error(exc)}") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def accept_tls(tcp: trio.SocketStream, context: ssl.SSLContext) -> trio.SSLStream:
+    """Server side of the TLS handshake on an accepted connection."""
+    _tune(tcp)
+    stream = trio.SSLStream(tcp, context, server_side=True)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise LinkError(f"TLS handshake failed: {describe_tls_error(exc)}") from None
+    return stream
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """One line from a trio/OpenSSL error chain: the OpenSSL reason when there is one."""
+    cause = exc.__cause__ or exc.__context__ or exc
+    if isinstance(cause, ssl.SSLError):
+        return (cause.reason or str(cause)).replace("_", " ").lower()
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause)
+    return str(cause) or "connection closed"
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """host:port of the far end of a (possibly TLS-wrapped) socket stream, for logs."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except (AttributeError, OSError):
+        return "unknown peer"
+    return f"{host}:{port}"

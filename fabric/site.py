@@ -1,0 +1,634 @@
+"""Site: one Trio nursery that supervises a site's links, router and proxies.
+
+`open_site(...)` is the way in: it creates the site directory on first use
+(identity, CA, config), starts everything, and yields a `Site` whose methods
+are what the CLI does: issue and redeem tokens, create and delete listeners
+and connectors, report status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from . import pki
+from .config import (
+    DEFAULT_CONNECTOR_HOST,
+    DEFAULT_LISTENER_HOST,
+    LINKS_DIR,
+    STATE_DIR,
+    ConnectorConfig,
+    LinkConfig,
+    ListenerConfig,
+    Settings,
+    SiteConfig,
+    config_path,
+    load_config,
+    save_config,
+)
+from .errors import (
+    ConfigError,
+    FabricError,
+    IssuerUnreachableError,
+    LinkError,
+    TokenError,
+    TokenExpiredError,
+    TokenForgedError,
+    TokenSpentError,
+)
+from .proxy.tcp import TcpConnector, TcpListener
+from .router.frames import (
+    FrameDecoder,
+    FrameType,
+    Reason,
+    Redeem,
+    RedeemOk,
+    decode_message_untrusted,
+    decode_reason_untrusted,
+    encode_frame,
+    encode_message,
+)
+from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
+from .router.router import Router
+from .router.transports import accept_tls, dial, parse_address, peer_address
+
+log = logging.getLogger("fabric.site")
+
+MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the link port
+REDEEM_TIMEOUT = 10.0  # seconds for a whole redemption, dial included
+_UNSET = object()
+_TOKEN_ERRORS = {
+    Reason.TOKEN_FORGED: TokenForgedError,
+    Reason.TOKEN_EXPIRED: TokenExpiredError,
+    Reason.TOKEN_SPENT: TokenSpentError,
+}
+
+
+@attrs.frozen
+class LinkStatus:
+    name: str
+    peer_id: str
+    direction: str  # "outgoing" (this site dials) or "incoming"
+    cost: int
+    up: bool
+    rtt_ms: float | None
+    flows: int
+    error: str | None = None  # why the last attempt failed or the link went down
+
+
+@attrs.frozen
+class SiteInfo:
+    site_id: str
+    name: str
+    mode: str
+    reachable: bool
+    cost: float | None
+    next_hops: tuple[str, ...]
+
+
+@attrs.frozen
+class ServiceStatus:
+    routing_key: str
+    providers: tuple[str, ...]  # site names, reachable ones only
+
+
+@attrs.frozen
+class ListenerStatus:
+    name: str
+    routing_key: str
+    host: str
+    port: int | None
+    connections: int
+    error: str | None
+
+
+@attrs.frozen
+class ConnectorStatus:
+    name: str
+    routing_key: str
+    host: str
+    port: int
+
+
+@attrs.frozen
+class SiteStatus:
+    site_id: str
+    name: str
+    mode: str
+    link_address: str | None
+    links: tuple[LinkStatus, ...]
+    sites: tuple[SiteInfo, ...]
+    services: tuple[ServiceStatus, ...]
+    listeners: tuple[ListenerStatus, ...]
+    connectors: tuple[ConnectorStatus, ...]
+
+
+class Site:
+    """A running site. Build it with `open_site`."""
+
+    def __init__(self, site_dir: Path, identity: pki.Identity, config: SiteConfig, incarnation: int) -> None:
+        self.site_dir = site_dir
+        self.identity = identity
+        self.config = config
+        self.incarnation = incarnation
+        self.router = Router(
+            site_id=identity.site_id, name=config.name, mode=config.mode, incarnation=incarnation, settings=config.settings
+        )
+        self.link_port: int | None = None
+        self._grants = pki.load_grants(self._grants_path)
+        self._server_context = pki.server_context(identity)
+        self._handshake_slots = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self._listeners: dict[str, TcpListener] = {}
+        self._listener_errors: dict[str, str] = {}
+        self._connectors: dict[str, TcpConnector] = {}
+        self._dialers: dict[str, trio.CancelScope] = {}
+        self._link_errors: dict[str, str] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<Site {self.name} {self.site_id[:8]} links={len(self.router.links)}>"
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def site_id(self) -> str:
+        return self.identity.site_id
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.settings
+
+    @property
+    def _grants_path(self) -> Path:
+        return self.site_dir / STATE_DIR / "grants.yaml"
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Site] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.router.run)
+            if self.config.link_port is not None:
+                self.link_port = await nursery.start(self._serve_links)
+            for link in self.config.links:
+                self._start_dialer(link)
+            for connector in self.config.connectors:
+                self._add_connector(connector)
+            for listener in self.config.listeners:
+                try:
+                    await self._start_listener(listener)
+                except FabricError as exc:
+                    self._listener_errors[listener.name] = str(exc)
+                    log.error("%s", exc)
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.router.close_links()
+
+    # -- links: accepting --------------------------------------------------------------
+
+    async def _serve_links(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.config.link_host, self.config.link_port
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise FabricError(f"site {self.name} cannot accept links on {host}:{port}: {exc.strerror or exc}") from None
+        for extra in listeners[1:]:
+            await extra.aclose()
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._accept_link, listeners[:1])
+
+    async def _accept_link(self, tcp: trio.SocketStream) -> None:
+        where = peer_address(tcp)
+        if self._handshake_slots.value == 0:
+            await trio.aclose_forcefully(tcp)  # too many pending handshakes: refuse, cheaply
+            return
+        stream = tcp
+        try:
+            async with self._handshake_slots:
+                with trio.fail_after(self.settings.handshake_timeout):
+                    stream = await accept_tls(tcp, self._server_context)
+                    decoder = FrameDecoder()
+                    first = await read_frame(stream, decoder)
+                    if first.type is FrameType.REDEEM:
+                        await self._answer_redeem(stream, first.payload, where)
+                        return
+                    link = await self._accept_hello(stream, decoder, first)
+            await self._serve_link(link, f"link from {link.peer.name} ({where})")
+        except trio.TooSlowError:
+            log.warning("link from %s: handshake did not finish within %g s", where, self.settings.handshake_timeout)
+        except LinkError as exc:  # ProtocolError and FrameError included
+            log.warning("link from %s refused: %s", where, exc)
+            with trio.move_on_after(0.5, shield=True):
+                try:
+                    await stream.send_all(goaway_frame(Reason.PROTOCOL, str(exc)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _accept_hello(self, stream: trio.SSLStream, decoder: FrameDecoder, first) -> Link:
+        der = stream.getpeercert(binary_form=True)
+        if not der:
+            raise LinkError("a site without a certificate may only redeem a token")
+        peer_id = pki.cert_site_id(der)
+        local = self._hello(cost=0)
+        peer = read_hello_untrusted(first, local)
+        if peer.site_id != peer_id:
+            raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {peer_id[:8]}")
+        await stream.send_all(encode_frame(FrameType.HELLO, 0, encode_message(local)))
+        return self._make_link(stream, decoder, local=local, peer=peer, dialer=False, cost=max(1, peer.cost))
+
+    async def _answer_redeem(self, stream: trio.SSLStream, payload: bytes, where: str) -> None:
+        request = decode_message_untrusted(payload, Redeem)
+        try:
+            grant = pki.spend_grant(self._grants, request.token_id, request.secret, now=time.time())
+            cert_pem, serial = pki.sign_csr(self.identity, request.csr_pem.encode())
+        except TokenError as exc:
+            code = next((c for c, cls in _TOKEN_ERRORS.items() if isinstance(exc, cls)), Reason.TOKEN_INVALID)
+            log.warning("token redemption from %s refused: %s", where, exc)
+            await stream.send_all(goaway_frame(code, str(exc)))
+            return
+        self._grants = {**self._grants, grant.token_id: grant}
+        await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
+        log.info("token %s redeemed by site %s (%s); certificate serial %x", grant.token_id, request.name, where, serial)
+        answer = RedeemOk(cert_pem=cert_pem.decode(), issuer_id=self.site_id, issuer_name=self.name)
+        await stream.send_all(encode_frame(FrameType.REDEEM_OK, 0, encode_message(answer)))
+
+    # -- links: dialling -----------------------------------------------------------------
+
+    def _start_dialer(self, link: LinkConfig) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._dialers[link.name] = scope
+        self._nursery.start_soon(self._dial_loop, link, scope)
+
+    async def _dial_loop(self, config: LinkConfig, scope: trio.CancelScope) -> None:
+        """Keep one outgoing link up: dial, serve, and redial with capped exponential backoff and jitter."""
+        backoff = self.settings.reconnect_min
+        with scope:
+            while True:
+                started = trio.current_time()
+                try:
+                    link = await self._dial_link(config)
+                except (LinkError, OSError) as exc:
+                    self._link_errors[config.name] = str(exc)
+                    log.warning("link %s: %s", config.name, exc)
+                else:
+                    self._link_errors.pop(config.name, None)
+                    await self._serve_link(link, f"link to {config.name}")
+                if trio.current_time() - started > self.settings.reconnect_max:
+                    backoff = self.settings.reconnect_min  # it was up a while: start over quickly
+                await trio.sleep(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, self.settings.reconnect_max)
+
+    async def _dial_link(self, config: LinkConfig) -> Link:
+        link_dir = self.site_dir / LINKS_DIR / config.name
+        context = pki.client_context(
+            (link_dir / "ca.pem").read_bytes(), link_dir / "cert.pem", self.identity.key_path
+        )
+        errors = []
+        for text in config.addresses:
+            try:
+                with trio.fail_after(self.settings.handshake_timeout):
+                    stream = await dial(parse_address(text), context)
+                    try:
+                        return await self._dial_hello(stream, config)
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+            except trio.TooSlowError:
+                errors.append(f"{text}: no answer within {self.settings.handshake_timeout:g} s")
+            except (LinkError, ValueError) as exc:
+                errors.append(str(exc))
+        raise LinkError("; ".join(errors) or "the link has no addresses")
+
+    async def _dial_hello(self, stream: trio.SSLStream, config: LinkConfig) -> Link:
+        server_id = pki.cert_site_id(stream.getpeercert(binary_form=True))
+        if server_id != config.peer_id:
+            raise LinkError(f"expected site {config.peer_id[:8]} but reached site {server_id[:8]}")
+        local = self._hello(cost=config.cost)
+        try:
+            await stream.send_all(encode_frame(FrameType.HELLO, 0, encode_message(local)))
+            decoder = FrameDecoder()
+            peer = read_hello_untrusted(await read_frame(stream, decoder), local)
+        except trio.BrokenResourceError as exc:
+            raise LinkError(f"peer {config.name} ended the handshake: {exc.__cause__ or exc}") from None
+        if peer.site_id != server_id:
+            raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {server_id[:8]}")
+        return self._make_link(stream, decoder, local=local, peer=peer, dialer=True, cost=config.cost)
+
+    def _hello(self, cost: int):
+        return make_hello(self.site_id, self.name, self.config.mode, self.incarnation, self.settings, cost)
+
+    def _make_link(self, stream, decoder, *, local, peer, dialer: bool, cost: int) -> Link:
+        return Link(
+            stream, decoder, local=local, peer=peer, dialer=dialer, cost=cost, settings=self.settings, handler=self.router
+        )
+
+    async def _serve_link(self, link: Link, label: str) -> None:
+        log.info("%s up", label)
+        reason = await self.router.run_link(link)
+        self._link_errors[link.peer.name] = reason
+        log.info("%s down: %s", label, reason)
+
+    # -- tokens --------------------------------------------------------------------------
+
+    async def issue_token(
+        self, *, redemptions_allowed: int = 1, expiration_window: float = 900.0, cost: int | None = None
+    ) -> pki.Token:
+        """A token another site redeems to link to this one (default: one use, 15 minutes)."""
+        if self.link_port is None:
+            raise FabricError(f"site {self.name} accepts no links: create it with a link port to issue tokens")
+        host = self.config.link_host
+        address = f"tls://{f'[{host}]' if ':' in host else host}:{self.link_port}"
+        token, grant = pki.new_token(
+            self.identity,
+            [address],
+            now=time.time(),
+            redemptions_allowed=redemptions_allowed,
+            expiration_window=expiration_window,
+            cost=cost,
+        )
+        self._grants = {**self._grants, grant.token_id: grant}
+        await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
+        return token
+
+    async def redeem_token(self, token: pki.Token | str | os.PathLike, *, name: str | None = None, cost: int | None = None) -> str:
+        """Link to the token's issuer; returns the new link's name. The link is kept in the site dir."""
+        if not isinstance(token, pki.Token):
+            token = await trio.to_thread.run_sync(pki.Token.load, Path(token))
+        if token.issuer_id == self.site_id:
+            raise TokenError("this token was issued by this site; redeem it at the site that should link here")
+        if any(l.peer_id == token.issuer_id for l in self.config.links):
+            raise TokenError(f"site {self.name} already has a link to site {token.issuer_name}")
+        name = name or token.issuer_name
+        if any(l.name == name for l in self.config.links):
+            raise TokenError(f"a link named {name!r} exists already: choose another name")
+        cost = cost if cost is not None else (token.cost or 1)
+        csr = pki.make_csr(self.identity)
+        context = pki.client_context(token.ca_pem.encode())
+        request = Redeem(token_id=token.token_id, secret=token.secret, name=self.name, csr_pem=csr.decode())
+        answer = await self._redeem(token, context, request)
+        link_dir = self.site_dir / LINKS_DIR / name
+        link_dir.mkdir(parents=True, exist_ok=True)
+        (link_dir / "ca.pem").write_text(token.ca_pem)
+        (link_dir / "cert.pem").write_text(answer.cert_pem)
+        link = LinkConfig(name=name, peer_id=token.issuer_id, addresses=token.addresses, cost=cost)
+        self._save(attrs.evolve(self.config, links=(*self.config.links, link)))
+        self._start_dialer(link)
+        return name
+
+    async def _redeem(self, token: pki.Token, context, request: Redeem) -> RedeemOk:
+        failures = []
+        for text in token.addresses:
+            try:
+                with trio.fail_after(REDEEM_TIMEOUT):
+                    stream = await dial(parse_address(text), context)
+            except trio.TooSlowError:
+                failures.append(f"{text}: no answer within {REDEEM_TIMEOUT:g} s")
+                continue
+            except (LinkError, ValueError) as exc:
+                failures.append(str(exc))
+                continue
+            try:
+                with trio.fail_after(REDEEM_TIMEOUT):
+                    if pki.cert_site_id(stream.getpeercert(binary_form=True)) != token.issuer_id:
+                        raise TokenForgedError(f"{text} is not the site that issued this token")
+                    await stream.send_all(encode_frame(FrameType.REDEEM, 0, encode_message(request)))
+                    frame = await read_frame(stream, FrameDecoder())
+            except (trio.TooSlowError, trio.BrokenResourceError, LinkError) as exc:
+                failures.append(f"{text}: redemption did not finish: {exc}")
+                continue
+            finally:
+                await trio.aclose_forcefully(stream)
+            if frame.type is FrameType.REDEEM_OK:
+                return decode_message_untrusted(frame.payload, RedeemOk)
+            if frame.type is FrameType.GOAWAY:
+                code, text = decode_reason_untrusted(frame.payload)
+                raise _TOKEN_ERRORS.get(code, TokenError)(f"site {token.issuer_name} refused the token: {text}")
+            raise TokenError(f"site {token.issuer_name} answered the redemption with {frame.type.name}")
+        raise IssuerUnreachableError(f"cannot reach site {token.issuer_name} to redeem the token: {'; '.join(failures)}")
+
+    # -- connectors and listeners -------------------------------------------------------------
+
+    async def create_connector(
+        self, name: str, port: int, *, host: str = DEFAULT_CONNECTOR_HOST, routing_key: str | None = None
+    ) -> ConnectorConfig:
+        """Offer `host:port` to the network under `routing_key` (default: the name)."""
+        if name in self._connectors:
+            raise FabricError(f"connector {name!r} exists already")
+        config = ConnectorConfig(name=name, routing_key=routing_key or name, port=port, host=host)
+        self._add_connector(config)
+        self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
+        await trio.lowlevel.checkpoint()
+        return config
+
+    def _add_connector(self, config: ConnectorConfig) -> None:
+        connector = TcpConnector(config, dial_timeout=self.settings.dial_timeout)
+        self._connectors[config.name] = connector
+        self.router.add_connector(config.routing_key, connector)
+
+    async def delete_connector(self, name: str) -> None:
+        connector = self._connectors.pop(name, None)
+        if connector is None:
+            raise FabricError(f"no connector named {name!r}")
+        self.router.remove_connector(connector.config.routing_key, connector)
+        self._save(attrs.evolve(self.config, connectors=tuple(c for c in self.config.connectors if c.name != name)))
+        await trio.lowlevel.checkpoint()
+
+    async def create_listener(
+        self, name: str, port: int, *, host: str = DEFAULT_LISTENER_HOST, routing_key: str | None = None
+    ) -> TcpListener:
+        """Accept clients on `host:port` (port 0 picks one: see `.port`) for `routing_key` (default: the name)."""
+        if name in self._listeners:
+            raise FabricError(f"listener {name!r} exists already")
+        config = ListenerConfig(name=name, routing_key=routing_key or name, port=port, host=host)
+        listener = await self._start_listener(config)
+        self._save(attrs.evolve(self.config, listeners=(*self.config.listeners, config)))
+        return listener
+
+    async def _start_listener(self, config: ListenerConfig) -> TcpListener:
+        assert self._nursery is not None
+        listener = TcpListener(config, self.router)
+        await self._nursery.start(listener.run)
+        self._listeners[config.name] = listener
+        self._listener_errors.pop(config.name, None)
+        return listener
+
+    async def delete_listener(self, name: str) -> None:
+        listener = self._listeners.pop(name, None)
+        if listener is None and name not in self._listener_errors:
+            raise FabricError(f"no listener named {name!r}")
+        self._listener_errors.pop(name, None)
+        if listener is not None:
+            await listener.aclose()
+        self._save(attrs.evolve(self.config, listeners=tuple(l for l in self.config.listeners if l.name != name)))
+
+    async def wait_reachable(self, routing_key: str) -> None:
+        """Return once some reachable site (this one included) has a connector for the key."""
+        await self.router.wait_reachable(routing_key)
+
+    def _save(self, config: SiteConfig) -> None:
+        self.config = config
+        save_config(self.site_dir, config)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> SiteStatus:
+        router = self.router
+        links = []
+        outgoing = {l.peer_id: l for l in self.config.links}
+        for link in router.links.values():
+            config = outgoing.get(link.peer_id)
+            links.append(
+                LinkStatus(
+                    name=config.name if config else link.peer.name,
+                    peer_id=link.peer_id,
+                    direction="outgoing" if link.dialer else "incoming",
+                    cost=link.cost,
+                    up=True,
+                    rtt_ms=None if link.rtt is None else round(link.rtt * 1000, 3),
+                    flows=link.flow_count,
+                )
+            )
+        for config in self.config.links:
+            if config.peer_id not in router.links:
+                links.append(
+                    LinkStatus(
+                        name=config.name,
+                        peer_id=config.peer_id,
+                        direction="outgoing",
+                        cost=config.cost,
+                        up=False,
+                        rtt_ms=None,
+                        flows=0,
+                        error=self._link_errors.get(config.name),
+                    )
+                )
+        sites = []
+        for record in router.gossip.table.values():
+            if record.site_id == self.site_id:
+                continue
+            route = router.routes.get(record.site_id)
+            sites.append(
+                SiteInfo(
+                    site_id=record.site_id,
+                    name=record.name,
+                    mode=record.mode,
+                    reachable=route is not None,
+                    cost=route.cost if route else None,
+                    next_hops=tuple(router._name_of(h.peer) for h in route.next_hops) if route else (),
+                )
+            )
+        keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services})
+        services = tuple(
+            ServiceStatus(routing_key=key, providers=tuple(sorted(router._name_of(p) for p in router.providers(key))))
+            for key in keys
+        )
+        listeners = [
+            ListenerStatus(
+                name=c.name,
+                routing_key=c.routing_key,
+                host=c.host,
+                port=self._listeners[c.name].port if c.name in self._listeners else c.port,
+                connections=self._listeners[c.name].connections if c.name in self._listeners else 0,
+                error=self._listener_errors.get(c.name),
+            )
+            for c in self.config.listeners
+        ]
+        connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
+        host = self.config.link_host
+        return SiteStatus(
+            site_id=self.site_id,
+            name=self.name,
+            mode=self.config.mode,
+            link_address=f"tls://{host}:{self.link_port}" if self.link_port is not None else None,
+            links=tuple(sorted(links, key=lambda l: l.name)),
+            sites=tuple(sorted(sites, key=lambda s: s.name)),
+            services=services,
+            listeners=tuple(listeners),
+            connectors=tuple(connectors),
+        )
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def _prepare(name: str, site_dir: Path, overrides: dict) -> tuple[pki.Identity, SiteConfig, int]:
+    """Create the site directory on first use, load it otherwise; raise the incarnation. Blocking."""
+    if config_path(site_dir).exists():
+        config = load_config(site_dir)
+        if config.name != name:
+            raise ConfigError(f"{site_dir} holds site {config.name!r}, not {name!r}")
+        identity = pki.load_identity(site_dir)
+        if overrides:
+            config = attrs.evolve(config, **overrides)
+            save_config(site_dir, config)
+    else:
+        site_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(site_dir, 0o700)
+        identity = pki.create_identity(site_dir, name)
+        config = SiteConfig(name=name, **overrides)
+        save_config(site_dir, config)
+    state = site_dir / STATE_DIR
+    state.mkdir(exist_ok=True)
+    counter = state / "incarnation"
+    try:
+        incarnation = int(counter.read_text()) + 1 if counter.exists() else 1
+    except ValueError:
+        raise ConfigError(f"{counter} does not hold a number") from None
+    counter.write_text(f"{incarnation}\n")
+    return identity, config, incarnation
+
+
+@asynccontextmanager
+async def open_site(
+    name: str,
+    site_dir: str | os.PathLike,
+    *,
+    link_port: int | None | object = _UNSET,
+    link_host: str | object = _UNSET,
+    mode: str | object = _UNSET,
+    settings: Settings | object = _UNSET,
+) -> AsyncIterator[Site]:
+    """Run a site for the duration of the block.
+
+    The directory is created with a new identity on first use. `link_port=None`
+    (the default for a new site) accepts no links; 0 picks a free port, see
+    `site.link_port`. Arguments given override what the directory's config holds.
+    """
+    overrides = {
+        key: value
+        for key, value in dict(link_port=link_port, link_host=link_host, mode=mode, settings=settings).items()
+        if value is not _UNSET
+    }
+    try:
+        identity, config, incarnation = await trio.to_thread.run_sync(_prepare, name, Path(site_dir), overrides)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+    site = Site(Path(site_dir), identity, config, incarnation)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(site.run)
+            try:
+                yield site
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One failure (the caller's, or the site's own) is raised as itself, not wrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
