@@ -58,7 +58,7 @@ from .router.frames import (
 )
 from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
 from .router.router import Router
-from .router.transports import accept_tls, dial, parse_address, peer_address
+from .router.transports import Address, accept_tls, dial, parse_address, peer_address
 
 log = logging.getLogger("fabric.site")
 
@@ -287,7 +287,8 @@ class Site:
                     log.warning("link %s: %s", config.name, exc)
                 else:
                     self._link_errors.pop(config.name, None)
-                    await self._serve_link(link, f"link to {config.name}")
+                    # Keyed by the link's own name, which status shows (the peer's name may differ).
+                    self._link_errors[config.name] = await self._serve_link(link, f"link to {config.name}")
                 if trio.current_time() - started > self.settings.reconnect_max:
                     backoff = self.settings.reconnect_min  # it was up a while: start over quickly
                 await trio.sleep(random.uniform(backoff / 2, backoff))
@@ -337,11 +338,12 @@ class Site:
             stream, decoder, local=local, peer=peer, dialer=dialer, cost=cost, settings=self.settings, handler=self.router
         )
 
-    async def _serve_link(self, link: Link, label: str) -> None:
+    async def _serve_link(self, link: Link, label: str) -> str:
+        """Serve the link until it ends; returns why it ended."""
         log.info("%s up", label)
         reason = await self.router.run_link(link)
-        self._link_errors[link.peer.name] = reason
         log.info("%s down: %s", label, reason)
+        return reason
 
     # -- tokens --------------------------------------------------------------------------
 
@@ -351,11 +353,9 @@ class Site:
         """A token another site redeems to link to this one (default: one use, 15 minutes)."""
         if self.link_port is None:
             raise FabricError(f"site {self.name} accepts no links: create it with a link port to issue tokens")
-        host = self.config.link_host
-        address = f"tls://{f'[{host}]' if ':' in host else host}:{self.link_port}"
         token, grant = pki.new_token(
             self.identity,
-            [address],
+            [self._link_address()],
             now=time.time(),
             redemptions_allowed=redemptions_allowed,
             expiration_window=expiration_window,
@@ -364,6 +364,10 @@ class Site:
         self._grants = {**self._grants, grant.token_id: grant}
         await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
         return token
+
+    def _link_address(self) -> str:
+        """Where this site accepts links, as tokens and status give it (IPv6 hosts in brackets)."""
+        return str(Address("tls", self.config.link_host, self.link_port))
 
     async def redeem_token(self, token: pki.Token | str | os.PathLike, *, name: str | None = None, cost: int | None = None) -> str:
         """Link to the token's issuer; returns the new link's name. The link is kept in the site dir."""
@@ -476,9 +480,13 @@ class Site:
             await listener.aclose()
         self._save(attrs.evolve(self.config, listeners=tuple(l for l in self.config.listeners if l.name != name)))
 
-    async def wait_reachable(self, routing_key: str) -> None:
-        """Return once some reachable site (this one included) has a connector for the key."""
-        await self.router.wait_reachable(routing_key)
+    async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
+        """Return once `providers` reachable sites (this one included) have a connector for the key."""
+        await self.router.wait_reachable(routing_key, providers=providers)
+
+    async def wait_linked(self, site_id: str, *, up: bool = True) -> None:
+        """Return once a live link with the site is up, either direction; with `up=False`, once none is left."""
+        await self.router.wait_linked(site_id, up=up)
 
     def _save(self, config: SiteConfig) -> None:
         self.config = config
@@ -498,7 +506,7 @@ class Site:
                     peer_id=link.peer_id,
                     direction="outgoing" if link.dialer else "incoming",
                     cost=link.cost,
-                    up=True,
+                    up=not link.closed,
                     rtt_ms=None if link.rtt is None else round(link.rtt * 1000, 3),
                     flows=link.flow_count,
                 )
@@ -549,12 +557,11 @@ class Site:
             for c in self.config.listeners
         ]
         connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
-        host = self.config.link_host
         return SiteStatus(
             site_id=self.site_id,
             name=self.name,
             mode=self.config.mode,
-            link_address=f"tls://{host}:{self.link_port}" if self.link_port is not None else None,
+            link_address=self._link_address() if self.link_port is not None else None,
             links=tuple(sorted(links, key=lambda l: l.name)),
             sites=tuple(sorted(sites, key=lambda s: s.name)),
             services=services,

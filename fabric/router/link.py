@@ -22,6 +22,7 @@ import trio
 from ..config import Settings
 from ..errors import FlowRefused, FlowReset, LinkError, ProtocolError
 from .frames import (
+    MAX_FLOW_ID,
     PROTOCOL_MAX,
     PROTOCOL_MIN,
     Frame,
@@ -270,6 +271,11 @@ class Link(trio.abc.AsyncResource):
         if len(self._flows) >= self.settings.max_flows_per_link:
             raise FlowRefused(Reason.FLOW_LIMIT, f"link to {self.peer.name} has {len(self._flows)} flows, its limit")
         flow_id = self._next_id
+        if flow_id > MAX_FLOW_ID:
+            # Ids are never reused on a link, so when they run out the link is made
+            # again: closed here, redialled by the dialling site. Its flows are reset.
+            self.close(Reason.FLOW_LIMIT, "the link has used all its flow ids")
+            raise FlowRefused(Reason.FLOW_LIMIT, f"link to {self.peer.name} has used all its flow ids")
         self._next_id += 2
         flow = FlowEnd(self, flow_id, request.flow_uid, opener=True)
         self._flows[flow_id] = flow

@@ -105,6 +105,7 @@ class Router:
                 old.close(Reason.DUPLICATE_LINK, "replaced by a new link from the same site")
         if not link.closed:
             self.links[link.peer_id] = link
+            self._notify()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(link.run)
@@ -115,7 +116,26 @@ class Router:
         finally:
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]
+                self._notify()
                 self._publish()
+
+    def linked(self, peer_id: str) -> bool:
+        """Whether this site has a live link with the site now."""
+        link = self.links.get(peer_id)
+        return link is not None and not link.closed
+
+    async def wait_linked(self, peer_id: str, *, up: bool = True) -> None:
+        """Return once a live link with the site is up; with `up=False`, once no link with it is left.
+
+        A link that is closing counts as down for `up=True` and as still there
+        for `up=False`, so after the latter its flows are reset and it is gone.
+        """
+
+        def reached() -> bool:
+            return self.linked(peer_id) if up else peer_id not in self.links
+
+        while not reached():
+            await self._changed.wait()
 
     def close_links(self) -> None:
         for link in list(self.links.values()):
@@ -142,6 +162,10 @@ class Router:
             record = self.gossip.table.get(site)
             name = record.name if record else site[:8]
             self.on_event(f"site {name} {'reachable' if site in self.routes else 'unreachable'}")
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake the `wait_*` callers: links or routes changed."""
         self._changed.set()
         self._changed = trio.Event()
 
@@ -158,8 +182,9 @@ class Router:
                 found.append(record.site_id)
         return found
 
-    async def wait_reachable(self, routing_key: str) -> None:
-        while not self.providers(routing_key):
+    async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
+        """Return once at least `providers` reachable sites have a connector for the key."""
+        while len(self.providers(routing_key)) < providers:
             await self._changed.wait()
 
     # -- connectors ------------------------------------------------------------------
