@@ -39,7 +39,15 @@ class IssuerUnreachableError(TokenError):
 
 
 class LinkError(FabricError):
-    """A link could not be made or was lost."""
+    """A link could not be made or was lost.
+
+    `code` is the reason code (router.frames.Reason) a GOAWAY carries to the
+    peer when this error refuses a link; None means a protocol error.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ProtocolError(LinkError):

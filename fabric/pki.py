@@ -289,6 +289,22 @@ def cert_site_id(cert_der: bytes) -> str:
     return key_id
 
 
+def check_issued_cert_untrusted(identity: Identity, cert_pem: str, issuer_ca_pem: str) -> None:
+    """The certificate an issuer sent back on redemption: for our key, signed by its CA.
+
+    Checked before it is saved, so a broken answer is a `TokenError` now
+    rather than a puzzling TLS failure at every dial later.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        ca = x509.load_pem_x509_certificate(issuer_ca_pem.encode())
+        cert.verify_directly_issued_by(ca)
+        if _spki(cert.public_key()) != _spki(identity._site_key.public_key()):
+            raise ValueError("it certifies another key")
+    except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature) as error:
+        raise TokenError(f"the issuer sent back an unusable certificate: {_one_line(str(error))}") from None
+
+
 def cert_serial(cert_der: bytes) -> int:
     """The serial number of a peer certificate: what revocation refuses."""
     return _load_peer_cert(cert_der).serial_number

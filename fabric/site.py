@@ -37,6 +37,7 @@ from .config import (
 from .errors import (
     ConfigError,
     FabricError,
+    FrameError,
     IssuerUnreachableError,
     LinkError,
     TokenError,
@@ -206,7 +207,12 @@ class Site:
             raise FabricError(f"site {self.name} cannot accept links on {host}:{port}: {exc.strerror or exc}") from None
         for extra in listeners[1:]:
             await extra.aclose()
-        task_status.started(listeners[0].socket.getsockname()[1])
+        bound = listeners[0].socket.getsockname()[1]
+        if port == 0:
+            # Keep the port that was picked: tokens and peers' links point at it,
+            # so the next start must listen there again.
+            self._save(attrs.evolve(self.config, link_port=bound))
+        task_status.started(bound)
         await trio.serve_listeners(self._accept_link, listeners[:1])
 
     async def _accept_link(self, tcp: trio.SocketStream) -> None:
@@ -230,18 +236,19 @@ class Site:
             log.warning("link from %s: handshake did not finish within %g s", where, self.settings.handshake_timeout)
         except LinkError as exc:  # ProtocolError and FrameError included
             log.warning("link from %s refused: %s", where, exc)
-            with trio.move_on_after(0.5, shield=True):
-                try:
-                    await stream.send_all(goaway_frame(Reason.PROTOCOL, str(exc)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            if stream is not tcp:  # tell the peer why, inside TLS; never in clear text
+                with trio.move_on_after(0.5, shield=True):
+                    try:
+                        await stream.send_all(goaway_frame(exc.code or Reason.PROTOCOL, str(exc)))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
         finally:
             await trio.aclose_forcefully(stream)
 
     async def _accept_hello(self, stream: trio.SSLStream, decoder: FrameDecoder, first) -> Link:
         der = stream.getpeercert(binary_form=True)
         if not der:
-            raise LinkError("a site without a certificate may only redeem a token")
+            raise LinkError("a site without a certificate may only redeem a token", code=Reason.NOT_AUTHORIZED)
         peer_id = pki.cert_site_id(der)
         local = self._hello(cost=0)
         peer = read_hello_untrusted(first, local)
@@ -418,7 +425,12 @@ class Site:
             finally:
                 await trio.aclose_forcefully(stream)
             if frame.type is FrameType.REDEEM_OK:
-                return decode_message_untrusted(frame.payload, RedeemOk)
+                try:
+                    answer = decode_message_untrusted(frame.payload, RedeemOk)
+                except FrameError as exc:
+                    raise TokenError(f"site {token.issuer_name} answered the redemption badly: {exc}") from None
+                pki.check_issued_cert_untrusted(self.identity, answer.cert_pem, token.ca_pem)
+                return answer
             if frame.type is FrameType.GOAWAY:
                 code, text = decode_reason_untrusted(frame.payload)
                 raise _TOKEN_ERRORS.get(code, TokenError)(f"site {token.issuer_name} refused the token: {text}")

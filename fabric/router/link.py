@@ -80,7 +80,8 @@ def read_hello_untrusted(frame: Frame, local: Hello) -> Hello:
     peer = decode_message_untrusted(frame.payload, Hello)
     if max(peer.min_version, local.min_version) > min(peer.max_version, local.max_version):
         raise LinkError(
-            f"no common link protocol version: this site speaks {local.min_version}-{local.max_version}, "
+            code=Reason.VERSION,
+            message=f"no common link protocol version: this site speaks {local.min_version}-{local.max_version}, "
             f"site {peer.name} speaks {peer.min_version}-{peer.max_version}"
         )
     return peer

@@ -278,9 +278,17 @@ class Router:
         if self._nursery is None:
             flow.refuse(Reason.SHUTDOWN, f"site {self.name} is not ready")
         elif request.dest == self.site_id:
-            self._nursery.start_soon(self._egress, flow, request)
+            self._nursery.start_soon(self._contained, self._egress, flow, request)
         else:
             self._transit(link, flow, request)
+
+    async def _contained(self, handler, flow: FlowEnd, *args) -> None:
+        """Run one flow's handler; a bug in it resets that flow, not the site."""
+        try:
+            await handler(flow, *args)
+        except Exception:
+            flow.reset(Reason.UNSPECIFIED, f"internal error at site {self.name}")
+            log.exception("flow %s failed", flow.uid)
 
     async def _egress(self, flow: FlowEnd, request: Open) -> None:
         slot = self.connectors.get(request.routing_key)
@@ -314,7 +322,7 @@ class Router:
             flow.refuse(exc.code, str(exc))
             return
         self.active[hop] += 1
-        self._nursery.start_soon(self._carry, flow, onward, hop)
+        self._nursery.start_soon(self._contained, self._carry, flow, onward, hop)
 
     async def _carry(self, flow: FlowEnd, onward: FlowEnd, hop: str) -> None:
         try:

@@ -228,6 +228,19 @@ def test_signed_csr_certifies_the_redeemer(alpha: pki.Identity, beta: pki.Identi
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
+def test_redeemer_checks_the_certificate_the_issuer_sent_back(
+    alpha: pki.Identity, beta: pki.Identity, issuer: pki.Identity
+) -> None:
+    cert_pem = pki.sign_csr(alpha, pki.make_csr(beta))[0].decode()
+    pki.check_issued_cert_untrusted(beta, cert_pem, alpha.ca_cert_pem.decode())  # the good answer passes
+    with pytest.raises(TokenError, match="unusable certificate"):  # signed by another CA
+        pki.check_issued_cert_untrusted(beta, cert_pem, issuer.ca_cert_pem.decode())
+    with pytest.raises(TokenError, match="another key"):  # for someone else's key
+        pki.check_issued_cert_untrusted(alpha, pki.sign_csr(alpha, pki.make_csr(beta))[0].decode(), alpha.ca_cert_pem.decode())
+    with pytest.raises(TokenError, match="unusable certificate"):
+        pki.check_issued_cert_untrusted(beta, "not a certificate", alpha.ca_cert_pem.decode())
+
+
 def test_signed_certs_get_distinct_serials(alpha: pki.Identity, beta: pki.Identity) -> None:
     csr = pki.make_csr(beta)
     serials = {pki.sign_csr(alpha, csr)[1] for _ in range(5)}
