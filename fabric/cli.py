@@ -163,3 +163,7 @@ async def _demo(connections: int, size: int, round_trips: int) -> bool:
     ok = intact == connections
     say("\n" + ("demo passed: every byte arrived intact." if ok else "demo FAILED: some connections lost data."))
     return ok
+
+
+if __name__ == "__main__":
+    main()
