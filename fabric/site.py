@@ -59,7 +59,7 @@ from .router.frames import (
 )
 from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
 from .router.router import Router
-from .router.transports import Address, accept_tls, dial, parse_address, peer_address
+from .router.transports import Address, accept_tls, dial, listen_tcp, parse_address, peer_address
 
 log = logging.getLogger("fabric.site")
 
@@ -200,20 +200,15 @@ class Site:
     # -- links: accepting --------------------------------------------------------------
 
     async def _serve_links(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        host, port = self.config.link_host, self.config.link_port
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise FabricError(f"site {self.name} cannot accept links on {host}:{port}: {exc.strerror or exc}") from None
-        for extra in listeners[1:]:
-            await extra.aclose()
-        bound = listeners[0].socket.getsockname()[1]
+        port = self.config.link_port
+        listener = await listen_tcp(self.config.link_host, port, what=f"site {self.name}'s link port")
+        bound = listener.socket.getsockname()[1]
         if port == 0:
             # Keep the port that was picked: tokens and peers' links point at it,
             # so the next start must listen there again.
             self._save(attrs.evolve(self.config, link_port=bound))
         task_status.started(bound)
-        await trio.serve_listeners(self._accept_link, listeners[:1])
+        await trio.serve_listeners(self._accept_link, [listener])
 
     async def _accept_link(self, tcp: trio.SocketStream) -> None:
         where = peer_address(tcp)

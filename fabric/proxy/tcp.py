@@ -12,10 +12,11 @@ import logging
 import trio
 
 from ..config import ConnectorConfig, ListenerConfig
-from ..errors import FabricError, FlowError, FlowRefused, NoProviderError
+from ..errors import FlowError, FlowRefused, NoProviderError
 from ..router.frames import Reason
 from ..router.relay import SocketEnd, relay
 from ..router.router import Router
+from ..router.transports import listen_tcp
 
 log = logging.getLogger("fabric.proxy")
 
@@ -58,20 +59,12 @@ class TcpListener(trio.abc.AsyncResource):
 
     async def run(self, *, task_status: trio.TaskStatus[TcpListener] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the bound port through `task_status`, and serve until closed."""
-        host, port = self.config.host, self.config.port
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise FabricError(f"listener {self.config.name} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        # With port 0 and a host name that resolves to several addresses each
-        # socket would get its own port; keep the first so one port is reported.
-        for extra in listeners[1:]:
-            await extra.aclose()
-        self.port = listeners[0].socket.getsockname()[1]
+        listener = await listen_tcp(self.config.host, self.config.port, what=f"listener {self.config.name}")
+        self.port = listener.socket.getsockname()[1]
         with self._scope:
             async with trio.open_nursery() as nursery:
                 task_status.started(self)
-                await trio.serve_listeners(self._serve, listeners[:1], handler_nursery=nursery)
+                await trio.serve_listeners(self._serve, [listener], handler_nursery=nursery)
 
     async def aclose(self) -> None:
         self._scope.cancel()

@@ -12,7 +12,7 @@ import ssl
 import attrs
 import trio
 
-from ..errors import LinkError
+from ..errors import FabricError, LinkError
 
 SCHEMES = ("tls",)
 
@@ -38,6 +38,22 @@ def parse_address(text: str) -> Address:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"link address {text!r} must look like {scheme}://host:port")
     return Address(scheme, host, int(port))
+
+
+async def listen_tcp(host: str, port: int, *, what: str) -> trio.SocketListener:
+    """One listening socket on host:port; `what` ("listener db") names it in the error.
+
+    With port 0 and a host name that resolves to several addresses, each
+    socket would get its own port: only the first is kept, so one port is
+    reported and used.
+    """
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise FabricError(f"{what} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    for extra in listeners[1:]:
+        await extra.aclose()
+    return listeners[0]
 
 
 def _tune(stream: trio.SocketStream) -> None:
