@@ -379,6 +379,10 @@ class Site:
             raise TokenError("this token was issued by this site; redeem it at the site that should link here")
         if any(l.peer_id == token.issuer_id for l in self.config.links):
             raise TokenError(f"site {self.name} already has a link to site {token.issuer_name}")
+        if token.issuer_id in self.router.links:
+            raise TokenError(
+                f"site {token.issuer_name} already links to site {self.name}; one link carries traffic both ways"
+            )
         name = name or token.issuer_name
         if any(l.name == name for l in self.config.links):
             raise TokenError(f"a link named {name!r} exists already: choose another name")
@@ -544,12 +548,12 @@ class Site:
                     mode=record.mode,
                     reachable=route is not None,
                     cost=route.cost if route else None,
-                    next_hops=tuple(router._name_of(h.peer) for h in route.next_hops) if route else (),
+                    next_hops=tuple(router.name_of(h.peer) for h in route.next_hops) if route else (),
                 )
             )
         keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services})
         services = tuple(
-            ServiceStatus(routing_key=key, providers=tuple(sorted(router._name_of(p) for p in router.providers(key))))
+            ServiceStatus(routing_key=key, providers=tuple(sorted(router.name_of(p) for p in router.providers(key))))
             for key in keys
         )
         listeners = [

@@ -159,9 +159,7 @@ class Router:
         before = set(self.routes)
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
         for site in set(self.routes) ^ before:
-            record = self.gossip.table.get(site)
-            name = record.name if record else site[:8]
-            self.on_event(f"site {name} {'reachable' if site in self.routes else 'unreachable'}")
+            self.on_event(f"site {self.name_of(site)} {'reachable' if site in self.routes else 'unreachable'}")
         self._notify()
 
     def _notify(self) -> None:
@@ -243,7 +241,7 @@ class Router:
         route = self.routes.get(provider)
         hop = choose_next_hop(route, self.active) if route else None
         if hop is None or hop not in self.links:
-            raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self._name_of(provider)}")
+            raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self.name_of(provider)}")
         uid = f"{self.site_id}:{next(self._flow_serial)}:{secrets.token_hex(4)}"
         flow = self.links[hop].open_flow(
             Open(dest=provider, routing_key=routing_key, origin=self.site_id, flow_uid=uid, hop_limit=self.settings.max_hops)
@@ -255,7 +253,7 @@ class Router:
         except trio.TooSlowError:
             flow.reset(Reason.UNSPECIFIED, "no answer to OPEN in time")
             self.active[hop] -= 1
-            raise FlowRefused(Reason.UNSPECIFIED, f"site {self._name_of(provider)} did not answer in time") from None
+            raise FlowRefused(Reason.UNSPECIFIED, f"site {self.name_of(provider)} did not answer in time") from None
         except BaseException:
             flow.reset(Reason.UNSPECIFIED, "open abandoned")
             self.active[hop] -= 1
@@ -268,7 +266,8 @@ class Router:
             raise FlowRefused(Reason.NO_CONNECTOR, f"site {self.name} has no connector for {routing_key!r}")
         return await slot.next().dial()
 
-    def _name_of(self, site_id: str) -> str:
+    def name_of(self, site_id: str) -> str:
+        """A site's name for messages and status (its id's start while its record is unknown)."""
         record = self.record(site_id)
         return record.name if record else site_id[:8]
 
@@ -304,7 +303,7 @@ class Router:
         await self._relay(flow, target)
 
     def _transit(self, link: Link, flow: FlowEnd, request: Open) -> None:
-        dest = self._name_of(request.dest)
+        dest = self.name_of(request.dest)
         if self.mode == EDGE:
             flow.refuse(Reason.NO_ROUTE, f"edge site {self.name} carries no transit traffic")
             return

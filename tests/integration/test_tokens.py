@@ -90,3 +90,15 @@ async def test_a_site_without_a_link_port_cannot_issue_tokens(network):
         assert closed.link_port is None
         with pytest.raises(fabric.FabricError, match="accepts no links"):
             await closed.issue_token()
+
+
+async def test_a_second_link_between_two_sites_is_refused_at_redemption(network):
+    """Each site redeeming the other's token would make two links fight; the second is refused up front."""
+    async with network.site("hub", link_port=0) as hub, network.site("edge", link_port=0) as edge:
+        with trio.fail_after(DEADLINE):
+            await network.link(edge, hub)
+            with pytest.raises(fabric.TokenError, match="already has a link to site hub"):
+                await edge.redeem_token(await hub.issue_token())
+            with pytest.raises(fabric.TokenError, match="edge already links to site hub; one link carries traffic both ways"):
+                await hub.redeem_token(await edge.issue_token())
+            assert hub.config.links == ()
