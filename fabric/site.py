@@ -145,6 +145,7 @@ class Site:
         )
         self.link_port: int | None = None
         self._grants = pki.load_grants(self._grants_path)
+        self._grants_lock = trio.Lock()
         self._server_context = pki.server_context(identity)
         self._handshake_slots = trio.Semaphore(MAX_PENDING_HANDSHAKES)
         self._listeners: dict[str, TcpListener] = {}
@@ -237,6 +238,13 @@ class Site:
                         await stream.send_all(goaway_frame(exc.code or Reason.PROTOCOL, str(exc)))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # Whoever connected went away mid-handshake: their loss, nobody else's.
+            log.info("link from %s: connection lost during the handshake: %s", where, exc.__cause__ or exc)
+        except FabricError as exc:
+            log.warning("link from %s: %s", where, exc)
+        except Exception:
+            log.exception("link from %s: unexpected failure; this connection is dropped, the site goes on", where)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -263,7 +271,7 @@ class Site:
             await stream.send_all(goaway_frame(code, str(exc)))
             return
         self._grants = {**self._grants, grant.token_id: grant}
-        await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
+        await self._save_grants()
         log.info("token %s redeemed by site %s (%s); certificate serial %x", grant.token_id, request.name, where, serial)
         answer = RedeemOk(cert_pem=cert_pem.decode(), issuer_id=self.site_id, issuer_name=self.name)
         await stream.send_all(encode_frame(FrameType.REDEEM_OK, 0, encode_message(answer)))
@@ -284,7 +292,7 @@ class Site:
                 started = trio.current_time()
                 try:
                     link = await self._dial_link(config)
-                except (LinkError, OSError) as exc:
+                except (FabricError, OSError) as exc:  # LinkError, or a damaged links/ directory
                     self._link_errors[config.name] = str(exc)
                     log.warning("link %s: %s", config.name, exc)
                 else:
@@ -343,7 +351,12 @@ class Site:
     async def _serve_link(self, link: Link, label: str) -> str:
         """Serve the link until it ends; returns why it ended."""
         log.info("%s up", label)
-        reason = await self.router.run_link(link)
+        try:
+            reason = await self.router.run_link(link)
+        except Exception:
+            # A bug while serving one link must not take the site down with it.
+            log.exception("%s failed", label)
+            reason = "internal error (see the site's log)"
         log.info("%s down: %s", label, reason)
         return reason
 
@@ -364,8 +377,13 @@ class Site:
             cost=cost,
         )
         self._grants = {**self._grants, grant.token_id: grant}
-        await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
+        await self._save_grants()
         return token
+
+    async def _save_grants(self) -> None:
+        """Write the grants as they are now; one writer at a time, so an older snapshot never lands last."""
+        async with self._grants_lock:
+            await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
 
     def _link_address(self) -> str:
         """Where this site accepts links, as tokens and status give it (IPv6 hosts in brackets)."""

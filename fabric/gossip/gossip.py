@@ -8,10 +8,26 @@ comes up (which repairs whatever was missed while it was down).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 from ..router.link import Link
-from .records import LinkInfo, RecordTable, ServiceInfo, SiteRecord, decode_records_untrusted, encode_records
+from ..router.frames import MAX_PAYLOAD
+from .records import (
+    MAX_RECORDS,
+    LinkInfo,
+    RecordTable,
+    ServiceInfo,
+    SiteRecord,
+    decode_records_untrusted,
+    encode_record_batches,
+)
+
+log = logging.getLogger("fabric.gossip")
+
+# Sites a site keeps records of. A peer could invent records without end;
+# past this many, records of sites not yet known are dropped (and logged).
+MAX_SITES = MAX_RECORDS
 
 
 class Gossip:
@@ -55,19 +71,27 @@ class Gossip:
         self._on_change()
 
     def link_up(self, link: Link) -> None:
-        link.send_gossip(encode_records(self.table.values()))
+        for payload in encode_record_batches(self.table.values(), MAX_PAYLOAD):
+            link.send_gossip(payload)
 
     def receive(self, link: Link, payload: bytes) -> None:
         """Apply a neighbour's records; raises ProtocolError (ending that link) if malformed."""
         records = decode_records_untrusted(payload)
         own = self._record.site_id
-        fresh = [r for r in records if r.site_id != own and self.table.apply(r)]
+        fresh = [r for r in records if r.site_id != own and self._room_for(r) and self.table.apply(r)]
         if fresh:
             self._flood(fresh, exclude=link)
             self._on_change()
 
+    def _room_for(self, record: SiteRecord) -> bool:
+        if record.site_id in self.table or len(self.table) < MAX_SITES:
+            return True
+        log.warning("record of site %s dropped: this site already knows %d sites, its limit", record.name, MAX_SITES)
+        return False
+
     def _flood(self, records: list[SiteRecord], exclude: Link | None) -> None:
-        payload = encode_records(records)
+        payloads = list(encode_record_batches(records, MAX_PAYLOAD))
         for link in self._links():
             if link is not exclude:
-                link.send_gossip(payload)
+                for payload in payloads:
+                    link.send_gossip(payload)

@@ -42,6 +42,7 @@ __all__ = [
     "SiteRecord",
     "Stamp",
     "decode_records_untrusted",
+    "encode_record_batches",
     "encode_records",
 ]
 
@@ -346,6 +347,21 @@ def encode_records(records: Iterable[SiteRecord]) -> bytes:
         raise ValueError(f"{len(batch)} records in one payload; the limit is {MAX_RECORDS}")
     raw = _converter.unstructure(batch, list[SiteRecord])
     return json.dumps(raw, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def encode_record_batches(records: Iterable[SiteRecord], max_bytes: int) -> Iterator[bytes]:
+    """Records as as many GOSSIP payloads as it takes, each under `max_bytes` and MAX_RECORDS."""
+    parts: list[bytes] = []
+    size = 2  # the list's brackets
+    for record in records:
+        part = encode_records([record])[1:-1]
+        if parts and (size + len(part) + 1 > max_bytes or len(parts) == MAX_RECORDS):
+            yield b"[" + b",".join(parts) + b"]"
+            parts, size = [], 2
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        yield b"[" + b",".join(parts) + b"]"
 
 
 def _reject_constant(name: str) -> Any:

@@ -81,11 +81,10 @@ class TcpListener(trio.abc.AsyncResource):
             async with self._router.connect(self.config.routing_key) as end:
                 await relay(client, end)
         except (NoProviderError, FlowError) as exc:
-            client.abort(Reason.UNSPECIFIED, str(exc))
             log.info("listener %s: connection from %s ended: %s", self.config.name, peer, exc)
         except Exception:
             # A bug in one connection's handling must not take the listener down.
-            client.abort(Reason.UNSPECIFIED, "internal error")
             log.exception("listener %s: connection from %s failed", self.config.name, peer)
         finally:
             self.connections -= 1
+            client.abort(Reason.UNSPECIFIED, "connection ended")  # no-op once the relay closed it cleanly

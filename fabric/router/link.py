@@ -47,6 +47,11 @@ RECEIVE_SIZE = 256 * 1024  # bytes per read from the link stream
 MAX_DATA = 64 * 1024  # bytes of payload per DATA frame: one TCP read of a client
 GOAWAY_GRACE = 0.5  # seconds to flush a last GOAWAY before the stream is closed
 RTT_SMOOTHING = 0.125  # weight of a new RTT sample (as TCP's SRTT)
+# Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL...) that may queue
+# past `link_write_buffer`. Data waits for the writer; control frames cannot
+# (the reader must never block), so a peer that sends but never reads would
+# grow the queue forever: past this allowance the link is ended instead.
+CONTROL_ALLOWANCE = 1024 * 1024
 
 
 class LinkHandler(Protocol):
@@ -147,7 +152,8 @@ class Link(trio.abc.AsyncResource):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True from the moment the link is told to end (it may still be flushing a GOAWAY)."""
+        return self._closed or self._reason is not None
 
     @property
     def flow_count(self) -> int:
@@ -244,8 +250,11 @@ class Link(trio.abc.AsyncResource):
     # -- sending -----------------------------------------------------------------
 
     def send_frame(self, type: FrameType, flow_id: int = 0, payload: bytes = b"") -> None:
-        """Queue a frame. Never blocks: what may be queued is bounded by credit and flow limits."""
-        if self._closed:
+        """Queue a frame. Never blocks; ends the link if the peer has stopped reading."""
+        if self.closed:
+            return
+        if self._out_bytes > self.settings.link_write_buffer + CONTROL_ALLOWANCE:
+            self._end(f"peer is not reading: {self._out_bytes} bytes are queued for it")
             return
         self._out.append(encode_header(type, flow_id, len(payload)))
         if payload:
@@ -351,9 +360,9 @@ class Link(trio.abc.AsyncResource):
         self._handler.on_open(self, flow, request)
 
     def _on_pong(self, sent_ns: int) -> None:
-        sample = max(0.0, trio.current_time() - sent_ns / 1e9)
-        if sample > 3600:
-            raise ProtocolError("PONG does not echo a PING this link sent")
+        sample = trio.current_time() - sent_ns / 1e9
+        if not 0 <= sample <= self.settings.keepalive_timeout:
+            return  # not an echo of a recent PING of ours: no measurement
         self.rtt = sample if self.rtt is None else self.rtt + RTT_SMOOTHING * (sample - self.rtt)
 
 
@@ -380,6 +389,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._error: FlowReset | FlowRefused | None = None
         self._changed = trio.Event()
         self._opened = trio.Event()
+        self._failed = trio.Event()  # set once _error is: reset, refused or link lost
         if not opener:
             self._opened.set()
 
@@ -396,6 +406,23 @@ class FlowEnd(trio.abc.HalfCloseableStream):
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def _fail(self, error: FlowReset | FlowRefused) -> None:
+        self._error = error
+        self.link._forget(self)
+        self._opened.set()
+        self._failed.set()
+        self._wake()
+
+    async def wait_failed(self) -> FlowReset | FlowRefused:
+        """Wait until the flow is reset, refused or its link is lost; returns why.
+
+        A relay watches this, so a flow that has already delivered its EOF
+        (nobody reads it any more) still passes a later reset on.
+        """
+        await self._failed.wait()
+        assert self._error is not None
+        return self._error
 
     def _maybe_forget(self) -> None:
         if self.finished:
@@ -414,9 +441,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
 
     def refuse(self, code: Reason, text: str) -> None:
         if self._error is None:
-            self._error = FlowRefused(code, text)
             self.link.send_frame(FrameType.OPEN_FAIL, self.flow_id, encode_reason(code, text))
-            self.link._forget(self)
+            self._fail(FlowRefused(code, text))
 
     # -- stream interface ------------------------------------------------------------
 
@@ -481,11 +507,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         """Abandon the flow in both directions and tell the peer why. Idempotent."""
         if self.finished:
             return
-        self._error = FlowReset(code, text)
         self.link.send_frame(FrameType.RESET, self.flow_id, encode_reason(code, text))
-        self.link._forget(self)
-        self._opened.set()
-        self._wake()
+        self._fail(FlowReset(code, text))
 
     abort = reset
 
@@ -518,23 +541,15 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._wake()
 
     def _on_reset(self, code: int, text: str) -> None:
-        self._error = FlowReset(code, text)
-        self.link._forget(self)
-        self._opened.set()
-        self._wake()
+        self._fail(FlowReset(code, text))
 
     def _on_open_ok(self) -> None:
         self._opened.set()
 
     def _on_open_fail(self, code: int, text: str) -> None:
-        self._error = FlowRefused(code, text)
-        self.link._forget(self)
-        self._opened.set()
-        self._wake()
+        self._fail(FlowRefused(code, text))
 
     def _on_link_lost(self, reason: str) -> None:
         if not self.finished:
-            self._error = FlowReset(Reason.LINK_LOST, f"link to {self.link.peer.name} lost: {reason}")
-            self._opened.set()
-            self._wake()
+            self._fail(FlowReset(Reason.LINK_LOST, f"link to {self.link.peer.name} lost: {reason}"))
 

@@ -121,10 +121,23 @@ async def relay(a: End, b: End) -> None:
             failure = failure or broken
             scope.cancel()
 
+    async def watch(end: End, scope: trio.CancelScope) -> None:
+        nonlocal failure
+        error = await end.wait_failed()  # type: ignore[attr-defined]
+        failure = failure or _Broken(error.code, str(error))
+        scope.cancel()
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, nursery.cancel_scope)
-            nursery.start_soon(pump, b, a, nursery.cancel_scope)
+            # A flow that has delivered its EOF is read by nobody, yet a later
+            # RESET or link loss must still end the relay: watch flows for it.
+            for end in (a, b):
+                if hasattr(end, "wait_failed"):
+                    nursery.start_soon(watch, end, nursery.cancel_scope)
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(pump, a, b, nursery.cancel_scope)
+                pumps.start_soon(pump, b, a, nursery.cancel_scope)
+            nursery.cancel_scope.cancel()  # both ways ended: stop the watchers
         clean = failure is None
     finally:
         if clean:

@@ -98,10 +98,12 @@ class Router:
     async def run_link(self, link: Link) -> str:
         """Serve a handshaken link until it ends; returns why it ended."""
         old = self.links.get(link.peer_id)
-        if old is not None:
+        if old is not None and not old.closed:
             if old.dialer != link.dialer:
+                # Both sites dialled each other: keep the link that is up, refuse the new one.
                 link.close(Reason.DUPLICATE_LINK, f"site {self.name} already has a link with {link.peer.name}")
             else:
+                # The same site dialled again (it saw the old link die first): the new one wins.
                 old.close(Reason.DUPLICATE_LINK, "replaced by a new link from the same site")
         if not link.closed:
             self.links[link.peer_id] = link

@@ -103,6 +103,13 @@ async def test_bad_connections_to_a_link_port_are_refused_while_flows_keep_movin
                 await stream.send_all(b"\xff" * 64)
                 answers["bad frame"] = await read_link_answer(stream)
 
+        async def tls_then_vanish() -> None:
+            # TLS up, half a frame, then the TCP connection dropped without a TLS goodbye.
+            stream = await dial(address, anonymous)
+            await stream.send_all(hello_frame("vanisher")[:5])
+            await trio.aclose_forcefully(stream)
+            answers["vanished"] = ("gone", None)
+
         async def hello_with_foreign_certificate() -> None:
             try:
                 stream = await dial(address, foreign)
@@ -131,7 +138,7 @@ async def test_bad_connections_to_a_link_port_are_refused_while_flows_keep_movin
                 async def attack() -> None:
                     async with trio.open_nursery() as nursery:
                         for attacker in (garbage, silent, hello_without_certificate, bad_frame_after_tls,
-                                         hello_with_foreign_certificate):
+                                         tls_then_vanish, hello_with_foreign_certificate):
                             nursery.start_soon(attacker)
                     attacks_over.set()
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
 import time
 
 import pytest
 import trio
 
 import fabric
+
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # tcpi_state values, linux/tcp_states.h
 
 CHUNK = 64 * 1024  # bytes per read
 MiB = 1024 * 1024
@@ -132,6 +135,41 @@ async def test_half_close_by_client_then_reply(chain, start_server, tcp):
     assert len(reply) == 32 + 8 + reply_size
     assert reply[:32] == hashlib.sha256(request).digest()
     assert int.from_bytes(reply[32:40], "big") == len(request)
+
+
+async def test_a_link_lost_after_a_half_close_still_ends_the_flow_at_both_ends(chain, start_server, tcp):
+    """The target got the client's EOF and stays quiet, so nobody reads that flow any more.
+
+    When the link on its path is lost, the flow must still end at both ends:
+    the target's connection aborted (it sees an RST), the client's reset.
+    """
+    target: list[trio.SocketStream] = []
+    target_got_eof = trio.Event()
+
+    async def quiet_after_eof(stream: trio.SocketStream) -> None:
+        target.append(stream)
+        while await stream.receive_some(CHUNK):
+            pass
+        target_got_eof.set()
+        await trio.sleep_forever()  # silent: only fabric can end this connection
+
+    def tcp_state(stream: trio.SocketStream) -> int:
+        return stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+    with trio.fail_after(DEADLINE):
+        port = await chain.expose("quiet", await start_server(quiet_after_eof))
+        stream = await tcp.connect(port)
+        async with stream:
+            await stream.send_all(b"request")
+            await stream.send_eof()
+            await target_got_eof.wait()
+            assert tcp_state(target[0]) == TCP_CLOSE_WAIT  # fabric's side half-closed, as the client did
+            chain.b.router.links[chain.c.site_id].close()  # B drops its link to C
+            received, error = await tcp.read_until_end(stream)
+            assert received == 0 and tcp.is_reset(error), f"expected a reset at the client, got {error!r}"
+            # No event tells a silent server its peer reset: watch the kernel's view of the socket.
+            while tcp_state(target[0]) != TCP_CLOSE:
+                await trio.sleep(0.01)
 
 
 async def test_half_close_by_server_then_client_keeps_sending(chain, start_server, tcp):

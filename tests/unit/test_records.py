@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fabric.errors import ProtocolError
 from fabric.gossip.records import (
+    encode_record_batches,
     EDGE,
     INTERIOR,
     MAX_COST,
@@ -379,3 +380,12 @@ _paths: list[tuple[str | int, ...]] = [
 def test_decode_near_valid(path: tuple[str | int, ...], value: Any) -> None:
     """One field of a sound record replaced by anything: reaches every validator."""
     _decode_or_protocol_error(_set(path, value))
+
+
+@given(st.lists(_records, max_size=30), st.integers(200, 5000))
+def test_record_batches_stay_under_the_byte_limit_and_carry_every_record(records, max_bytes):
+    batches = list(encode_record_batches(records, max_bytes))
+    assert [r for batch in batches for r in decode_records_untrusted(batch)] == records
+    for batch in batches:
+        # Only a record too large on its own may make a batch pass the limit, and then it travels alone.
+        assert len(batch) <= max_bytes or len(decode_records_untrusted(batch)) == 1

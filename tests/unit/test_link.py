@@ -1,0 +1,86 @@
+"""Links and the router's link table over in-memory streams: no sockets, no TLS."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from fabric.config import Settings
+from fabric.router.frames import FrameDecoder, FrameType, encode_frame, encode_u64
+from fabric.router.link import CONTROL_ALLOWANCE, Link, make_hello
+from fabric.router.router import Router
+
+SETTINGS = Settings()
+
+
+def hello(site: str, settings: Settings = SETTINGS):
+    return make_hello(site, site, "interior", 1, settings, 1)
+
+
+def link_pair(dialer: str, acceptor: str, dialer_handler, acceptor_handler):
+    """Both ends of one link, `dialer` having dialled `acceptor`."""
+    a, b = trio.testing.memory_stream_pair()
+    common = dict(cost=1, settings=SETTINGS)
+    dialed = Link(a, FrameDecoder(), local=hello(dialer), peer=hello(acceptor), dialer=True, handler=dialer_handler, **common)
+    accepted = Link(b, FrameDecoder(), local=hello(acceptor), peer=hello(dialer), dialer=False, handler=acceptor_handler, **common)
+    return dialed, accepted
+
+
+async def test_a_second_link_from_the_other_direction_is_refused_and_the_first_stays():
+    ra = Router(site_id="A", name="A", mode="interior", incarnation=1, settings=SETTINGS)
+    rb = Router(site_id="B", name="B", mode="interior", incarnation=1, settings=SETTINGS)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ra.run)
+            await nursery.start(rb.run)
+            a1, b1 = link_pair("A", "B", ra, rb)
+            nursery.start_soon(ra.run_link, a1)
+            nursery.start_soon(rb.run_link, b1)
+            await ra.wait_linked("B")
+            await rb.wait_linked("A")
+            # B dials A as well (both configured to link): the new link is the duplicate.
+            b2, a2 = link_pair("B", "A", rb, ra)
+            reasons = []
+
+            async def run(router, link):
+                reasons.append(await router.run_link(link))
+
+            async with trio.open_nursery() as duplicates:
+                duplicates.start_soon(run, ra, a2)
+                duplicates.start_soon(run, rb, b2)
+            assert any("already has a link" in reason for reason in reasons), reasons
+            assert ra.links["B"] is a1 and rb.links["A"] is b1
+            assert not a1.closed and not b1.closed
+            nursery.cancel_scope.cancel()
+
+
+class _Quiet:
+    def on_open(self, link, flow, request):
+        flow.refuse(0, "no")
+
+    def on_gossip(self, link, payload):
+        pass
+
+
+async def test_a_peer_that_sends_but_never_reads_ends_the_link_instead_of_growing_its_queue():
+    settings = Settings(link_write_buffer=64 * 1024, keepalive_timeout=60)
+    ours, theirs = trio.testing.lockstep_stream_pair()  # our writes block while the peer does not read
+    link = Link(
+        ours, FrameDecoder(), local=hello("A", settings), peer=hello("B", settings),
+        dialer=True, cost=1, settings=settings, handler=_Quiet(),
+    )
+    pings = encode_frame(FrameType.PING, 0, encode_u64(0)) * 1000  # each answered by a PONG
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reason = []
+
+            async def run():
+                reason.append(await link.run())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            for _ in range(200):  # 200,000 PONGs (4 MB) if nothing stopped it
+                await theirs.send_all(pings)
+            await trio.sleep_forever()
+    assert reason and reason[0].startswith("peer is not reading"), reason
+    assert link._out_bytes <= settings.link_write_buffer + CONTROL_ALLOWANCE + 64
