@@ -305,6 +305,11 @@ def check_issued_cert_untrusted(identity: Identity, cert_pem: str, issuer_ca_pem
         raise TokenError(f"the issuer sent back an unusable certificate: {_one_line(str(error))}") from None
 
 
+def pem_to_der(cert_pem: bytes) -> bytes:
+    """A PEM certificate (one we made ourselves) in DER, the form the cert_* readers take."""
+    return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+
+
 def cert_serial(cert_der: bytes) -> int:
     """The serial number of a peer certificate: what revocation refuses."""
     return _load_peer_cert(cert_der).serial_number
@@ -766,6 +771,16 @@ def _why_address_refused(address: Any) -> str | None:
 
 
 @attrs.frozen
+class IssuedCert:
+    """A certificate this site's CA signed when a token was redeemed: whom for, and whether revoked."""
+
+    serial: int = attrs.field(validator=_check_count(1))
+    site_id: str = attrs.field(validator=_check_site_id)
+    name: str = attrs.field(validator=_check_site_name)
+    revoked: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+@attrs.frozen
 class TokenGrant:
     """The issuer's record of a token it issued. The secret itself is not kept, only its digest."""
 
@@ -775,6 +790,7 @@ class TokenGrant:
     redemptions_used: int = attrs.field(validator=_check_count(0))
     expires_at: float = attrs.field(converter=_to_time)  # unix seconds, UTC
     cost: int | None = attrs.field(default=None, validator=_check_cost)
+    issued: tuple[IssuedCert, ...] = ()  # one per redemption: the certificates this token led to
 
     def __attrs_post_init__(self) -> None:
         if self.redemptions_used > self.redemptions_allowed:
@@ -872,6 +888,12 @@ def _strict_int(value: Any, _type: Any) -> int:
     return value
 
 
+def _strict_bool(value: Any, _type: Any) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected true or false, got {_brief(value)}")
+    return value
+
+
 def _strict_float(value: Any, _type: Any) -> float:
     if type(value) not in (int, float):
         raise TypeError(f"expected a number, got {_brief(value)}")
@@ -888,6 +910,7 @@ def _make_grants_converter() -> cattrs.Converter:
     """JSON-shaped converter for grants: no silent int("3") coercion, no unknown keys."""
     converter = cattrs.Converter(forbid_extra_keys=True)
     converter.register_structure_hook(int, _strict_int)
+    converter.register_structure_hook(bool, _strict_bool)
     converter.register_structure_hook(float, _strict_float)
     converter.register_structure_hook(str, _strict_str)
     return converter

@@ -8,8 +8,10 @@ and connectors, report status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import random
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ import trio
 from . import pki
 from .config import (
     DEFAULT_CONNECTOR_HOST,
+    DEFAULT_LINK_HOST,
     DEFAULT_LISTENER_HOST,
     LINKS_DIR,
     STATE_DIR,
@@ -132,8 +135,42 @@ class SiteStatus:
     connectors: tuple[ConnectorStatus, ...]
 
 
+@attrs.frozen
+class NetworkLink:
+    peer: str  # site id
+    peer_name: str
+    cost: int
+    rtt_ms: float | None  # measured here for this site's own links; None for others'
+
+
+@attrs.frozen
+class NetworkSite:
+    site_id: str
+    name: str
+    mode: str
+    reachable: bool  # from this site; this site itself counts as reachable
+    cost: float | None  # of the best path from this site
+    links: tuple[NetworkLink, ...]
+    services: tuple[str, ...]  # routing keys it has connectors for
+
+
+@attrs.frozen
+class NetworkService:
+    routing_key: str
+    providers: tuple[str, ...]  # names of reachable sites with a connector for it
+    listeners: tuple[str, ...]  # names of this site's listeners for it
+
+
+@attrs.frozen
+class NetworkStatus:
+    """The network as this site knows it from gossip."""
+
+    sites: tuple[NetworkSite, ...]
+    services: tuple[NetworkService, ...]
+
+
 class Site:
-    """A running site. Build it with `open_site`."""
+    """A site: running when made by `open_site`, stopped (config only) when made by `load_site`."""
 
     def __init__(self, site_dir: Path, identity: pki.Identity, config: SiteConfig, incarnation: int) -> None:
         self.site_dir = site_dir
@@ -161,6 +198,11 @@ class Site:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def running(self) -> bool:
+        """False for a site loaded with `load_site`: changes are saved and take effect at its next start."""
+        return self._nursery is not None
 
     @property
     def site_id(self) -> str:
@@ -253,6 +295,8 @@ class Site:
         if not der:
             raise LinkError("a site without a certificate may only redeem a token", code=Reason.NOT_AUTHORIZED)
         peer_id = pki.cert_site_id(der)
+        if self._revoked(pki.cert_serial(der)):
+            raise LinkError(f"the certificate of site {peer_id[:8]} was revoked here", code=Reason.NOT_AUTHORIZED)
         local = self._hello(cost=0)
         peer = read_hello_untrusted(first, local)
         if peer.site_id != peer_id:
@@ -270,6 +314,8 @@ class Site:
             log.warning("token redemption from %s refused: %s", where, exc)
             await stream.send_all(goaway_frame(code, str(exc)))
             return
+        peer_id = pki.cert_site_id(pki.pem_to_der(cert_pem))
+        grant = attrs.evolve(grant, issued=(*grant.issued, pki.IssuedCert(serial=serial, site_id=peer_id, name=request.name)))
         self._grants = {**self._grants, grant.token_id: grant}
         await self._save_grants()
         log.info("token %s redeemed by site %s (%s); certificate serial %x", grant.token_id, request.name, where, serial)
@@ -365,12 +411,18 @@ class Site:
     async def issue_token(
         self, *, redemptions_allowed: int = 1, expiration_window: float = 900.0, cost: int | None = None
     ) -> pki.Token:
-        """A token another site redeems to link to this one (default: one use, 15 minutes)."""
-        if self.link_port is None:
-            raise FabricError(f"site {self.name} accepts no links: create it with a link port to issue tokens")
+        """A token another site redeems to link to this one (default: one use, 15 minutes).
+
+        Works while the site is stopped too, once its link port is known.
+        """
+        port = self.link_port if self.running else self.config.link_port
+        if port is None:
+            raise FabricError(f"site {self.name} accepts no links: create it with link access to issue tokens")
+        if port == 0:
+            raise FabricError(f"site {self.name} picks its link port at its first start: start it once, then issue tokens")
         token, grant = pki.new_token(
             self.identity,
-            [self._link_address()],
+            [self._link_address(port)],
             now=time.time(),
             redemptions_allowed=redemptions_allowed,
             expiration_window=expiration_window,
@@ -385,9 +437,9 @@ class Site:
         async with self._grants_lock:
             await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
 
-    def _link_address(self) -> str:
+    def _link_address(self, port: int) -> str:
         """Where this site accepts links, as tokens and status give it (IPv6 hosts in brackets)."""
-        return str(Address("tls", self.config.link_host, self.link_port))
+        return str(Address("tls", self.config.link_host, port))
 
     async def redeem_token(self, token: pki.Token | str | os.PathLike, *, name: str | None = None, cost: int | None = None) -> str:
         """Link to the token's issuer; returns the new link's name. The link is kept in the site dir."""
@@ -415,7 +467,8 @@ class Site:
         (link_dir / "cert.pem").write_text(answer.cert_pem)
         link = LinkConfig(name=name, peer_id=token.issuer_id, addresses=token.addresses, cost=cost)
         self._save(attrs.evolve(self.config, links=(*self.config.links, link)))
-        self._start_dialer(link)
+        if self.running:
+            self._start_dialer(link)
         return name
 
     async def _redeem(self, token: pki.Token, context, request: Redeem) -> RedeemOk:
@@ -460,10 +513,11 @@ class Site:
         self, name: str, port: int, *, host: str = DEFAULT_CONNECTOR_HOST, routing_key: str | None = None
     ) -> ConnectorConfig:
         """Offer `host:port` to the network under `routing_key` (default: the name)."""
-        if name in self._connectors:
+        if any(c.name == name for c in self.config.connectors):
             raise FabricError(f"connector {name!r} exists already")
         config = ConnectorConfig(name=name, routing_key=routing_key or name, port=port, host=host)
-        self._add_connector(config)
+        if self.running:
+            self._add_connector(config)
         self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
         await trio.lowlevel.checkpoint()
         return config
@@ -474,23 +528,29 @@ class Site:
         self.router.add_connector(config.routing_key, connector)
 
     async def delete_connector(self, name: str) -> None:
-        connector = self._connectors.pop(name, None)
-        if connector is None:
+        if not any(c.name == name for c in self.config.connectors):
             raise FabricError(f"no connector named {name!r}")
-        self.router.remove_connector(connector.config.routing_key, connector)
+        connector = self._connectors.pop(name, None)
+        if connector is not None:
+            self.router.remove_connector(connector.config.routing_key, connector)
         self._save(attrs.evolve(self.config, connectors=tuple(c for c in self.config.connectors if c.name != name)))
         await trio.lowlevel.checkpoint()
 
     async def create_listener(
         self, name: str, port: int, *, host: str = DEFAULT_LISTENER_HOST, routing_key: str | None = None
-    ) -> TcpListener:
-        """Accept clients on `host:port` (port 0 picks one: see `.port`) for `routing_key` (default: the name)."""
-        if name in self._listeners:
+    ) -> ListenerStatus:
+        """Accept clients on `host:port` for `routing_key` (default: the name).
+
+        Port 0 picks a free port: the result's `.port` is the bound one. While
+        the site is stopped the listener is saved and bound at the next start.
+        """
+        if any(l.name == name for l in self.config.listeners):
             raise FabricError(f"listener {name!r} exists already")
         config = ListenerConfig(name=name, routing_key=routing_key or name, port=port, host=host)
-        listener = await self._start_listener(config)
+        if self.running:
+            await self._start_listener(config)
         self._save(attrs.evolve(self.config, listeners=(*self.config.listeners, config)))
-        return listener
+        return self._listener_status(config)
 
     async def _start_listener(self, config: ListenerConfig) -> TcpListener:
         assert self._nursery is not None
@@ -501,9 +561,9 @@ class Site:
         return listener
 
     async def delete_listener(self, name: str) -> None:
-        listener = self._listeners.pop(name, None)
-        if listener is None and name not in self._listener_errors:
+        if not any(l.name == name for l in self.config.listeners):
             raise FabricError(f"no listener named {name!r}")
+        listener = self._listeners.pop(name, None)
         self._listener_errors.pop(name, None)
         if listener is not None:
             await listener.aclose()
@@ -516,6 +576,107 @@ class Site:
     async def wait_linked(self, site_id: str, *, up: bool = True) -> None:
         """Return once a live link with the site is up, either direction; with `up=False`, once none is left."""
         await self.router.wait_linked(site_id, up=up)
+
+    def network_status(self) -> NetworkStatus:
+        router = self.router
+        sites = []
+        for record in router.gossip.table.values():
+            me = record.site_id == self.site_id
+            route = router.routes.get(record.site_id)
+            links = []
+            for info in record.links:
+                live = router.links.get(info.peer) if me else None
+                rtt = live.rtt if live is not None else info.rtt
+                links.append(
+                    NetworkLink(info.peer, router.name_of(info.peer), info.cost, None if rtt is None else round(rtt * 1000, 3))
+                )
+            sites.append(
+                NetworkSite(
+                    site_id=record.site_id,
+                    name=record.name,
+                    mode=record.mode,
+                    reachable=me or route is not None,
+                    cost=0.0 if me else (route.cost if route else None),
+                    links=tuple(sorted(links, key=lambda l: l.peer_name)),
+                    services=tuple(sorted(s.routing_key for s in record.services if s.connectors)),
+                )
+            )
+        keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services} | {
+            l.routing_key for l in self.config.listeners
+        })
+        services = tuple(
+            NetworkService(
+                routing_key=key,
+                providers=tuple(sorted(router.name_of(p) for p in router.providers(key))),
+                listeners=tuple(l.name for l in self.config.listeners if l.routing_key == key),
+            )
+            for key in keys
+        )
+        return NetworkStatus(sites=tuple(sorted(sites, key=lambda s: (s.cost is None, s.cost or 0, s.name))), services=services)
+
+    def _listener_status(self, config: ListenerConfig) -> ListenerStatus:
+        running = self._listeners.get(config.name)
+        return ListenerStatus(
+            name=config.name,
+            routing_key=config.routing_key,
+            host=config.host,
+            port=running.port if running else config.port,
+            connections=running.connections if running else 0,
+            error=self._listener_errors.get(config.name),
+        )
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def _outgoing(self, name: str) -> LinkConfig:
+        for link in self.config.links:
+            if link.name == name:
+                return link
+        raise FabricError(
+            f"no link named {name!r} at site {self.name} (links made with another site's token are changed there)"
+        )
+
+    async def update_link(self, name: str, *, cost: int) -> None:
+        """Change an outgoing link's cost; a running site applies it at once, without dropping the link."""
+        link = attrs.evolve(self._outgoing(name), cost=cost)
+        self._save(attrs.evolve(self.config, links=tuple(link if l.name == name else l for l in self.config.links)))
+        self.router.set_link_cost(link.peer_id, cost)
+        await trio.lowlevel.checkpoint()
+
+    async def delete_link(self, name: str) -> None:
+        """Remove an outgoing link: stop dialling, drop it if up, forget its certificate."""
+        link = self._outgoing(name)
+        self._save(attrs.evolve(self.config, links=tuple(l for l in self.config.links if l.name != name)))
+        if (dialer := self._dialers.pop(name, None)) is not None:
+            dialer.cancel()
+        if (live := self.router.links.get(link.peer_id)) is not None:
+            live.close(Reason.SHUTDOWN, f"site {self.name} deleted its link")
+        await trio.to_thread.run_sync(shutil.rmtree, self.site_dir / LINKS_DIR / name, True)
+
+    async def revoke_link(self, name: str) -> int:
+        """Refuse, from now on, the certificates this site issued to site `name` (or id); drop its live link.
+
+        Returns how many certificates were revoked.
+        """
+        grants, revoked, peers = {}, 0, set()
+        for token_id, grant in self._grants.items():
+            issued = []
+            for cert in grant.issued:
+                if name in (cert.name, cert.site_id) and not cert.revoked:
+                    cert, revoked = attrs.evolve(cert, revoked=True), revoked + 1
+                    peers.add(cert.site_id)
+                issued.append(cert)
+            grants[token_id] = attrs.evolve(grant, issued=tuple(issued))
+        if not revoked:
+            raise FabricError(f"site {self.name} issued no certificate to a site named {name!r} that is not revoked already")
+        self._grants = grants
+        await self._save_grants()
+        for peer in peers:
+            if (live := self.router.links.get(peer)) is not None and not live.dialer:
+                live.close(Reason.NOT_AUTHORIZED, f"site {self.name} revoked the certificate of this link")
+        return revoked
+
+    def _revoked(self, serial: int) -> bool:
+        return any(c.serial == serial and c.revoked for g in self._grants.values() for c in g.issued)
 
     def _save(self, config: SiteConfig) -> None:
         self.config = config
@@ -574,23 +735,13 @@ class Site:
             ServiceStatus(routing_key=key, providers=tuple(sorted(router.name_of(p) for p in router.providers(key))))
             for key in keys
         )
-        listeners = [
-            ListenerStatus(
-                name=c.name,
-                routing_key=c.routing_key,
-                host=c.host,
-                port=self._listeners[c.name].port if c.name in self._listeners else c.port,
-                connections=self._listeners[c.name].connections if c.name in self._listeners else 0,
-                error=self._listener_errors.get(c.name),
-            )
-            for c in self.config.listeners
-        ]
+        listeners = [self._listener_status(c) for c in self.config.listeners]
         connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
         return SiteStatus(
             site_id=self.site_id,
             name=self.name,
             mode=self.config.mode,
-            link_address=self._link_address() if self.link_port is not None else None,
+            link_address=self._link_address(self.link_port) if self.link_port is not None else None,
             links=tuple(sorted(links, key=lambda l: l.name)),
             sites=tuple(sorted(sites, key=lambda s: s.name)),
             services=services,
@@ -602,13 +753,58 @@ class Site:
 # -- opening ------------------------------------------------------------------------------
 
 
+def _load(site_dir: Path) -> tuple[pki.Identity, SiteConfig]:
+    """A site directory's identity and config, checked. Blocking."""
+    if not site_dir.is_dir():
+        raise ConfigError(f"no site directory at {site_dir}: create one with `fabric site create NAME`")
+    config = load_config(site_dir)
+    return pki.load_identity(site_dir), config
+
+
+def _incarnation(site_dir: Path, *, advance: bool) -> int:
+    counter = site_dir / STATE_DIR / "incarnation"
+    try:
+        current = int(counter.read_text()) if counter.exists() else 0
+    except ValueError:
+        raise ConfigError(f"{counter} does not hold a number") from None
+    if advance:
+        counter.parent.mkdir(exist_ok=True)
+        counter.write_text(f"{current + 1}\n")
+        return current + 1
+    return current
+
+
+def create_site(
+    site_dir: str | os.PathLike, name: str, *, link_host: str = DEFAULT_LINK_HOST, link_port: int | None = None, mode: str = "interior"
+) -> None:
+    """Write a new site directory (identity, CA, config); refuses to touch an existing one. Blocking."""
+    site_dir = Path(site_dir)
+    if config_path(site_dir).exists() or (site_dir.exists() and any(site_dir.iterdir())):
+        raise ConfigError(f"{site_dir} is not empty: a site is there already, or other files are")
+    try:
+        config = SiteConfig(name=name, link_host=link_host, link_port=link_port, mode=mode)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+    site_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(site_dir, 0o700)
+    pki.create_identity(site_dir, name)
+    (site_dir / STATE_DIR).mkdir(exist_ok=True)
+    save_config(site_dir, config)
+
+
+async def load_site(site_dir: str | os.PathLike) -> Site:
+    """A stopped site, to read its status or change its config (taking effect at its next start)."""
+    site_dir = Path(site_dir)
+    identity, config = await trio.to_thread.run_sync(_load, site_dir)
+    return Site(site_dir, identity, config, await trio.to_thread.run_sync(functools.partial(_incarnation, site_dir, advance=False)))
+
+
 def _prepare(name: str, site_dir: Path, overrides: dict) -> tuple[pki.Identity, SiteConfig, int]:
     """Create the site directory on first use, load it otherwise; raise the incarnation. Blocking."""
     if config_path(site_dir).exists():
-        config = load_config(site_dir)
+        identity, config = _load(site_dir)
         if config.name != name:
             raise ConfigError(f"{site_dir} holds site {config.name!r}, not {name!r}")
-        identity = pki.load_identity(site_dir)
         if overrides:
             config = attrs.evolve(config, **overrides)
             save_config(site_dir, config)
@@ -618,15 +814,7 @@ def _prepare(name: str, site_dir: Path, overrides: dict) -> tuple[pki.Identity, 
         identity = pki.create_identity(site_dir, name)
         config = SiteConfig(name=name, **overrides)
         save_config(site_dir, config)
-    state = site_dir / STATE_DIR
-    state.mkdir(exist_ok=True)
-    counter = state / "incarnation"
-    try:
-        incarnation = int(counter.read_text()) + 1 if counter.exists() else 1
-    except ValueError:
-        raise ConfigError(f"{counter} does not hold a number") from None
-    counter.write_text(f"{incarnation}\n")
-    return identity, config, incarnation
+    return identity, config, _incarnation(site_dir, advance=True)
 
 
 @asynccontextmanager

@@ -139,6 +139,20 @@ class Router:
         while not reached():
             await self._changed.wait()
 
+    def set_link_cost(self, peer_id: str, cost: int) -> None:
+        """A configured cost changed: the live link takes it now and the network hears of it."""
+        if (link := self.links.get(peer_id)) is not None and link.cost != cost:
+            link.cost = cost
+            self._publish()
+
+    def _follow_dialer_costs(self) -> None:
+        """An accepted link advertises the cost its dialer configured (and may change while it runs)."""
+        for link in self.links.values():
+            record = None if link.dialer else self.record(link.peer_id)
+            for info in record.links if record else ():
+                if info.peer == self.site_id and info.cost != link.cost:
+                    self.set_link_cost(link.peer_id, info.cost)
+
     def close_links(self) -> None:
         for link in list(self.links.values()):
             link.close()
@@ -159,6 +173,7 @@ class Router:
 
     def _recompute(self) -> None:
         before = set(self.routes)
+        self._follow_dialer_costs()
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
         for site in set(self.routes) ^ before:
             self.on_event(f"site {self.name_of(site)} {'reachable' if site in self.routes else 'unreachable'}")
