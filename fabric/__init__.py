@@ -18,7 +18,7 @@ from .errors import (
     TokenSpentError,
 )
 from .pki import Token
-from .site import Site, SiteStatus, open_site
+from .site import NetworkStatus, Site, SiteStatus, create_site, load_site, open_site
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "LinkConfig",
     "LinkError",
     "ListenerConfig",
+    "NetworkStatus",
     "NoProviderError",
     "ProtocolError",
     "Settings",
@@ -45,5 +46,7 @@ __all__ = [
     "TokenForgedError",
     "TokenFormatError",
     "TokenSpentError",
+    "create_site",
+    "load_site",
     "open_site",
 ]

@@ -134,6 +134,11 @@ def save_config(site_dir: Path, config: SiteConfig) -> None:
     os.replace(tmp, path)
 
 
+def config_as_dict(config: SiteConfig) -> dict[str, Any]:
+    """The config as plain data, exactly as site.yaml holds it."""
+    return _converter.unstructure(config)
+
+
 def describe_validation_error(exc: BaseException) -> str:
     """One line naming the key at fault (`listeners[0].port: ...`), from a cattrs error tree."""
     where = ""

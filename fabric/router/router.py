@@ -197,6 +197,10 @@ class Router:
                 found.append(record.site_id)
         return found
 
+    async def wait_changed(self) -> None:
+        """Return at the next change of links, routes or what the network advertises."""
+        await self._changed.wait()
+
     async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
         """Return once at least `providers` reachable sites have a connector for the key."""
         while len(self.providers(routing_key)) < providers:
