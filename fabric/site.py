@@ -558,6 +558,7 @@ class Site:
         await self._nursery.start(listener.run)
         self._listeners[config.name] = listener
         self._listener_errors.pop(config.name, None)
+        log.info("listener %s on %s:%s for %r", config.name, config.host, listener.port, config.routing_key)
         return listener
 
     async def delete_listener(self, name: str) -> None:

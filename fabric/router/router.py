@@ -79,6 +79,7 @@ class Router:
             on_change=self._recompute,
         )
         self._changed = trio.Event()
+        self._offered: dict[str, set[str]] = {}  # the catalog as last logged
         self._flow_serial = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self.on_event: Callable[[str], None] = lambda line: log.info("%s", line)
@@ -177,7 +178,24 @@ class Router:
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
         for site in set(self.routes) ^ before:
             self.on_event(f"site {self.name_of(site)} {'reachable' if site in self.routes else 'unreachable'}")
+        catalog = self._catalog()
+        for key in sorted(catalog.keys() | self._offered.keys()):
+            for site in sorted(catalog.get(key, set()) - self._offered.get(key, set())):
+                self.on_event(f"service {key!r} available from site {self.name_of(site)}")
+            for site in sorted(self._offered.get(key, set()) - catalog.get(key, set())):
+                self.on_event(f"service {key!r} withdrawn by site {self.name_of(site)}")
+        self._offered = catalog
         self._notify()
+
+    def _catalog(self) -> dict[str, set[str]]:
+        """Routing key -> the sites reachable from here that have a connector for it."""
+        catalog: dict[str, set[str]] = {}
+        for record in self.gossip.table.values():
+            if record.site_id == self.site_id or record.site_id in self.routes:
+                for service in record.services:
+                    if service.connectors > 0:
+                        catalog.setdefault(service.routing_key, set()).add(record.site_id)
+        return catalog
 
     def _notify(self) -> None:
         """Wake the `wait_*` callers: links or routes changed."""
@@ -189,13 +207,7 @@ class Router:
 
     def providers(self, routing_key: str) -> list[str]:
         """Sites, reachable from here, that have a connector for the key (this site included)."""
-        found = []
-        for record in self.gossip.table.values():
-            if record.site_id != self.site_id and record.site_id not in self.routes:
-                continue
-            if any(s.routing_key == routing_key and s.connectors > 0 for s in record.services):
-                found.append(record.site_id)
-        return found
+        return sorted(self._offered.get(routing_key, ()))
 
     async def wait_changed(self) -> None:
         """Return at the next change of links, routes or what the network advertises."""
