@@ -214,7 +214,7 @@ class Site:
 
     @property
     def _grants_path(self) -> Path:
-        return self.site_dir / STATE_DIR / "grants.yaml"
+        return self.site_dir / STATE_DIR / "grants.json"
 
     # -- running ---------------------------------------------------------------------
 
