@@ -1,42 +1,1078 @@
-"""The `fabric` command-line tool."""
+"""The `fabric` command-line tool.
+
+Every verb is a thin shell over the control API (`fabric.control`): it opens
+a handle on the site directory — over the control socket when the site runs,
+on the files when it is stopped — calls one operation, and prints the result
+as a table (for people, 80 columns) or as JSON/YAML (for programs). Errors
+that fabric raises on purpose (`FabricError`) and OS errors become one line
+on stderr, `error: ...`, and exit code 1; usage errors exit 2 (click).
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import json
 import logging
+import math
 import os
+import platform
+import re
+import ssl
 import statistics
 import sys
+import tarfile
 import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 import trio
+import yaml
 
 from . import __version__
 from .errors import FabricError
+from .pki import Token
 from .site import Site, open_site
 
 DEMO_KEY = "echo"
 
+DEFAULT_SITE_DIR = "~/.local/share/fabric/default"
+TABLE_WIDTH = 80  # columns: a table must read well in a default terminal
+DEFAULT_TIMEOUT = "60s"  # how long --wait waits, as Skupper's --timeout
+# Seconds between status polls where no control operation waits for the
+# condition itself (a routing key becoming reachable, a site starting).
+POLL_INTERVAL = 0.2
+# Port a site with link access accepts links on unless told otherwise: fixed, so
+# tokens can be issued before the first start and firewalls can be opened for
+# it; outside the ephemeral range (32768-60999), so an outgoing connection
+# never holds it. `--link-port 0` picks a free port at the first start instead.
+DEFAULT_LINK_PORT = 7443
+MAX_COST = 2**31 - 1  # as pki.MAX_COST: costs are summed along paths
+NOT_RUNNING = "site is not running: saved; takes effect when it starts"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class Failure(click.ClickException):
+    """An expected failure: one line on stderr, `error: ...`, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()) or "failed")  # one line, whatever the source said
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True, file=file)
+
+
+def describe(error: BaseException) -> str:
+    """The one line a user sees for an error fabric or the OS raised."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename
+        return f"{error.strerror}: {where}" if where else error.strerror
+    return str(error) or type(error).__name__
+
+
+def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception inside (nested) groups, or None when there are several."""
+    leaves = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+class FabricGroup(click.Group):
+    """A click group that turns FabricError and OSError into `error: ...` and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (FabricError, OSError) as error:
+            raise Failure(describe(error)) from None
+        except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
+            leaf = _single_leaf(group)
+            if isinstance(leaf, (click.ClickException, click.exceptions.Exit, click.Abort)):
+                raise leaf from None
+            if isinstance(leaf, (FabricError, OSError)):
+                raise Failure(describe(leaf)) from None
+            raise
+
+
+FabricGroup.group_class = FabricGroup
+
+
+# -- option types ------------------------------------------------------------------------
+
+
+class Duration(click.ParamType):
+    """A duration: 90s, 15m, 2h, 1d, 1h30m, or plain seconds; converted to seconds (float)."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        parts = _DURATION.findall(text)
+        bare = len(parts) > 1 and any(not unit for _, unit in parts)  # "1m2": 2 what?
+        if not text or "".join(a + u for a, u in parts) != text or bare:
+            self.fail(f"{value!r} is not a duration: use a number with s, m, h or d, e.g. 90s, 15m, 2h", param, ctx)
+        seconds = sum(float(amount) * _DURATION_UNITS[unit or "s"] for amount, unit in parts)
+        if seconds <= 0 or not math.isfinite(seconds):
+            self.fail(f"{value!r}: a duration must be more than 0", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as people write them: 15m, 2h, 1d, 90s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def output_option(command: Callable) -> Callable:
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json", "yaml"]),
+        default="table",
+        show_default=True,
+        help="Output format: a table for people, json or yaml for programs.",
+    )(command)
+
+
+def wait_options(what: str, *, default: bool) -> Callable[[Callable], Callable]:
+    def decorate(command: Callable) -> Callable:
+        command = click.option(
+            "--timeout",
+            type=DURATION,
+            default=DEFAULT_TIMEOUT,
+            show_default=True,
+            help="How long --wait waits before giving up (exit code 1): 90s, 5m, ...",
+        )(command)
+        return click.option(
+            "--wait/--no-wait",
+            default=default,
+            show_default=True,
+            help=f"Wait until {what} (running site only), showing progress.",
+        )(command)
+
+    return decorate
+
+
+# -- the control API ---------------------------------------------------------------------
+
+
+def _control() -> Any:
+    """fabric.control, imported when a verb needs it (so `--help`, `version`, `demo` never do)."""
+    from . import control
+
+    return control
+
+
+class Cli:
+    """What every verb gets from the top-level options."""
+
+    def __init__(self, site_dir: Path) -> None:
+        self.site_dir = site_dir
+
+    def call(self, op: str, **args: Any) -> tuple[bool, Any]:
+        """Run one control operation; (whether the site runs, the result)."""
+
+        async def one() -> tuple[bool, Any]:
+            async with _control().open_handle(self.site_dir) as site:
+                return site.running, await site.call(op, **args)
+
+        return trio.run(one)
+
+    def run(self, body: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run `await body(site)` with a handle on the site: for verbs that make several calls."""
+
+        async def session() -> Any:
+            async with _control().open_handle(self.site_dir) as site:
+                return await body(site)
+
+        return trio.run(session)
+
+
+pass_cli = click.make_pass_decorator(Cli)
+
+
+def _say(text: str = "") -> None:
+    click.echo(text)
+
+
+def _emit(data: Any, output: str, table: Callable[[Any], str]) -> None:
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+    elif output == "yaml":
+        plain = json.loads(json.dumps(data))  # tuples and the like as JSON has them, which safe_dump takes
+        click.echo(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), nl=False)
+    else:
+        click.echo(table(data).rstrip("\n"))
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = TABLE_WIDTH) -> str:
+    """Left-aligned columns two spaces apart; the widest columns shrink (ending in …) to fit `width`."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    gap = 2
+    while sum(widths) + gap * (len(widths) - 1) > width:
+        widest = max(range(len(widths)), key=lambda i: widths[i])
+        if widths[widest] <= 6:  # nothing sensible left to shrink
+            break
+        widths[widest] -= 1
+    lines = []
+    for row in [list(headers), *cells]:
+        lines.append((" " * gap).join(_clip(text, w).ljust(w) for text, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _section(title: str, headers: Sequence[str], rows: list[Sequence[Any]], *, empty: str) -> str:
+    if not rows:
+        return f"{title}: {empty}"
+    return f"{title} ({len(rows)}):\n" + table(headers, rows)
+
+
+def _short_id(site_id: str | None) -> str:
+    return site_id[:8] if site_id else "-"
+
+
+def _rtt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.1f} ms"
+
+
+def _address(host: str, port: int | None) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{'-' if port is None else port}"
+
+
+def _notes(items: Iterable[tuple[str, str | None]]) -> str:
+    lines = [f"  {name}: {error}" for name, error in items if error]
+    return ("\n" + "\n".join(lines)) if lines else ""
+
+
+def _links_table(links: list[dict]) -> str:
+    rows = [
+        (
+            link["name"],
+            link["direction"],
+            _short_id(link.get("peer_id")),
+            link["cost"],
+            "up" if link["up"] else "down",
+            _rtt(link.get("rtt_ms")),
+            link.get("flows", 0),
+        )
+        for link in links
+    ]
+    text = _section(
+        "Links", ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS"), rows, empty="none (see `fabric token --help`)"
+    )
+    return text + _notes((link["name"], link.get("error")) for link in links)
+
+
+def _listeners_table(listeners: list[dict]) -> str:
+    rows = [
+        (
+            item["name"],
+            item["routing_key"],
+            _address(item["host"], item.get("port")),
+            item.get("connections", 0),
+            "error" if item.get("error") else "ok",
+        )
+        for item in listeners
+    ]
+    text = _section("Listeners", ("NAME", "ROUTING KEY", "ADDRESS", "CONNECTIONS", "STATE"), rows, empty="none")
+    return text + _notes((item["name"], item.get("error")) for item in listeners)
+
+
+def _connectors_table(connectors: list[dict]) -> str:
+    rows = [(item["name"], item["routing_key"], _address(item["host"], item.get("port"))) for item in connectors]
+    return _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
+
+
+def _site_line(status: dict) -> str:
+    state = "running" if status.get("running") else "not running (start it with `fabric site run`)"
+    return f"Site {status['name']} ({status['mode']}), id {_short_id(status.get('site_id'))}: {state}"
+
+
+def _access_line(status: dict, config: dict | None) -> str:
+    if status.get("link_address"):
+        return f"Link access: {status['link_address']}"
+    port = (config or {}).get("link_port")
+    if port is None:
+        return "Link access: none (this site links out but accepts no links)"
+    if port == 0:
+        return f"Link access: on {config['link_host']}, port picked at the first start"
+    return f"Link access: on {_address(config['link_host'], port)} (when running)"
+
+
+def site_status_table(status: dict, config: dict | None = None) -> str:
+    parts = [
+        _site_line(status),
+        _access_line(status, config),
+        "",
+        _links_table(status.get("links", [])),
+        "",
+        _section(
+            "Sites",
+            ("NAME", "ID", "MODE", "REACHABLE", "COST", "NEXT HOPS"),
+            [
+                (s["name"], _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("next_hops"))
+                for s in status.get("sites", [])
+            ],
+            empty="no other site known yet",
+        ),
+        "",
+        _section(
+            "Services",
+            ("ROUTING KEY", "PROVIDERS"),
+            [(s["routing_key"], s.get("providers")) for s in status.get("services", [])],
+            empty="none",
+        ),
+        "",
+        _listeners_table(status.get("listeners", [])),
+        "",
+        _connectors_table(status.get("connectors", [])),
+    ]
+    return "\n".join(parts)
+
+
+def network_status_table(network: dict) -> str:
+    sites = network.get("sites", [])
+    links = [
+        (site["name"], link.get("peer_name") or _short_id(link.get("peer")), link.get("cost"), _rtt(link.get("rtt_ms")))
+        for site in sites
+        for link in site.get("links", [])
+    ]
+    parts = [
+        _section(
+            "Sites",
+            ("NAME", "ID", "MODE", "REACHABLE", "COST", "SERVICES"),
+            [
+                (s["name"], _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("services"))
+                for s in sites
+            ],
+            empty="none known",
+        ),
+        "",
+        _section("Links", ("SITE", "PEER", "COST", "RTT"), links, empty="none"),
+        "",
+        _section(
+            "Routing keys",
+            ("ROUTING KEY", "PROVIDERS", "LISTENERS HERE"),
+            [(s["routing_key"], s.get("providers"), s.get("listeners")) for s in network.get("services", [])],
+            empty="none (create a connector: `fabric connector create --help`)",
+        ),
+    ]
+    return "\n".join(parts)
+
+
+# -- the command tree --------------------------------------------------------------------
+
+
+def _expand_site_dir(ctx: click.Context, param: click.Parameter, value: str) -> Path:
+    return Path(value).expanduser()
+
+
+@click.group(cls=FabricGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--site-dir",
+    envvar="FABRIC_SITE_DIR",
+    default=DEFAULT_SITE_DIR,
+    show_default=True,
+    show_envvar=True,
+    metavar="PATH",
+    callback=_expand_site_dir,
+    help="The site's directory: its identity, config (site.yaml) and state.",
+)
+@click.pass_context
+def main(ctx: click.Context, site_dir: Path) -> None:
     """fabric: reach services in other places as if they were local.
 
     Sites link to each other over mutual TLS; a listener at one site carries
     each client connection, hop by hop, to a connector at the site that
-    serves it. Start with `fabric demo`.
+    serves it. Try it all in one process with `fabric demo`.
+
+    \b
+    Getting started (one site per host; every verb has --help):
+      hub$  fabric site create hub --link-access --link-host hub.example.com
+      hub$  fabric token issue hub.token && fabric site run  # copy hub.token to here
+      here$ fabric site create here && fabric token redeem hub.token
+      here$ fabric site run                                  # here links to hub
+      hub$  fabric connector create db 5432;  here$ fabric listener create db 5432
     """
+    ctx.obj = Cli(site_dir)
 
 
 @main.command()
 def version() -> None:
     """Print fabric's version and the versions it runs on."""
-    import ssl
-
     click.echo(f"fabric {__version__}")
     click.echo(f"python {sys.version.split()[0]}, trio {trio.__version__}, {ssl.OPENSSL_VERSION}")
+
+
+# -- site --------------------------------------------------------------------------------
+
+
+@main.group()
+def site() -> None:
+    """Create, run, inspect and delete the site in --site-dir."""
+
+
+@site.command("create")
+@click.argument("name")
+@click.option(
+    "--link-access/--no-link-access",
+    default=False,
+    show_default=True,
+    help="Accept links from other sites (needed to issue tokens). Nothing is exposed by default.",
+)
+@click.option(
+    "--link-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to accept links on, which tokens tell other sites to dial: a name or IP they can reach.",
+)
+@click.option(
+    "--link-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port to accept links on; implies --link-access. 0 picks a free port at the first start and "
+    f"keeps it.  [default: {DEFAULT_LINK_PORT} with --link-access]",
+)
+@click.option("--edge", is_flag=True, help="Make an edge site: it never carries traffic for other sites.")
+@pass_cli
+@click.pass_context
+def site_create(ctx: click.Context, cli: Cli, name: str, link_access: bool, link_host: str, link_port: int | None, edge: bool) -> None:
+    """Create a site named NAME in --site-dir.
+
+    Writes its own CA, key pair and config (site.yaml). Refuses to overwrite
+    a site that exists there. Run it with `fabric site run`.
+    """
+    explicit = ctx.get_parameter_source("link_access") is click.core.ParameterSource.COMMANDLINE
+    if link_port is not None and explicit and not link_access:
+        raise click.UsageError("--link-port makes the site accept links: drop --no-link-access or --link-port")
+    if link_access and link_port is None:
+        link_port = DEFAULT_LINK_PORT
+    mode = "edge" if edge else "interior"
+    _control().create_site(cli.site_dir, name, link_host=link_host, link_port=link_port, mode=mode)
+    if link_port is None:
+        access = "accepts no links; it links out by redeeming tokens"
+    elif link_port == 0:
+        access = f"accepts links on {link_host}, port picked at its first start"
+    else:
+        access = f"accepts links on {_address(link_host, link_port)}"
+    _say(f"site {name} created in {cli.site_dir} ({mode}; {access})")
+    _say("next: fabric site run")
+
+
+@site.command("run")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe log events to print (one line each, on stderr).",
+)
+@pass_cli
+def site_run(cli: Cli, log_level: str) -> None:
+    """Run the site in the foreground until SIGINT (Ctrl-C) or SIGTERM.
+
+    Logs one line per notable event on stderr: links up and down, services
+    appearing and withdrawn, listeners bound or refused. On a signal it shuts
+    down gracefully (flows reset, links closed, ports freed) and exits 0.
+    While it runs, other `fabric` verbs talk to it over the control socket in
+    --site-dir, and their changes take effect at once.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("fabric")
+    logger.addHandler(handler)
+    logger.setLevel(log_level.upper())
+    logger.propagate = False
+    trio.run(_control().serve, cli.site_dir)
+
+
+@site.command("status")
+@output_option
+@click.option(
+    "--wait/--no-wait",
+    default=False,
+    show_default=True,
+    help="Wait until the site runs (e.g. just after `fabric site run &`) before answering.",
+)
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="How long --wait waits before giving up (exit code 1): 90s, 5m, ...",
+)
+@pass_cli
+def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
+    """Show the site, its links, services, listeners and connectors.
+
+    Also every other site it knows of: reachable or not, at what cost, and
+    through which neighbours.
+    """
+    if wait:
+        _wait_running(cli, timeout, quiet=output != "table")
+
+    async def body(site: Any) -> tuple[dict, dict | None]:
+        status = await site.call("status")
+        # A stopped site does not know its link address; its config says where it will be.
+        config = None if site.running or output != "table" else await site.call("config")
+        return status, config
+
+    status, config = cli.run(body)
+    _emit(status, output, functools.partial(site_status_table, config=config))
+
+
+def _wait_running(cli: Cli, timeout: float, *, quiet: bool) -> None:
+    async def body() -> None:
+        told = False
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    async with _control().open_handle(cli.site_dir) as handle:
+                        if handle.running:
+                            return
+                    if not told and not quiet:
+                        _say(f"waiting for the site in {cli.site_dir} to run...")
+                        told = True
+                    await trio.sleep(POLL_INTERVAL)
+        except trio.TooSlowError:
+            raise Failure(
+                f"the site in {cli.site_dir} is not running after {format_duration(timeout)}: "
+                "start it with `fabric site run`"
+            ) from None
+
+    trio.run(body)
+
+
+@site.command("delete")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_cli
+def site_delete(cli: Cli, yes: bool) -> None:
+    """Delete the site in --site-dir: identity, config, links. Refused while it runs.
+
+    Its peers lose their links to it; tokens it issued become useless.
+    """
+    if not yes and (cli.site_dir / "site.yaml").exists():  # no question about a site that is not there
+        click.confirm(f"Delete the site in {cli.site_dir}, with its identity and links? This cannot be undone", abort=True)
+    _control().delete_site(cli.site_dir)
+    _say(f"site in {cli.site_dir} deleted")
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Link sites: issue a token at one site, redeem it at another.
+
+    \b
+    At the site that accepts links (created with --link-access):
+      fabric token issue hub.token
+    Copy hub.token to the other site (it holds a one-time secret: keep it
+    private), then there:
+      fabric token redeem hub.token
+    """
+
+
+@token.command("issue")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--redemptions-allowed",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="How many sites may redeem this token.",
+)
+@click.option(
+    "--expiration-window",
+    type=DURATION,
+    default="15m",
+    show_default=True,
+    help="How long the token can be redeemed: 90s, 15m, 2h, 1d.",
+)
+@click.option(
+    "--cost",
+    type=click.IntRange(1, MAX_COST),
+    default=None,
+    help="Cost of the link it makes, for routing (lower is preferred).  [default: the redeemer's choice, else 1]",
+)
+@pass_cli
+def token_issue(cli: Cli, file: Path, redemptions_allowed: int, expiration_window: float, cost: int | None) -> None:
+    """Write a token FILE that lets other sites link to this one.
+
+    The file (mode 0600) holds this site's link address, its CA certificate and
+    a one-time secret, never a private key. This site must accept links
+    (`site create --link-access`); one created with `--link-port 0` must have
+    run once, so that its port is known. It need not run now, but must when
+    the token is redeemed.
+    """
+    _, answer = cli.call(
+        "issue_token", redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost
+    )
+    Token.loads_untrusted(answer["token"]).save(file)
+    allowed = answer.get("redemptions_allowed", redemptions_allowed)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(answer["expires_at"]))
+    _say(
+        f"token written to {file}: {allowed} redemption{'s' if allowed != 1 else ''}, "
+        f"valid for {format_duration(expiration_window)} (until {expires})"
+    )
+    _say(f"redeem it at the other site: fabric token redeem {file}")
+
+
+@token.command("redeem")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Name of the new link.  [default: the issuing site's name]")
+@click.option(
+    "--cost",
+    type=click.IntRange(1, MAX_COST),
+    default=None,
+    help="Cost of the new link, for routing (lower is preferred).  [default: the token's cost, else 1]",
+)
+@wait_options("the link is up", default=True)
+@pass_cli
+def token_redeem(cli: Cli, file: Path, name: str | None, cost: int | None, wait: bool, timeout: float) -> None:
+    """Link this site to the site that issued the token FILE.
+
+    The issuer must be running and reachable. The link is kept in --site-dir
+    and comes back at every start; a token works once (or as often as it was
+    issued for) and only before it expires.
+    """
+    token = Token.load(file)
+
+    async def body(site: Any) -> None:
+        _say(f"redeeming the token at site {token.issuer_name} ({', '.join(token.addresses)})...")
+        args: dict[str, Any] = {"token": token.dumps()}
+        if name is not None:
+            args["name"] = name
+        if cost is not None:
+            args["cost"] = cost
+        answer = await site.call("redeem_token", **args)
+        link = answer["link"]
+        _say(f"token redeemed: link {link} created")
+        if not site.running:
+            _say("site is not running: the link comes up when it starts")
+        elif wait:
+            await _wait_link(site, link, timeout)
+
+    cli.run(body)
+
+
+async def _wait_link(site: Any, link: str, timeout: float) -> None:
+    _say(f"waiting for link {link} to come up...")
+    try:
+        with trio.fail_after(timeout):
+            await site.call("wait_link", name=link)
+    except trio.TooSlowError:
+        raise Failure(
+            f"link {link} is not up after {format_duration(timeout)} (it keeps trying: see `fabric link status`)"
+        ) from None
+    _say(f"link {link} is up")
+
+
+# -- links -------------------------------------------------------------------------------
+
+
+@main.group()
+def link() -> None:
+    """Inspect and change links (made by redeeming tokens)."""
+
+
+@link.command("status")
+@output_option
+@pass_cli
+def link_status(cli: Cli, output: str) -> None:
+    """Show this site's links: direction, peer, cost, state, RTT, flows."""
+    running, status = cli.call("status")
+    data = {"running": running, "links": status.get("links", [])}
+    _emit(data, output, lambda d: _links_table(d["links"]) + ("" if running else "\n" + _site_line(status)))
+
+
+@link.command("update")
+@click.argument("name")
+@click.option("--cost", type=click.IntRange(1, MAX_COST), required=True, help="New cost of the link (lower is preferred).")
+@pass_cli
+def link_update(cli: Cli, name: str, cost: int) -> None:
+    """Change the cost of link NAME.
+
+    NAME is a link this site made by redeeming a token. Routes prefer the
+    lowest total cost; a running site applies it at once.
+    """
+    running, _ = cli.call("update_link", name=name, cost=cost)
+    _say(f"link {name}: cost {cost}")
+    _not_running_note(running)
+
+
+@link.command("delete")
+@click.argument("name")
+@pass_cli
+def link_delete(cli: Cli, name: str) -> None:
+    """Delete link NAME: stop dialling it, drop it if up.
+
+    NAME is a link this site made by redeeming a token (see `fabric link
+    status`); at the issuer, use `fabric link revoke`.
+    """
+    running, _ = cli.call("delete_link", name=name)
+    _say(f"link {name} deleted")
+    _not_running_note(running)
+
+
+@link.command("revoke")
+@click.argument("name")
+@pass_cli
+def link_revoke(cli: Cli, name: str) -> None:
+    """Refuse links from site NAME from now on (at the issuer).
+
+    NAME is the name of a site that redeemed a token of this site. Its link
+    certificate is refused from now on and its live link dropped; to link
+    again it needs a new token.
+    """
+    running, _ = cli.call("revoke_link", name=name)
+    _say(f"site {name}'s link certificate revoked: it cannot link to this site any more")
+    _not_running_note(running)
+
+
+def _not_running_note(running: bool) -> None:
+    if not running:
+        _say(NOT_RUNNING)
+
+
+# -- listeners and connectors ------------------------------------------------------------
+
+
+@main.group()
+def listener() -> None:
+    """Reach a service of the network from this site.
+
+    A listener accepts clients on a local host:port and carries each
+    connection to a connector for its routing key, wherever it is.
+    """
+
+
+@listener.command("create")
+@click.argument("name")
+@click.argument("port", type=click.IntRange(0, 65535))
+@click.option("--routing-key", default=None, help="Routing key of the service to reach.  [default: NAME]")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface; beware, it exposes the service).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["tcp"]),
+    default="tcp",
+    show_default=True,
+    help="How connections are carried: tcp, byte for byte (http comes later).",
+)
+@wait_options("a site offers the routing key", default=False)
+@pass_cli
+def listener_create(
+    cli: Cli, name: str, port: int, routing_key: str | None, host: str, protocol: str, wait: bool, timeout: float
+) -> None:
+    """Listen on HOST:PORT for clients of a routing key.
+
+    Each client is carried to a connector for the routing key, at whichever
+    site offers it. PORT 0 picks a free port (printed). Clients that connect
+    while no site offers the routing key are refused.
+    """
+
+    async def body(site: Any) -> None:
+        made = await site.call("create_listener", name=name, port=port, host=host, routing_key=routing_key)
+        key = made.get("routing_key") or routing_key or name
+        _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}")
+        if not site.running:
+            _say(NOT_RUNNING)
+        elif wait:
+            await _wait_routing_key(site, key, timeout)
+
+    cli.run(body)
+
+
+async def _wait_routing_key(site: Any, key: str, timeout: float) -> None:
+    """Poll status until a site offers `key` (no control operation waits for it yet)."""
+    _say(f"waiting for a site to offer routing key {key}...")
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                status = await site.call("status")
+                providers = next((s["providers"] for s in status.get("services", []) if s["routing_key"] == key), [])
+                if providers:
+                    break
+                await trio.sleep(POLL_INTERVAL)
+    except trio.TooSlowError:
+        raise Failure(
+            f"no site offers routing key {key} after {format_duration(timeout)} "
+            "(the listener stays; create a connector for the key at a linked site)"
+        ) from None
+    _say(f"routing key {key} is reachable at {', '.join(providers)}")
+
+
+@listener.command("status")
+@output_option
+@pass_cli
+def listener_status(cli: Cli, output: str) -> None:
+    """Show this site's listeners.
+
+    For each: its address, routing key, open connections, and why it
+    could not listen, if so.
+    """
+    running, status = cli.call("status")
+    data = {"running": running, "listeners": status.get("listeners", [])}
+    _emit(data, output, lambda d: _listeners_table(d["listeners"]) + ("" if running else "\n" + _site_line(status)))
+
+
+@listener.command("delete")
+@click.argument("name")
+@pass_cli
+def listener_delete(cli: Cli, name: str) -> None:
+    """Delete listener NAME; its open connections are reset."""
+    running, _ = cli.call("delete_listener", name=name)
+    _say(f"listener {name} deleted")
+    _not_running_note(running)
+
+
+@main.group()
+def connector() -> None:
+    """Offer a service at this site to the network.
+
+    A connector names a host:port this site can reach, under a routing key;
+    listeners anywhere in the network carry their clients to it.
+    """
+
+
+@connector.command("create")
+@click.argument("name")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--routing-key", default=None, help="Routing key the service is offered under.  [default: NAME]")
+@click.option("--host", default="localhost", show_default=True, help="Host of the service, as this site reaches it.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["tcp"]),
+    default="tcp",
+    show_default=True,
+    help="How connections are carried: tcp, byte for byte (http comes later).",
+)
+@pass_cli
+def connector_create(cli: Cli, name: str, port: int, routing_key: str | None, host: str, protocol: str) -> None:
+    """Offer HOST:PORT to every site of the network under a routing key.
+
+    Each flow that arrives for the key is a new connection to HOST:PORT, made
+    when the flow arrives (the service need not be up now).
+    """
+    running, made = cli.call("create_connector", name=name, port=port, host=host, routing_key=routing_key)
+    key = made.get("routing_key") or routing_key or name
+    _say(f"connector {name} created: routing key {key} -> {_address(made.get('host', host), made.get('port', port))}")
+    _not_running_note(running)
+
+
+@connector.command("status")
+@output_option
+@pass_cli
+def connector_status(cli: Cli, output: str) -> None:
+    """Show this site's connectors: routing key and target."""
+    running, status = cli.call("status")
+    data = {"running": running, "connectors": status.get("connectors", [])}
+    _emit(data, output, lambda d: _connectors_table(d["connectors"]) + ("" if running else "\n" + _site_line(status)))
+
+
+@connector.command("delete")
+@click.argument("name")
+@pass_cli
+def connector_delete(cli: Cli, name: str) -> None:
+    """Delete connector NAME; its routing key is withdrawn.
+
+    New flows for the key stop coming here (other sites' connectors for it
+    are not affected).
+    """
+    running, _ = cli.call("delete_connector", name=name)
+    _say(f"connector {name} deleted")
+    _not_running_note(running)
+
+
+# -- network -----------------------------------------------------------------------------
+
+
+@main.group()
+def network() -> None:
+    """What this site knows of the whole network."""
+
+
+@network.command("status")
+@output_option
+@pass_cli
+def network_status(cli: Cli, output: str) -> None:
+    """Show every site, link and routing key this site knows.
+
+    Sites with their mode, reachability and cost; links with cost and RTT;
+    routing keys with the sites that provide them and the listeners here.
+    """
+    running, data = cli.call("network_status")
+    note = "" if running else "\nthis site is not running: it knows only itself (start it with `fabric site run`)"
+    _emit(data, output, lambda d: network_status_table(d) + note)
+
+
+# -- debug -------------------------------------------------------------------------------
+
+
+@main.group()
+def debug() -> None:
+    """Collect what a bug report needs."""
+
+
+@debug.command("dump")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_cli
+def debug_dump(cli: Cli, file: Path) -> None:
+    """Write FILE, a tar.gz of what a bug report needs.
+
+    It holds the config, status, network status, recent log lines and versions.
+    Of the site directory it copies site.yaml only, and lists the other files
+    by name and mode: private keys (identity/) and the secrets of issued
+    tokens (state/) never leave it, so the file can go with a bug report.
+    """
+    if not (cli.site_dir / "site.yaml").is_file():
+        raise Failure(f"no site directory at {cli.site_dir}: create one with `fabric site create NAME`")
+    members: dict[str, bytes] = {}
+    problems: list[str] = []
+
+    raw = _read_quietly(cli.site_dir / "site.yaml", problems)
+    if raw is not None:
+        members["site.yaml"] = raw
+
+    async def gather(site: Any) -> bool:
+        for op, member in (("status", "status.json"), ("network_status", "network-status.json"), ("config", "config.json")):
+            try:
+                members[member] = json.dumps(await site.call(op), indent=2).encode()
+            except FabricError as error:
+                problems.append(f"{op}: {describe(error)}")
+        try:
+            lines = (await site.call("logs")).get("lines", [])
+            members["logs.txt"] = "".join(line.rstrip("\n") + "\n" for line in lines).encode()
+        except FabricError as error:
+            problems.append(f"logs: {describe(error)}")
+        return site.running
+
+    try:
+        running = cli.run(gather)
+    except (FabricError, OSError) as error:  # a broken config is what a dump is often for: keep going
+        problems.append(f"control: {describe(error)}")
+        running = False
+    members["versions.txt"] = _versions().encode()
+    members["files.txt"] = _site_files(cli.site_dir).encode()
+    for member in list(members):
+        if b"PRIVATE KEY" in members[member]:  # belt and braces: keys never leave the site directory
+            members[member] = b"(left out: it contained a private key)\n"
+            problems.append(f"{member}: it contained a private key")
+    if problems:
+        members["errors.txt"] = "".join(f"{p}\n" for p in problems).encode()
+    _write_tar(file, f"fabric-debug-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}", members)
+    _say(f"debug dump written to {file}: {', '.join(sorted(members))}")
+    if not running:
+        _say("the site is not running: no live status, no log lines")
+    for problem in problems:
+        _say(f"  could not collect {problem}")
+
+
+def _read_quietly(path: Path, problems: list[str]) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        problems.append(f"{path.name}: {describe(error)}")
+        return None
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    def installed(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [
+        ("fabric", __version__),
+        ("python", sys.version.replace("\n", " ")),
+        ("openssl", ssl.OPENSSL_VERSION),
+        ("platform", platform.platform()),
+        *((package, installed(package)) for package in ("trio", "cryptography", "attrs", "cattrs", "click", "pyyaml")),
+    ]
+    return "".join(f"{name}: {value}\n" for name, value in lines)
+
+
+def _site_files(site_dir: Path) -> str:
+    """The site directory's files (names, sizes, modes; no contents): what is there, and its permissions."""
+    lines = []
+    for path in sorted(site_dir.rglob("*")):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        kind = "d" if path.is_dir() else "-"
+        lines.append(f"{kind}{info.st_mode & 0o777:04o} {info.st_size:>8} {path.relative_to(site_dir)}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_tar(file: Path, top: str, members: dict[str, bytes]) -> None:
+    now = time.time()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in sorted(members.items()):
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(data)
+            info.mtime = int(now)
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
+    file.write_bytes(buffer.getvalue())
+
+
+# -- demo --------------------------------------------------------------------------------
 
 
 @main.command()
