@@ -336,13 +336,10 @@ def _site_line(status: dict) -> str:
 
 def _access_line(status: dict, config: dict | None) -> str:
     if status.get("link_address"):
-        return f"Link access: {status['link_address']}"
-    port = (config or {}).get("link_port")
-    if port is None:
-        return "Link access: none (this site links out but accepts no links)"
-    if port == 0:
+        return f"Link access: {status['link_address']}" + ("" if status.get("running") else " (when running)")
+    if (config or {}).get("link_port") == 0:
         return f"Link access: on {config['link_host']}, port picked at the first start"
-    return f"Link access: on {_address(config['link_host'], port)} (when running)"
+    return "Link access: none (this site links out but accepts no links)"
 
 
 def site_status_table(status: dict, config: dict | None = None) -> str:
@@ -559,7 +556,7 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
 
     async def body(site: Any) -> tuple[dict, dict | None]:
         status = await site.call("status")
-        # A stopped site does not know its link address; its config says where it will be.
+        # A stopped site whose link port is picked at its first start has no address yet.
         config = None if site.running or output != "table" else await site.call("config")
         return status, config
 
@@ -835,16 +832,11 @@ def listener_create(
 
 
 async def _wait_routing_key(site: Any, key: str, timeout: float) -> None:
-    """Poll status until a site offers `key` (no control operation waits for it yet)."""
+    """Wait until a reachable site offers `key`."""
     _say(f"waiting for a site to offer routing key {key}...")
     try:
         with trio.fail_after(timeout):
-            while True:
-                status = await site.call("status")
-                providers = next((s["providers"] for s in status.get("services", []) if s["routing_key"] == key), [])
-                if providers:
-                    break
-                await trio.sleep(POLL_INTERVAL)
+            providers = (await site.call("wait_reachable", routing_key=key))["providers"]
     except trio.TooSlowError:
         raise Failure(
             f"no site offers routing key {key} after {format_duration(timeout)} "

@@ -415,7 +415,7 @@ class Site:
 
         Works while the site is stopped too, once its link port is known.
         """
-        port = self.link_port if self.running else self.config.link_port
+        port = self._known_link_port()
         if port is None:
             raise FabricError(f"site {self.name} accepts no links: create it with link access to issue tokens")
         if port == 0:
@@ -615,6 +615,10 @@ class Site:
         )
         return NetworkStatus(sites=tuple(sorted(sites, key=lambda s: (s.cost is None, s.cost or 0, s.name))), services=services)
 
+    def _known_link_port(self) -> int | None:
+        """The bound link port; for a stopped site, the configured one once it is fixed (not 0)."""
+        return self.link_port if self.running else self.config.link_port
+
     def _listener_status(self, config: ListenerConfig) -> ListenerStatus:
         running = self._listeners.get(config.name)
         return ListenerStatus(
@@ -742,7 +746,7 @@ class Site:
             site_id=self.site_id,
             name=self.name,
             mode=self.config.mode,
-            link_address=self._link_address(self.link_port) if self.link_port is not None else None,
+            link_address=self._link_address(port) if (port := self._known_link_port()) else None,
             links=tuple(sorted(links, key=lambda l: l.name)),
             sites=tuple(sorted(sites, key=lambda s: s.name)),
             services=services,

@@ -15,7 +15,7 @@ import trio
 from ..errors import FabricError
 from ..site import Site, load_site
 from .ops import perform
-from .server import MAX_REQUEST, read_line, site_answers, socket_path
+from .server import MAX_REQUEST, START_WAIT, RunLock, read_line, site_answers, socket_path
 
 # Bytes of one answer; a network status of thousands of sites fits.
 MAX_ANSWER = 64 * MAX_REQUEST
@@ -65,12 +65,34 @@ class StoppedSite:
 
 @asynccontextmanager
 async def open_handle(site_dir: str | os.PathLike) -> AsyncIterator[SiteHandle]:
-    """The site in `site_dir`, running or not. ConfigError if there is no site there."""
+    """The site in `site_dir`, running or not. ConfigError if there is no site there.
+
+    A stopped site is held (its run lock) while the caller uses it, so a site
+    that starts meanwhile waits rather than overwriting the change; a site
+    that is starting is waited for, then reached through its socket.
+    """
     site_dir = Path(site_dir)
-    if await trio.to_thread.run_sync(site_answers, site_dir):
+    stopped = await load_site(site_dir)  # checks there is a site, for a clear error if not
+    lock = RunLock(site_dir)
+    if await _running_or_locked(site_dir, lock):
         yield RunningSite(site_dir)
-    else:
-        yield StoppedSite(await load_site(site_dir))
+        return
+    try:
+        yield StoppedSite(await load_site(site_dir))  # read again: holding the lock, this is current
+    finally:
+        lock.release()
+
+
+async def _running_or_locked(site_dir: Path, lock: RunLock) -> bool:
+    """True once the site answers on its socket; False once we hold its run lock (it is stopped)."""
+    with trio.move_on_after(START_WAIT):
+        while True:
+            if await trio.to_thread.run_sync(site_answers, site_dir):
+                return True
+            if await trio.to_thread.run_sync(lock.try_acquire):
+                return False
+            await trio.sleep(0.05)  # the site is starting: its socket comes up in a moment
+    raise FabricError(f"the site in {site_dir} is starting or stuck: it did not answer within {START_WAIT:g} s")
 
 
 def delete_site(site_dir: str | os.PathLike) -> None:

@@ -72,6 +72,12 @@ async def wait_link(site: Site, name: str) -> dict:
     return {}
 
 
+async def wait_reachable(site: Site, routing_key: str) -> dict:
+    _running(site, "wait for a routing key")
+    await site.wait_reachable(routing_key)
+    return {"providers": sorted(site.router.name_of(p) for p in site.router.providers(routing_key))}
+
+
 async def update_link(site: Site, name: str, cost: int) -> dict:
     await site.update_link(name, cost=cost)
     return {}
@@ -102,6 +108,7 @@ OPS: dict[str, Callable[..., Awaitable[Any]]] = {
         issue_token,
         redeem_token,
         wait_link,
+        wait_reachable,
         update_link,
         delete_link,
         revoke_link,

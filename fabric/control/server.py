@@ -10,6 +10,7 @@ request (that is how `--timeout` stops a wait).
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -20,20 +21,54 @@ from typing import Any
 
 import trio
 
-from ..config import load_config
 from ..errors import FabricError
-from ..site import Site, open_site
+from ..site import Site, load_site, open_site
 from .ops import perform
 
 log = logging.getLogger("fabric.control")
 
 SOCKET_NAME = "control.sock"
+LOCK_NAME = "state/run.lock"  # held (flock) by a running site, and by a command changing a stopped one
+START_WAIT = 10.0  # seconds a command waits for a starting site's socket, or a site for a command's edit
 MAX_REQUEST = 1024 * 1024  # bytes in one request line (a token is ~2 KiB)
 RECENT_LINES = 1000  # log lines kept for `fabric debug dump`
 
 
 def socket_path(site_dir: Path) -> Path:
     return Path(site_dir) / SOCKET_NAME
+
+
+class RunLock:
+    """An exclusive flock on the site's run.lock: one writer of a site directory at a time.
+
+    A running site holds it for its whole life; a command that changes a
+    stopped site holds it while it edits, so a site that starts meanwhile
+    waits for the edit instead of overwriting it.
+    """
+
+    def __init__(self, site_dir: Path) -> None:
+        self.path = Path(site_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the flock
+            self._fd = None
 
 
 def site_answers(site_dir: Path) -> bool:
@@ -81,9 +116,13 @@ class ControlServer:
 
     async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         path = socket_path(self.site.site_dir)
-        path.unlink(missing_ok=True)  # serve() checked that no live site holds it
+        path.unlink(missing_ok=True)  # serve() holds the run lock: no live site has it
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(str(path))
+        try:
+            await sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise FabricError(f"cannot make the control socket {path}: {exc.strerror or exc}") from None
         os.chmod(path, 0o600)
         sock.listen(16)
         try:
@@ -132,15 +171,28 @@ class ControlServer:
 async def serve(site_dir: str | os.PathLike, *, task_status: trio.TaskStatus[Site] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the site in `site_dir` with its control socket until SIGINT or SIGTERM, then stop gracefully."""
     site_dir = Path(site_dir)
-    config = await trio.to_thread.run_sync(load_config, site_dir)
-    if await trio.to_thread.run_sync(site_answers, site_dir):
-        raise FabricError(f"site {config.name} is already running from {site_dir}")
+    name = (await load_site(site_dir)).name  # checks the directory and its config
+    lock = RunLock(site_dir)
+    with trio.move_on_after(START_WAIT):  # a command may be changing the stopped site: let it finish
+        while not await trio.to_thread.run_sync(lock.try_acquire):
+            if await trio.to_thread.run_sync(site_answers, site_dir):
+                raise FabricError(f"site {name} is already running from {site_dir}")
+            await trio.sleep(0.05)  # no cross-process event tells when a flock is released
+    if not lock.held:
+        raise FabricError(f"site {name} could not start: another fabric process holds {lock.path}")
+    try:
+        await _serve(site_dir, name, task_status)
+    finally:
+        lock.release()
+
+
+async def _serve(site_dir: Path, name: str, task_status: trio.TaskStatus[Site]) -> None:
     recent = RecentLog()
     fabric_log = logging.getLogger("fabric")
     fabric_log.addHandler(recent)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_site(config.name, site_dir) as site:
+            async with open_site(name, site_dir) as site:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(ControlServer(site, recent).run)
                     where = site.status().link_address or "no link access"
@@ -150,6 +202,6 @@ async def serve(site_dir: str | os.PathLike, *, task_status: trio.TaskStatus[Sit
                         log.info("site %s stopping (%s)", site.name, signal.Signals(signum).name)
                         break
                     nursery.cancel_scope.cancel()
-        log.info("site %s stopped", config.name)
+        log.info("site %s stopped", name)
     finally:
         fabric_log.removeHandler(recent)

@@ -137,3 +137,27 @@ async def test_a_hand_edited_config_with_a_typo_is_refused_naming_file_and_key(t
     with pytest.raises(fabric.ConfigError, match="no site directory at"):
         async with open_handle(tmp_path / "nowhere"):
             pass
+
+
+async def test_a_site_starting_during_a_change_waits_for_it_and_keeps_it(tmp_path):
+    create_site(tmp_path / "hub", "hub")
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            async with open_handle(tmp_path / "hub") as hub:
+                assert not hub.running
+                started = trio.Event()
+
+                async def run() -> None:
+                    await nursery.start(serve, tmp_path / "hub")
+                    started.set()
+
+                nursery.start_soon(run)
+                await trio.sleep(0.3)  # give the site every chance to start (it must not, yet)
+                assert not started.is_set()
+                await hub.call("create_listener", name="late", port=0)
+            await started.wait()
+            async with open_handle(tmp_path / "hub") as hub:
+                assert hub.running
+                (listener,) = (await hub.call("status"))["listeners"]
+                assert listener["name"] == "late" and listener["port"] != 0
+            nursery.cancel_scope.cancel()

@@ -107,7 +107,7 @@ def test_a_stopped_site_is_changed_through_its_files(tmp_path):
 
     created = fabric("site", "create", "quiet", "--link-access")
     assert "site quiet created" in created and "accepts links on 127.0.0.1:7443" in created  # the default port
-    assert "Link access: on 127.0.0.1:7443 (when running)" in fabric("site", "status")
+    assert "Link access: tls://127.0.0.1:7443 (when running)" in fabric("site", "status")
     saved = "site is not running: saved; takes effect when it starts"
     assert saved in fabric("listener", "create", "db", "15432", "--routing-key", "postgres")
     assert saved in fabric("connector", "create", "cache", "6379")
