@@ -17,6 +17,7 @@ read bytes from the network or from a file someone handed us end in
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -37,7 +38,7 @@ import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
@@ -59,11 +60,14 @@ __all__ = [
     "load_identity",
     "make_csr",
     "new_token",
+    "public_key_der",
     "save_grants",
     "server_context",
+    "sign",
     "sign_csr",
     "site_id_of",
     "spend_grant",
+    "verify_signature_untrusted",
 ]
 
 IDENTITY_DIR = "identity"
@@ -1059,3 +1063,79 @@ def _brief(value: Any, limit: int = 40) -> str:
     """A value from untrusted input, quoted and cut short enough for a one-line message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Signatures: a site signs what it says about itself (its gossip record)
+#
+# The signer's public key travels with the signed data, and the site id is
+# the digest of that key: whoever checks a signature learns which site made
+# it without any certificate, and no key but the site's own can sign for its
+# id. The algorithm follows the key type: ECDSA with SHA-256 for the P-256
+# keys fabric makes (and P-384, which sign_csr also accepts), Ed25519, and
+# RSA PKCS#1 v1.5 with SHA-256.
+
+MAX_PUBLIC_KEY_DER = 1024  # bytes; a P-256 SubjectPublicKeyInfo is 91, RSA-4096 about 550
+MAX_SIGNATURE = 1024  # bytes; an ECDSA P-256 signature is at most 72, RSA-4096 512
+_VERIFY_KEY_CACHE = 4096  # parsed public keys kept: one per site of the largest network (MAX_RECORDS)
+
+
+def public_key_der(identity: Identity) -> bytes:
+    """The site key's SubjectPublicKeyInfo in DER: what `site_id_of` digests."""
+    return _spki(identity._site_key.public_key())
+
+
+def sign(identity: Identity, data: bytes) -> bytes:
+    """Sign `data` with the site key (not the CA key), as `verify_signature_untrusted` checks it."""
+    key = identity._site_key
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    raise TypeError(f"cannot sign with a {type(key).__name__} site key")
+
+
+def verify_signature_untrusted(public_key_der: bytes, data: bytes, signature: bytes) -> str | None:
+    """The site id of `public_key_der` if `signature` is its valid signature of `data`, else None.
+
+    All three come from the network: garbage of any kind (a key that does not
+    parse, a weak key, a wrong signature, wrong types) is None, never an error.
+    """
+    if not (isinstance(public_key_der, bytes) and isinstance(data, bytes) and isinstance(signature, bytes)):
+        return None
+    if len(public_key_der) > MAX_PUBLIC_KEY_DER or len(signature) > MAX_SIGNATURE:
+        return None
+    loaded = _load_verify_key(public_key_der)
+    if loaded is None:
+        return None
+    key, site_id = loaded
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:  # pragma: no cover - _load_verify_key admits only the three types above
+            return None
+    except (InvalidSignature, ValueError, TypeError):
+        return None
+    return site_id
+
+
+@functools.lru_cache(maxsize=_VERIFY_KEY_CACHE)
+def _load_verify_key(der: bytes) -> tuple[CertificatePublicKeyTypes, str] | None:
+    """A parsed, acceptable public key and its site id, or None. Cached: the same keys come back in every push."""
+    try:
+        key = serialization.load_der_public_key(der)
+        if _why_key_refused(key) is not None:  # type: ignore[arg-type]
+            return None
+        if _spki(key) != der:  # type: ignore[arg-type]
+            # A non-canonical encoding of a good key: the site id is the digest
+            # of the canonical one, so accepting this would only confuse.
+            return None
+        return key, site_id_of(key)  # type: ignore[arg-type]
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None

@@ -1,12 +1,17 @@
 """Site records: merge rule, digests, and the untrusted wire decoder."""
 
+import base64
 import json
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
-from hypothesis import given
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fabric import pki
 from fabric.errors import ProtocolError
 from fabric.gossip.records import (
     encode_record_batches,
@@ -15,15 +20,23 @@ from fabric.gossip.records import (
     MAX_COST,
     MAX_COUNTER,
     MAX_LINKS,
+    MAX_RECORD_BYTES,
     MAX_RECORDS,
     MAX_SERVICES,
+    MAX_SIGNATURE_TEXT,
     MAX_TEXT,
+    SIGNING_CONTEXT,
     LinkInfo,
     RecordTable,
     ServiceInfo,
     SiteRecord,
     decode_records_untrusted,
     encode_records,
+    record_from_json_untrusted,
+    sign_record,
+    signing_bytes,
+    verify_record,
+    why_unverified,
 )
 
 
@@ -208,6 +221,8 @@ def test_wire_shape() -> None:
             "mode": "interior",
             "links": [{"peer": "b", "cost": 5, "rtt": 0.25}],
             "services": [{"routing_key": "db", "protocol": "tcp", "port": 5432, "connectors": 1}],
+            "public_key": "",
+            "signature": "",
         }
     ]
 
@@ -217,7 +232,7 @@ def test_encode_refuses_more_than_a_peer_accepts() -> None:
         encode_records([record("a")] * (MAX_RECORDS + 1))
 
 
-def test_unknown_keys_are_ignored_and_defaults_apply() -> None:
+def test_defaults_apply() -> None:
     raw = [
         {
             "site_id": "a",
@@ -225,13 +240,13 @@ def test_unknown_keys_are_ignored_and_defaults_apply() -> None:
             "incarnation": 1,
             "version": 0,
             "mode": "edge",
-            "future": {"anything": [1, 2]},
-            "links": [{"peer": "b", "cost": 1, "rtt": 0, "weight": 3}],
+            "links": [{"peer": "b", "cost": 1, "rtt": 0}],
         }
     ]
     [decoded] = decode_records_untrusted(json.dumps(raw).encode())
     assert decoded == SiteRecord("a", "A", 1, 0, EDGE, links=(LinkInfo("b", 1, 0.0),))
     assert isinstance(decoded.links[0].rtt, float)
+    assert (decoded.public_key, decoded.signature) == ("", "")  # unsigned: decodes, but never verifies
 
 
 # -- wire: bad input ---------------------------------------------------------------
@@ -246,6 +261,8 @@ def valid_raw() -> dict[str, Any]:
         "mode": "interior",
         "links": [{"peer": "b", "cost": 1, "rtt": 0.5}],
         "services": [{"routing_key": "db", "protocol": "tcp", "port": 5432, "connectors": 1}],
+        "public_key": "",
+        "signature": "",
     }
 
 
@@ -389,3 +406,209 @@ def test_record_batches_stay_under_the_byte_limit_and_carry_every_record(records
     for batch in batches:
         # Only a record too large on its own may make a batch pass the limit, and then it travels alone.
         assert len(batch) <= max_bytes or len(decode_records_untrusted(batch)) == 1
+
+
+# -- wire: strictness ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [((), r"\$\[0\]"), (("links", 0), r"\$\[0\]\.links\[0\]"), (("services", 0), r"\$\[0\]\.services\[0\]")],
+)
+def test_unknown_fields_are_refused(path: tuple[str | int, ...], where: str) -> None:
+    """A signature covers the fields we know; an unknown one would travel unchecked."""
+    raw = valid_raw()
+    target: Any = raw
+    for step in path:
+        target = target[step]
+    target["future"] = {"anything": [1, 2]}
+    with pytest.raises(ProtocolError, match=f"unknown field 'future' @ {where}"):
+        decode_records_untrusted(json.dumps([raw]).encode())
+
+
+@pytest.mark.parametrize("field", ["incarnation", "version"])
+def test_absurd_counters_are_refused(field: str) -> None:
+    """2**53 - 1 is the largest integer every JSON reader holds exactly; past it is absurd."""
+    assert MAX_COUNTER == 2**53 - 1
+    assert decode_records_untrusted(_set((field,), MAX_COUNTER))[0].stamp[0 if field == "incarnation" else 1] == MAX_COUNTER
+    with pytest.raises(ProtocolError, match=f"{field} must be in \\[0, {MAX_COUNTER}\\]"):
+        decode_records_untrusted(_set((field,), MAX_COUNTER + 1))
+    with pytest.raises(ValueError, match=f"{field} must be in"):
+        record("a", **{"incarnation": 1, "version": 1, field: MAX_COUNTER + 1})
+
+
+def test_oversized_record_is_refused_before_structuring() -> None:
+    services = [{"routing_key": f"key-{i}-" + "k" * 200, "protocol": "p" * 200} for i in range(MAX_SERVICES)]
+    data = _set(("services",), services)
+    with pytest.raises(ProtocolError, match=rf"record is \d+ bytes; the limit is {MAX_RECORD_BYTES} @ \$\[0\]"):
+        decode_records_untrusted(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("public_key", "not base64!", "public_key is not base64"),
+        ("public_key", "QUJD", None),  # base64 of b"ABC": decodes; verification is another matter
+        ("signature", "QUI", "signature is not base64"),  # unpadded
+        ("signature", 7, "signature must be a string, not integer"),
+        ("signature", "A" * (MAX_SIGNATURE_TEXT + 4), "signature is longer than"),
+    ],
+)
+def test_key_and_signature_fields(field: str, value: Any, why: str | None) -> None:
+    data = _set((field,), value)
+    if why is None:
+        assert getattr(decode_records_untrusted(data)[0], field) == value
+    else:
+        with pytest.raises(ProtocolError, match=why):
+            decode_records_untrusted(data)
+
+
+def test_record_from_json_untrusted() -> None:
+    assert record_from_json_untrusted(valid_raw()) == decode_records_untrusted(json.dumps([valid_raw()]).encode())[0]
+    with pytest.raises(ProtocolError, match=r"unknown field 'x' @ \$\.records\[3\]"):
+        record_from_json_untrusted({**valid_raw(), "x": 1}, "$.records[3]")
+    with pytest.raises(ProtocolError, match=r"expected an object, got list @ \$"):
+        record_from_json_untrusted([])
+
+
+# -- signatures ---------------------------------------------------------------------
+
+
+def _identity(name: str, key: Any = None) -> pki.Identity:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    return pki.Identity(
+        site_id=pki.site_id_of(key.public_key()),
+        name=name,
+        site_dir=Path("/nonexistent"),
+        ca_cert_pem=b"",
+        cert_pem=b"",
+        ca_key=key,
+        site_key=key,
+    )
+
+
+@pytest.fixture(scope="module")
+def alice() -> pki.Identity:
+    return _identity("alice")
+
+
+@pytest.fixture(scope="module")
+def mallory() -> pki.Identity:
+    return _identity("mallory")
+
+
+def own_record(identity: pki.Identity, **kwargs: Any) -> SiteRecord:
+    kwargs.setdefault("links", (LinkInfo("b" * 32, 3, 0.125),))
+    kwargs.setdefault("services", (ServiceInfo("db", port=5432),))
+    return record(identity.site_id, 2, 5, **kwargs)
+
+
+def test_signed_record_verifies_and_survives_the_wire(alice: pki.Identity) -> None:
+    signed = sign_record(own_record(alice), alice)
+    assert base64.b64decode(signed.public_key) == pki.public_key_der(alice)
+    assert signed.signature and verify_record(signed) and why_unverified(signed) is None
+    [decoded] = decode_records_untrusted(encode_records([signed]))
+    assert decoded == signed and verify_record(decoded)
+    assert "signature" not in repr(signed) and "public_key" not in repr(signed)  # logs stay readable
+
+
+def test_signing_bytes_are_canonical(alice: pki.Identity) -> None:
+    signed = sign_record(own_record(alice), alice)
+    data = signing_bytes(signed)
+    assert data.startswith(SIGNING_CONTEXT)
+    body = json.loads(data[len(SIGNING_CONTEXT) :])
+    assert "signature" not in body and body["public_key"] == signed.public_key
+    assert list(body) == sorted(body)
+    assert signing_bytes(attrs.evolve(signed, signature="")) == data  # the signature is not signed
+    # The order a peer wrote the fields in does not matter: the verifier re-encodes.
+    raw = json.loads(encode_records([signed]))[0]
+    shuffled = dict(reversed(list(raw.items())))
+    [decoded] = decode_records_untrusted(json.dumps([shuffled]).encode())
+    assert verify_record(decoded)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": 6},
+        {"incarnation": 3},
+        {"name": "someone else"},
+        {"mode": EDGE},
+        {"services": (ServiceInfo("db", port=5433),)},
+        {"services": ()},
+        {"links": (LinkInfo("b" * 32, 3, 0.25),)},
+        {"links": ()},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_altered_record_does_not_verify(alice: pki.Identity, change: dict[str, Any]) -> None:
+    altered = attrs.evolve(sign_record(own_record(alice), alice), **change)
+    assert not verify_record(altered)
+    assert why_unverified(altered) == "its signature does not match its fields and key (forged or altered)"
+
+
+def test_record_signed_by_another_key_does_not_verify(alice: pki.Identity, mallory: pki.Identity) -> None:
+    """Mallory signs a record claiming Alice's id with her own key: the key is not Alice's."""
+    forged = sign_record(own_record(mallory), mallory)
+    forged = attrs.evolve(forged, site_id=alice.site_id)
+    forged = attrs.evolve(forged, signature=base64.b64encode(pki.sign(mallory, signing_bytes(forged))).decode())
+    assert why_unverified(forged) == f"it is signed by the key of site {mallory.site_id}, not of site {alice.site_id}"
+    # With Alice's public key pasted in, Mallory's signature does not match it.
+    pasted = attrs.evolve(forged, public_key=base64.b64encode(pki.public_key_der(alice)).decode())
+    assert "does not match" in why_unverified(pasted)
+
+
+def test_unsigned_record_does_not_verify() -> None:
+    assert why_unverified(record("a")) == "it is not signed"
+    assert not verify_record(record("a"))
+
+
+def test_sign_record_refuses_other_sites_and_oversized_records(alice: pki.Identity, mallory: pki.Identity) -> None:
+    with pytest.raises(ValueError, match="cannot sign a record of site"):
+        sign_record(own_record(mallory), alice)
+    big = tuple(ServiceInfo(f"key-{i}-" + "k" * 200, protocol="p" * 200) for i in range(1200))
+    with pytest.raises(ValueError, match=f"bytes signed; the limit is {MAX_RECORD_BYTES}"):
+        sign_record(own_record(alice, services=big), alice)
+
+
+@settings(max_examples=25, deadline=None)
+@given(_records)
+def test_any_signed_record_round_trips_and_verifies(alice: pki.Identity, r: SiteRecord) -> None:
+    signed = sign_record(attrs.evolve(r, site_id=alice.site_id), alice)
+    [decoded] = decode_records_untrusted(encode_records([signed]))
+    assert decoded == signed and verify_record(decoded)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [ec.generate_private_key(ec.SECP384R1()), ed25519.Ed25519PrivateKey.generate()],
+    ids=["p384", "ed25519"],
+)
+def test_other_key_types_sign_and_verify(key: Any) -> None:
+    identity = _identity("other", key)
+    der = pki.public_key_der(identity)
+    signature = pki.sign(identity, b"data")
+    assert pki.verify_signature_untrusted(der, b"data", signature) == identity.site_id
+    assert pki.verify_signature_untrusted(der, b"datA", signature) is None
+    assert verify_record(sign_record(own_record(identity), identity))
+
+
+def test_weak_keys_are_not_believed() -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    identity = _identity("weak", weak)
+    signature = pki.sign(identity, b"data")
+    assert pki.verify_signature_untrusted(pki.public_key_der(identity), b"data", signature) is None
+
+
+@given(st.binary(max_size=200), st.binary(max_size=80), st.binary(max_size=100))
+def test_verify_signature_untrusted_never_raises(key: bytes, data: bytes, signature: bytes) -> None:
+    assert pki.verify_signature_untrusted(key, data, signature) is None
+
+
+def test_verify_signature_untrusted_refuses_wrong_types_and_sizes(alice: pki.Identity) -> None:
+    der, signature = pki.public_key_der(alice), pki.sign(alice, b"data")
+    assert pki.verify_signature_untrusted(der, b"data", signature) == alice.site_id
+    assert pki.verify_signature_untrusted(der.hex(), b"data", signature) is None  # type: ignore[arg-type]
+    assert pki.verify_signature_untrusted(der, "data", signature) is None  # type: ignore[arg-type]
+    assert pki.verify_signature_untrusted(der, b"data", signature + b"\0" * pki.MAX_SIGNATURE) is None
+    assert pki.verify_signature_untrusted(der + b"\0", b"data", signature) is None  # trailing bytes: not canonical
