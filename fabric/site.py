@@ -48,6 +48,7 @@ from .errors import (
     TokenForgedError,
     TokenSpentError,
 )
+from .gossip.records import sign_record
 from .proxy.tcp import TcpConnector, TcpListener
 from .router.frames import (
     FrameDecoder,
@@ -178,7 +179,12 @@ class Site:
         self.config = config
         self.incarnation = incarnation
         self.router = Router(
-            site_id=identity.site_id, name=config.name, mode=config.mode, incarnation=incarnation, settings=config.settings
+            site_id=identity.site_id,
+            name=config.name,
+            mode=config.mode,
+            incarnation=incarnation,
+            settings=config.settings,
+            sign=functools.partial(sign_record, identity=identity),
         )
         self.link_port: int | None = None
         self._grants = pki.load_grants(self._grants_path)

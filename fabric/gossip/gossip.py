@@ -1,33 +1,23 @@
-"""Dissemination of site records over links.
+"""Dissemination of site records over links: the Trio side of the gossip engine.
 
-First version: a site pushes its own record to every neighbour when it
-changes, forwards each record that is new to it once to every neighbour but
-the one it came from, and sends its whole table to a neighbour when a link
-comes up (which repairs whatever was missed while it was down).
+`engine.py` decides what to send (push on change, forward once, anti-entropy
+by digest, purge); this class feeds it link events, GOSSIP frames and the
+clock, and sends what it returns on the links it names.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+import trio
+
+from ..config import Settings
 from ..router.link import Link
-from ..router.frames import MAX_PAYLOAD
-from .records import (
-    MAX_RECORDS,
-    LinkInfo,
-    RecordTable,
-    ServiceInfo,
-    SiteRecord,
-    decode_records_untrusted,
-    encode_record_batches,
-)
+from .engine import GossipEngine, Outbox, Rejection, SiteStatus, decode_message_untrusted, encode_message
+from .records import LinkInfo, RecordTable, ServiceInfo, SiteRecord
 
 log = logging.getLogger("fabric.gossip")
-
-# Sites a site keeps records of. A peer could invent records without end;
-# past this many, records of sites not yet known are dropped (and logged).
-MAX_SITES = MAX_RECORDS
 
 
 class Gossip:
@@ -38,60 +28,73 @@ class Gossip:
         name: str,
         mode: str,
         incarnation: int,
-        links: Callable[[], Iterable[Link]],
+        sign: Callable[[SiteRecord], SiteRecord],
+        settings: Settings,
+        links: Callable[[], Mapping[str, Link]],
         on_change: Callable[[], None],
     ) -> None:
-        self.table = RecordTable()
+        self._engine = GossipEngine(
+            SiteRecord(site_id=site_id, name=name, incarnation=incarnation, version=0, mode=mode),
+            sign=sign,
+            now=trio.current_time(),
+            anti_entropy_interval=settings.anti_entropy_interval,
+            purge_after=settings.purge_after,
+            on_reject=self._rejected,
+        )
         self._links = links
         self._on_change = on_change
-        self._record = SiteRecord(site_id=site_id, name=name, incarnation=incarnation, version=0, mode=mode)
-        self.table.apply(self._record)
+        self._generation = self._engine.generation
+        self._timer_moved = trio.Event()
+
+    @property
+    def table(self) -> RecordTable:
+        return self._engine.table
 
     @property
     def record(self) -> SiteRecord:
-        return self._record
+        return self._engine.record
+
+    def status(self) -> list[SiteStatus]:
+        return self._engine.status(trio.current_time())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The engine's timer: anti-entropy rounds, follow-ups and purges."""
+        task_status.started()
+        while True:
+            with trio.move_on_at(self._engine.next_deadline()):
+                await self._timer_moved.wait()
+            self._timer_moved = trio.Event()
+            self._deliver(self._engine.tick(trio.current_time()))
 
     def publish(self, links: Iterable[LinkInfo], services: Iterable[ServiceInfo]) -> None:
-        """Raise our version with new links and services, and push it to every neighbour."""
-        links, services = tuple(sorted(links, key=lambda l: l.peer)), tuple(sorted(services, key=lambda s: s.routing_key))
-        if (links, services) == (self._record.links, self._record.services):
-            return
-        record = SiteRecord(
-            site_id=self._record.site_id,
-            name=self._record.name,
-            incarnation=self._record.incarnation,
-            version=self._record.version + 1,
-            mode=self._record.mode,
-            links=links,
-            services=services,
-        )
-        self._record = record
-        self.table.apply(record)
-        self._flood([record], exclude=None)
-        self._on_change()
+        """Our links or services changed: a new version of our record, pushed to every neighbour."""
+        self._send(self._engine.publish(trio.current_time(), links=links, services=services))
 
     def link_up(self, link: Link) -> None:
-        for payload in encode_record_batches(self.table.values(), MAX_PAYLOAD):
-            link.send_gossip(payload)
+        self._send(self._engine.link_up(link.peer_id, trio.current_time()))
+
+    def link_down(self, link: Link) -> None:
+        self._send(self._engine.link_down(link.peer_id, trio.current_time()))
 
     def receive(self, link: Link, payload: bytes) -> None:
-        """Apply a neighbour's records; raises ProtocolError (ending that link) if malformed."""
-        records = decode_records_untrusted(payload)
-        own = self._record.site_id
-        fresh = [r for r in records if r.site_id != own and self._room_for(r) and self.table.apply(r)]
-        if fresh:
-            self._flood(fresh, exclude=link)
+        """A GOSSIP frame; raises ProtocolError (ending that link) if it does not decode."""
+        message = decode_message_untrusted(payload)
+        self._send(self._engine.receive(link.peer_id, message, trio.current_time()))
+
+    def _send(self, outbox: Outbox) -> None:
+        """After an event from outside the timer: deliver, and let the timer see its new deadline."""
+        self._deliver(outbox)
+        self._timer_moved.set()
+
+    def _deliver(self, outbox: Outbox) -> None:
+        links = self._links()
+        for peer, message in outbox:
+            if (link := links.get(peer)) is not None:
+                link.send_gossip(encode_message(message))
+        if self._engine.generation != self._generation:
+            self._generation = self._engine.generation
             self._on_change()
 
-    def _room_for(self, record: SiteRecord) -> bool:
-        if record.site_id in self.table or len(self.table) < MAX_SITES:
-            return True
-        log.warning("record of site %s dropped: this site already knows %d sites, its limit", record.name, MAX_SITES)
-        return False
-
-    def _flood(self, records: list[SiteRecord], exclude: Link | None) -> None:
-        payloads = list(encode_record_batches(records, MAX_PAYLOAD))
-        for link in self._links():
-            if link is not exclude:
-                for payload in payloads:
-                    link.send_gossip(payload)
+    def _rejected(self, rejection: Rejection) -> None:
+        about = f" about site {rejection.site_id[:8]}" if rejection.site_id else ""
+        log.warning("gossip from site %s%s dropped: %s", rejection.peer[:8], about, rejection.reason)

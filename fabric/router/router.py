@@ -60,7 +60,16 @@ class ConnectorSlot:
 
 
 class Router:
-    def __init__(self, *, site_id: str, name: str, mode: str, incarnation: int, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        site_id: str,
+        name: str,
+        mode: str,
+        incarnation: int,
+        settings: Settings,
+        sign: Callable[[SiteRecord], SiteRecord],
+    ) -> None:
         self.site_id = site_id
         self.name = name
         self.mode = mode
@@ -75,7 +84,9 @@ class Router:
             name=name,
             mode=mode,
             incarnation=incarnation,
-            links=lambda: list(self.links.values()),
+            sign=sign,
+            settings=settings,
+            links=lambda: self.links,
             on_change=self._recompute,
         )
         self._changed = trio.Event()
@@ -91,6 +102,7 @@ class Router:
         """Hold the nursery that transit and egress flows run in."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.gossip.run)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -119,6 +131,7 @@ class Router:
         finally:
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]
+                self.gossip.link_down(link)
                 self._notify()
                 self._publish()
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+import functools
+
+from fabric import pki
 from fabric.config import Settings
+from fabric.gossip.records import sign_record
 from fabric.router.frames import FrameDecoder, FrameType, encode_frame, encode_u64
 from fabric.router.link import CONTROL_ALLOWANCE, Link, make_hello
 from fabric.router.router import Router
@@ -26,20 +30,27 @@ def link_pair(dialer: str, acceptor: str, dialer_handler, acceptor_handler):
     return dialed, accepted
 
 
-async def test_a_second_link_from_the_other_direction_is_refused_and_the_first_stays():
-    ra = Router(site_id="A", name="A", mode="interior", incarnation=1, settings=SETTINGS)
-    rb = Router(site_id="B", name="B", mode="interior", incarnation=1, settings=SETTINGS)
+def router(tmp_path, name: str) -> Router:
+    identity = pki.create_identity(tmp_path / name, name)
+    return Router(
+        site_id=identity.site_id, name=name, mode="interior", incarnation=1, settings=SETTINGS,
+        sign=functools.partial(sign_record, identity=identity),
+    )
+
+
+async def test_a_second_link_from_the_other_direction_is_refused_and_the_first_stays(tmp_path):
+    ra, rb = router(tmp_path, "A"), router(tmp_path, "B")
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(ra.run)
             await nursery.start(rb.run)
-            a1, b1 = link_pair("A", "B", ra, rb)
+            a1, b1 = link_pair(ra.site_id, rb.site_id, ra, rb)
             nursery.start_soon(ra.run_link, a1)
             nursery.start_soon(rb.run_link, b1)
-            await ra.wait_linked("B")
-            await rb.wait_linked("A")
+            await ra.wait_linked(rb.site_id)
+            await rb.wait_linked(ra.site_id)
             # B dials A as well (both configured to link): the new link is the duplicate.
-            b2, a2 = link_pair("B", "A", rb, ra)
+            b2, a2 = link_pair(rb.site_id, ra.site_id, rb, ra)
             reasons = []
 
             async def run(router, link):
@@ -49,7 +60,7 @@ async def test_a_second_link_from_the_other_direction_is_refused_and_the_first_s
                 duplicates.start_soon(run, ra, a2)
                 duplicates.start_soon(run, rb, b2)
             assert any("already has a link" in reason for reason in reasons), reasons
-            assert ra.links["B"] is a1 and rb.links["A"] is b1
+            assert ra.links[rb.site_id] is a1 and rb.links[ra.site_id] is b1
             assert not a1.closed and not b1.closed
             nursery.cancel_scope.cancel()
 
@@ -87,3 +98,26 @@ async def test_a_peer_that_sends_but_never_reads_ends_the_link_instead_of_growin
             await trio.sleep_forever()
     assert reason and reason[0].startswith("peer is not reading"), reason
     assert link._out_bytes <= settings.link_write_buffer + CONTROL_ALLOWANCE + 64
+
+
+async def test_gossip_sleeps_at_rest(tmp_path, monkeypatch):
+    """Two linked sites that agree send a digest hash now and then, and otherwise wait."""
+    ra, rb = router(tmp_path, "A"), router(tmp_path, "B")
+    ticks = []
+    for r in (ra, rb):
+        engine = r.gossip._engine
+        monkeypatch.setattr(engine, "tick", functools.partial(lambda real, now: ticks.append(now) or real(now), engine.tick))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ra.run)
+            await nursery.start(rb.run)
+            a, b = link_pair(ra.site_id, rb.site_id, ra, rb)
+            nursery.start_soon(ra.run_link, a)
+            nursery.start_soon(rb.run_link, b)
+            await ra.wait_linked(rb.site_id)
+            while ra.routes.keys() != {rb.site_id} or rb.routes.keys() != {ra.site_id}:
+                await ra.wait_changed()
+            ticks.clear()
+            await trio.sleep(0.5)  # a tenth of an anti-entropy interval
+            nursery.cancel_scope.cancel()
+    assert len(ticks) <= 4, f"{len(ticks)} engine ticks in 0.5 s at rest"
