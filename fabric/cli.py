@@ -309,6 +309,14 @@ def _links_table(links: list[dict]) -> str:
     return text + _notes((link["name"], link.get("error")) for link in links)
 
 
+def _listener_state(item: dict) -> str:
+    if item.get("accepting"):
+        return "accepting"
+    if (item.get("error") or "").startswith("no reachable site"):
+        return "no provider"
+    return "error" if item.get("error") else "stopped"
+
+
 def _listeners_table(listeners: list[dict]) -> str:
     rows = [
         (
@@ -316,7 +324,7 @@ def _listeners_table(listeners: list[dict]) -> str:
             item["routing_key"],
             _address(item["host"], item.get("port")),
             item.get("connections", 0),
-            "error" if item.get("error") else "ok",
+            _listener_state(item),
         )
         for item in listeners
     ]

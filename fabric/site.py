@@ -112,7 +112,8 @@ class ListenerStatus:
     host: str
     port: int | None
     connections: int
-    error: str | None
+    accepting: bool  # clients are accepted only while a provider of the key is reachable
+    error: str | None  # why it does not accept, when it does not
 
 
 @attrs.frozen
@@ -577,8 +578,12 @@ class Site:
         self._save(attrs.evolve(self.config, listeners=tuple(l for l in self.config.listeners if l.name != name)))
 
     async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
-        """Return once `providers` reachable sites (this one included) have a connector for the key."""
+        """Return once `providers` reachable sites (this one included) have a connector for the key,
+        and this site's listeners for it accept clients (or have reported why they cannot)."""
         await self.router.wait_reachable(routing_key, providers=providers)
+        for listener in list(self._listeners.values()):
+            if listener.config.routing_key == routing_key:
+                await listener.wait_accepting()
 
     async def wait_linked(self, site_id: str, *, up: bool = True) -> None:
         """Return once a live link with the site is up, either direction; with `up=False`, once none is left."""
@@ -633,7 +638,8 @@ class Site:
             host=config.host,
             port=running.port if running else config.port,
             connections=running.connections if running else 0,
-            error=self._listener_errors.get(config.name),
+            accepting=running.accepting if running else False,
+            error=running.error if running else self._listener_errors.get(config.name),
         )
 
     # -- links ---------------------------------------------------------------------------------

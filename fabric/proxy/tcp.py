@@ -7,12 +7,13 @@ A connector dials its target for each flow that arrives for its key.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
 
 from ..config import ConnectorConfig, ListenerConfig
-from ..errors import FlowError, FlowRefused, NoProviderError
+from ..errors import FabricError, FlowError, FlowRefused, NoProviderError
 from ..router.frames import Reason
 from ..router.relay import SocketEnd, relay
 from ..router.router import Router
@@ -47,24 +48,79 @@ class TcpConnector:
 
 
 class TcpListener(trio.abc.AsyncResource):
-    def __init__(self, config: ListenerConfig, router: Router) -> None:
+    """Accepts clients only while some reachable site provides its routing key.
+
+    Without a provider its socket is closed, so clients are refused at once
+    (not accepted and left hanging); it keeps its port and binds it again
+    when a provider appears. Connections already open carry on.
+    """
+
+    def __init__(self, config: ListenerConfig, router: Router, *, auto: bool = False) -> None:
         self.config = config
+        self.auto = auto  # made by service sync, not configured
         self.port: int | None = None
+        self.accepting = False
+        self.error: str | None = None  # why it cannot accept now, when it cannot
+        self.bind_failed = False  # the last attempt to bind its port failed (error says why)
         self._router = router
         self._scope = trio.CancelScope()
+        self._state_changed = trio.Event()
         self.connections = 0
 
     def __repr__(self) -> str:
-        return f"<TcpListener {self.config.name} {self.config.host}:{self.port} -> {self.config.routing_key!r}>"
+        state = "accepting" if self.accepting else (self.error or "closed")
+        return f"<TcpListener {self.config.name} {self.config.host}:{self.port} -> {self.config.routing_key!r} {state}>"
 
     async def run(self, *, task_status: trio.TaskStatus[TcpListener] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report the bound port through `task_status`, and serve until closed."""
-        listener = await listen_tcp(self.config.host, self.config.port, what=f"listener {self.config.name}")
+        """Bind (learning the port when it is 0), report through `task_status`, serve until closed.
+
+        A port in use when the listener is made is an error for the caller; later,
+        when it is bound again, it is reported in `error` and tried at the next change.
+        """
+        what = f"listener {self.config.name}"
+        listener: trio.SocketListener | None = await listen_tcp(self.config.host, self.config.port, what=what)
         self.port = listener.socket.getsockname()[1]
+        key, router = self.config.routing_key, self._router
         with self._scope:
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as handlers:  # outlives each bind: open connections carry on
                 task_status.started(self)
-                await trio.serve_listeners(self._serve, [listener], handler_nursery=nursery)
+                while True:
+                    if not router.providers(key):
+                        if listener is not None:
+                            await listener.aclose()
+                            listener = None
+                        self._state(False, f"no reachable site offers routing key {key!r}")
+                        await router.wait_reachable(key)
+                    if listener is None:
+                        try:
+                            listener = await listen_tcp(self.config.host, self.port, what=what)
+                        except FabricError as exc:
+                            self._state(False, str(exc), bind_failed=True)
+                            log.warning("%s", exc)
+                            await router.wait_changed()
+                            continue
+                    self._state(True, None)
+                    try:
+                        async with trio.open_nursery() as serving:
+                            serving.start_soon(
+                                functools.partial(trio.serve_listeners, self._serve, [listener], handler_nursery=handlers)
+                            )
+                            await router.wait_unreachable(key)
+                            serving.cancel_scope.cancel()
+                    finally:
+                        self._state(False, self.error)
+                    await listener.aclose()
+                    listener = None
+
+    def _state(self, accepting: bool, error: str | None, *, bind_failed: bool = False) -> None:
+        self.accepting, self.error, self.bind_failed = accepting, error, bind_failed
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def wait_accepting(self) -> None:
+        """Return once the listener accepts clients, or has failed to bind its port (see `error`)."""
+        while not (self.accepting or self.bind_failed):
+            await self._state_changed.wait()
 
     async def aclose(self) -> None:
         self._scope.cancel()

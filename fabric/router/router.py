@@ -222,6 +222,11 @@ class Router:
         """Sites, reachable from here, that have a connector for the key (this site included)."""
         return sorted(self._offered.get(routing_key, ()))
 
+    async def wait_unreachable(self, routing_key: str) -> None:
+        """Return once no reachable site provides the key any more."""
+        while self.providers(routing_key):
+            await self._changed.wait()
+
     async def wait_changed(self) -> None:
         """Return at the next change of links, routes or what the network advertises."""
         await self._changed.wait()

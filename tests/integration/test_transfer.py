@@ -293,15 +293,15 @@ async def test_a_connector_whose_target_is_down_resets_the_client_at_once(two_si
     assert tcp.is_reset(error), f"expected a connection reset, got {error!r}"
 
 
-async def test_a_key_nobody_serves_resets_the_client_at_once(two_sites, tcp):
+async def test_a_key_nobody_serves_refuses_the_client_at_once_and_says_why(two_sites, tcp):
+    """Without a provider the listener's socket is closed: a client is refused, not accepted and left hanging."""
     with trio.fail_after(DEADLINE):
         listener = await two_sites.edge.create_listener("nobody", 0)
-    with trio.fail_after(1):
-        stream = await tcp.connect(listener.port)
-        async with stream:
-            received, error = await tcp.read_until_end(stream)
-    assert received == 0
-    assert tcp.is_reset(error), f"expected a connection reset, got {error!r}"
+    assert listener.port != 0  # the port is picked and kept for when a provider comes
+    with trio.fail_after(1), pytest.raises(OSError):
+        await tcp.connect(listener.port)
+    (status,) = two_sites.edge.status().listeners
+    assert status.port == listener.port and status.error == "no reachable site offers routing key 'nobody'"
 
 
 async def test_a_provider_whose_target_is_down_is_skipped_for_one_that_works(network, echo_server, tcp):
