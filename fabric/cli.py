@@ -485,9 +485,31 @@ def site() -> None:
     f"keeps it.  [default: {DEFAULT_LINK_PORT} with --link-access]",
 )
 @click.option("--edge", is_flag=True, help="Make an edge site: it never carries traffic for other sites.")
+@click.option(
+    "--service-sync/--no-service-sync",
+    default=True,
+    show_default=True,
+    help="Listen here, on --service-host and the connector's port, for every routing key offered by another site.",
+)
+@click.option(
+    "--service-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the service-sync listeners bind to (give each site on one host its own, e.g. 127.0.0.2).",
+)
 @pass_cli
 @click.pass_context
-def site_create(ctx: click.Context, cli: Cli, name: str, link_access: bool, link_host: str, link_port: int | None, edge: bool) -> None:
+def site_create(
+    ctx: click.Context,
+    cli: Cli,
+    name: str,
+    link_access: bool,
+    link_host: str,
+    link_port: int | None,
+    edge: bool,
+    service_sync: bool,
+    service_host: str,
+) -> None:
     """Create a site named NAME in --site-dir.
 
     Writes its own CA, key pair and config (site.yaml). Refuses to overwrite
@@ -499,7 +521,15 @@ def site_create(ctx: click.Context, cli: Cli, name: str, link_access: bool, link
     if link_access and link_port is None:
         link_port = DEFAULT_LINK_PORT
     mode = "edge" if edge else "interior"
-    _control().create_site(cli.site_dir, name, link_host=link_host, link_port=link_port, mode=mode)
+    _control().create_site(
+        cli.site_dir,
+        name,
+        link_host=link_host,
+        link_port=link_port,
+        mode=mode,
+        service_sync=service_sync,
+        service_host=service_host,
+    )
     if link_port is None:
         access = "accepts no links; it links out by redeeming tokens"
     elif link_port == 0:
@@ -1159,9 +1189,11 @@ async def _demo(connections: int, size: int, round_trips: int) -> bool:
             echo_port = servers[0].socket.getsockname()[1]
             with trio.fail_after(60):
                 async with (
-                    open_site("hub", os.path.join(root, "hub"), link_port=0) as hub,
-                    open_site("transit", os.path.join(root, "transit"), link_port=0) as transit,
-                    open_site("edge", os.path.join(root, "edge"), mode="edge") as edge,
+                    # One host for three sites: service sync would have each of them listen on
+                    # the echo server's own port; the edge's listener is made explicitly instead.
+                    open_site("hub", os.path.join(root, "hub"), link_port=0, service_sync=False) as hub,
+                    open_site("transit", os.path.join(root, "transit"), link_port=0, service_sync=False) as transit,
+                    open_site("edge", os.path.join(root, "edge"), mode="edge", service_sync=False) as edge,
                 ):
                     say(f"[1/4] sites created: hub {hub.site_id[:8]}, transit {transit.site_id[:8]}, edge {edge.site_id[:8]}")
                     await transit.redeem_token(await hub.issue_token())

@@ -105,6 +105,10 @@ class SiteConfig:
     mode: str = attrs.field(default="interior", validator=_mode)
     link_host: str = DEFAULT_LINK_HOST
     link_port: int | None = attrs.field(default=None, validator=_port)  # None: accepts no links
+    # Service sync: a listener here for every routing key offered elsewhere, on
+    # service_host and the connector's port, for as long as it is offered.
+    service_sync: bool = True
+    service_host: str = DEFAULT_LISTENER_HOST
     settings: Settings = Settings()
     links: tuple[LinkConfig, ...] = ()
     listeners: tuple[ListenerConfig, ...] = ()

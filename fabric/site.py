@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import shutil
 import random
@@ -114,6 +115,7 @@ class ListenerStatus:
     connections: int
     accepting: bool  # clients are accepted only while a provider of the key is reachable
     error: str | None  # why it does not accept, when it does not
+    auto: bool = False  # made by service sync for a key offered elsewhere, not configured
 
 
 @attrs.frozen
@@ -194,6 +196,10 @@ class Site:
         self._handshake_slots = trio.Semaphore(MAX_PENDING_HANDSHAKES)
         self._listeners: dict[str, TcpListener] = {}
         self._listener_errors: dict[str, str] = {}
+        self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
+        self._sync_errors: dict[str, tuple[int, str]] = {}  # routing key -> (port, why it could not listen)
+        self._listeners_changed = trio.Event()
+        self._sync_wake = trio.CancelScope()
         self._connectors: dict[str, TcpConnector] = {}
         self._dialers: dict[str, trio.CancelScope] = {}
         self._link_errors: dict[str, str] = {}
@@ -241,6 +247,8 @@ class Site:
                 except FabricError as exc:
                     self._listener_errors[listener.name] = str(exc)
                     log.error("%s", exc)
+            if self.config.service_sync:
+                nursery.start_soon(self._sync_services)
             task_status.started(self)
             try:
                 await trio.sleep_forever()
@@ -526,6 +534,7 @@ class Site:
         if self.running:
             self._add_connector(config)
         self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
+        self._resync()
         await trio.lowlevel.checkpoint()
         return config
 
@@ -541,6 +550,7 @@ class Site:
         if connector is not None:
             self.router.remove_connector(connector.config.routing_key, connector)
         self._save(attrs.evolve(self.config, connectors=tuple(c for c in self.config.connectors if c.name != name)))
+        self._resync()
         await trio.lowlevel.checkpoint()
 
     async def create_listener(
@@ -557,11 +567,76 @@ class Site:
         if self.running:
             await self._start_listener(config)
         self._save(attrs.evolve(self.config, listeners=(*self.config.listeners, config)))
-        return self._listener_status(config)
+        self._resync()
+        return self._listener_status(config, self._listeners.get(name))
+
+    def _listener_state_changed(self) -> None:
+        self._listeners_changed.set()
+        self._listeners_changed = trio.Event()
+
+    async def wait_listeners_changed(self) -> None:
+        """Return at the next change to this site's listeners: made, deleted, accepting or not, failing."""
+        await self._listeners_changed.wait()
+
+    async def wait_listening(self, routing_key: str, *, accepting: bool = True) -> None:
+        """Return once some listener here accepts clients for the key (with accepting=False: once none does)."""
+        while any(l.accepting for l in self._all_listeners() if l.config.routing_key == routing_key) != accepting:
+            await self._listeners_changed.wait()
+
+    def _all_listeners(self) -> list[TcpListener]:
+        return [*self._listeners.values(), *self._synced.values()]
+
+    def _sync_wanted(self) -> dict[str, int]:
+        """Routing key -> port, for every key offered by another site and not already listened for here."""
+        configured = {l.routing_key for l in self.config.listeners}
+        wanted: dict[str, int] = {}
+        for record in self.router.gossip.table.values():
+            if record.site_id == self.site_id or record.site_id not in self.router.routes:
+                continue
+            for service in record.services:
+                key = service.routing_key
+                if service.connectors and service.port and key not in configured and key not in self.router.connectors:
+                    wanted[key] = min(service.port, wanted.get(key, service.port))
+        return wanted
+
+    async def _sync_services(self) -> None:
+        """Service sync: keep a listener on the service host for each key offered elsewhere."""
+        assert self._nursery is not None
+        while True:
+            wanted = self._sync_wanted()
+            for key in [k for k in self._synced if wanted.get(k) != self._synced[k].port]:
+                await self._synced.pop(key).aclose()
+                log.info("service sync: listener for %r closed (no site offers it any more)", key)
+                self._listener_state_changed()
+            for key, port in wanted.items():
+                if key in self._synced or self._sync_errors.get(key, (None,))[0] == port:
+                    continue  # listening, or this port failed before: try again when the offer changes
+                config = ListenerConfig(name=key, routing_key=key, port=port, host=self.config.service_host)
+                listener = TcpListener(config, self.router, auto=True, on_state=self._listener_state_changed)
+                try:
+                    await self._nursery.start(listener.run)
+                except FabricError as exc:
+                    self._sync_errors[key] = (port, str(exc))
+                    self._listener_state_changed()
+                    log.warning("service sync: %s", exc)
+                    continue
+                self._sync_errors.pop(key, None)
+                self._synced[key] = listener
+                self._listener_state_changed()  # it may have started accepting before it was listed
+                log.info("service sync: listener for %r on %s:%d", key, config.host, port)
+            for key in [k for k in self._sync_errors if k not in wanted]:
+                del self._sync_errors[key]
+            with trio.move_on_after(math.inf) as wait:
+                self._sync_wake = wait  # a listener or connector made or deleted here ends the wait
+                await self.router.wait_changed()
+
+    def _resync(self) -> None:
+        """Listeners or connectors changed here: service sync looks again at once."""
+        self._sync_wake.cancel()
 
     async def _start_listener(self, config: ListenerConfig) -> TcpListener:
         assert self._nursery is not None
-        listener = TcpListener(config, self.router)
+        listener = TcpListener(config, self.router, on_state=self._listener_state_changed)
         await self._nursery.start(listener.run)
         self._listeners[config.name] = listener
         self._listener_errors.pop(config.name, None)
@@ -576,6 +651,7 @@ class Site:
         if listener is not None:
             await listener.aclose()
         self._save(attrs.evolve(self.config, listeners=tuple(l for l in self.config.listeners if l.name != name)))
+        self._resync()
 
     async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
         """Return once `providers` reachable sites (this one included) have a connector for the key,
@@ -630,8 +706,7 @@ class Site:
         """The bound link port; for a stopped site, the configured one once it is fixed (not 0)."""
         return self.link_port if self.running else self.config.link_port
 
-    def _listener_status(self, config: ListenerConfig) -> ListenerStatus:
-        running = self._listeners.get(config.name)
+    def _listener_status(self, config: ListenerConfig, running: TcpListener | None) -> ListenerStatus:
         return ListenerStatus(
             name=config.name,
             routing_key=config.routing_key,
@@ -640,6 +715,7 @@ class Site:
             connections=running.connections if running else 0,
             accepting=running.accepting if running else False,
             error=running.error if running else self._listener_errors.get(config.name),
+            auto=running.auto if running else False,
         )
 
     # -- links ---------------------------------------------------------------------------------
@@ -752,7 +828,12 @@ class Site:
             ServiceStatus(routing_key=key, providers=tuple(sorted(router.name_of(p) for p in router.providers(key))))
             for key in keys
         )
-        listeners = [self._listener_status(c) for c in self.config.listeners]
+        listeners = [self._listener_status(c, self._listeners.get(c.name)) for c in self.config.listeners]
+        listeners += [self._listener_status(l.config, l) for l in self._synced.values()]
+        listeners += [
+            ListenerStatus(key, key, self.config.service_host, port, 0, False, error, auto=True)
+            for key, (port, error) in self._sync_errors.items()
+        ]
         connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
         return SiteStatus(
             site_id=self.site_id,
@@ -792,14 +873,28 @@ def _incarnation(site_dir: Path, *, advance: bool) -> int:
 
 
 def create_site(
-    site_dir: str | os.PathLike, name: str, *, link_host: str = DEFAULT_LINK_HOST, link_port: int | None = None, mode: str = "interior"
+    site_dir: str | os.PathLike,
+    name: str,
+    *,
+    link_host: str = DEFAULT_LINK_HOST,
+    link_port: int | None = None,
+    mode: str = "interior",
+    service_sync: bool = True,
+    service_host: str = DEFAULT_LISTENER_HOST,
 ) -> None:
     """Write a new site directory (identity, CA, config); refuses to touch an existing one. Blocking."""
     site_dir = Path(site_dir)
     if config_path(site_dir).exists() or (site_dir.exists() and any(site_dir.iterdir())):
         raise ConfigError(f"{site_dir} is not empty: a site is there already, or other files are")
     try:
-        config = SiteConfig(name=name, link_host=link_host, link_port=link_port, mode=mode)
+        config = SiteConfig(
+            name=name,
+            link_host=link_host,
+            link_port=link_port,
+            mode=mode,
+            service_sync=service_sync,
+            service_host=service_host,
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     site_dir.mkdir(parents=True, exist_ok=True)
@@ -843,6 +938,8 @@ async def open_site(
     link_host: str | object = _UNSET,
     mode: str | object = _UNSET,
     settings: Settings | object = _UNSET,
+    service_sync: bool | object = _UNSET,
+    service_host: str | object = _UNSET,
 ) -> AsyncIterator[Site]:
     """Run a site for the duration of the block.
 
@@ -852,7 +949,14 @@ async def open_site(
     """
     overrides = {
         key: value
-        for key, value in dict(link_port=link_port, link_host=link_host, mode=mode, settings=settings).items()
+        for key, value in dict(
+            link_port=link_port,
+            link_host=link_host,
+            mode=mode,
+            settings=settings,
+            service_sync=service_sync,
+            service_host=service_host,
+        ).items()
         if value is not _UNSET
     }
     try:

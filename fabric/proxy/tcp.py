@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
+from collections.abc import Callable
 
 import trio
 
@@ -20,6 +22,12 @@ from ..router.router import Router
 from ..router.transports import listen_tcp
 
 log = logging.getLogger("fabric.proxy")
+
+# Addresses this process's listeners accept on. A connector whose target is
+# one of them would carry each flow back into the network, which would carry
+# it to the connector again, without end (service sync on a host shared by
+# several sites, with the real target down, makes exactly that): it refuses.
+_listening: set[tuple[str, int]] = set()
 
 
 class TcpConnector:
@@ -33,6 +41,7 @@ class TcpConnector:
 
     async def dial(self) -> SocketEnd:
         where = f"{self.config.host}:{self.config.port}"
+        await self._check_not_a_listener(where)
         try:
             with trio.fail_after(self._dial_timeout):
                 stream = await trio.open_tcp_stream(self.config.host, self.config.port)
@@ -46,6 +55,23 @@ class TcpConnector:
             ) from None
         return SocketEnd(stream, f"target {where}")
 
+    async def _check_not_a_listener(self, where: str) -> None:
+        """Refuse, before dialling, a target that is one of this process's own listeners."""
+        port = self.config.port
+        if not any(p == port for _, p in _listening):
+            return  # the common case costs no lookup
+        try:
+            infos = await trio.socket.getaddrinfo(self.config.host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # the dial will say what is wrong with the name
+        ours = {host for host, p in _listening if p == port}
+        if ours & ({info[4][0] for info in infos} | {"0.0.0.0", "::"}):
+            raise FlowRefused(
+                Reason.DIAL_FAILED,
+                f"connector {self.config.name}: target {where} is a fabric listener, not the service "
+                "(is the service down, and service sync listening on its port?)",
+            )
+
 
 class TcpListener(trio.abc.AsyncResource):
     """Accepts clients only while some reachable site provides its routing key.
@@ -55,7 +81,9 @@ class TcpListener(trio.abc.AsyncResource):
     when a provider appears. Connections already open carry on.
     """
 
-    def __init__(self, config: ListenerConfig, router: Router, *, auto: bool = False) -> None:
+    def __init__(
+        self, config: ListenerConfig, router: Router, *, auto: bool = False, on_state: Callable[[], None] = lambda: None
+    ) -> None:
         self.config = config
         self.auto = auto  # made by service sync, not configured
         self.port: int | None = None
@@ -65,6 +93,7 @@ class TcpListener(trio.abc.AsyncResource):
         self._router = router
         self._scope = trio.CancelScope()
         self._state_changed = trio.Event()
+        self._on_state = on_state
         self.connections = 0
 
     def __repr__(self) -> str:
@@ -100,6 +129,8 @@ class TcpListener(trio.abc.AsyncResource):
                             await router.wait_changed()
                             continue
                     self._state(True, None)
+                    address = tuple(listener.socket.getsockname()[:2])
+                    _listening.add(address)
                     try:
                         async with trio.open_nursery() as serving:
                             serving.start_soon(
@@ -108,6 +139,7 @@ class TcpListener(trio.abc.AsyncResource):
                             await router.wait_unreachable(key)
                             serving.cancel_scope.cancel()
                     finally:
+                        _listening.discard(address)
                         self._state(False, self.error)
                     await listener.aclose()
                     listener = None
@@ -116,6 +148,7 @@ class TcpListener(trio.abc.AsyncResource):
         self.accepting, self.error, self.bind_failed = accepting, error, bind_failed
         self._state_changed.set()
         self._state_changed = trio.Event()
+        self._on_state()
 
     async def wait_accepting(self) -> None:
         """Return once the listener accepts clients, or has failed to bind its port (see `error`)."""
