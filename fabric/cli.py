@@ -149,6 +149,14 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def _age(seconds: float) -> str:
+    """How long ago, to the largest whole unit: 4s, 12m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def output_option(command: Callable) -> Callable:
     return click.option(
         "-o",
@@ -359,9 +367,18 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
         "",
         _section(
             "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "COST", "NEXT HOPS"),
+            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "NEXT HOPS", "SERVICES"),
             [
-                (s["name"], _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("next_hops"))
+                (
+                    s["name"],
+                    _short_id(s.get("site_id")),
+                    s["mode"],
+                    s["reachable"],
+                    _age(s.get("age_s") or 0),
+                    s.get("cost"),
+                    s.get("next_hops"),
+                    s.get("services"),
+                )
                 for s in status.get("sites", [])
             ],
             empty="no other site known yet",

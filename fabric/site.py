@@ -98,7 +98,10 @@ class SiteInfo:
     reachable: bool
     cost: float | None
     next_hops: tuple[str, ...]
-
+    # Seconds: for a reachable site, since its current record arrived; for an
+    # unreachable one, since it became so (its record is purged at purge_after).
+    age_s: float = 0.0
+    services: tuple[str, ...] = ()  # routing keys it has connectors for
 
 @attrs.frozen
 class ServiceStatus:
@@ -809,6 +812,7 @@ class Site:
                     )
                 )
         sites = []
+        ages = {s.site_id: s.age for s in router.gossip.status()}
         for record in router.gossip.table.values():
             if record.site_id == self.site_id:
                 continue
@@ -821,6 +825,8 @@ class Site:
                     reachable=route is not None,
                     cost=route.cost if route else None,
                     next_hops=tuple(router.name_of(h.peer) for h in route.next_hops) if route else (),
+                    age_s=round(ages.get(record.site_id, 0.0), 1),
+                    services=tuple(sorted(s.routing_key for s in record.services if s.connectors)),
                 )
             )
         keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services})

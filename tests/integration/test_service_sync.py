@@ -47,6 +47,8 @@ async def test_listeners_follow_the_services_of_the_network(network, echo_server
                 (synced,) = a.status().listeners
                 assert synced.auto and synced.accepting and (synced.host, synced.port) == ("127.0.0.2", port)
                 assert not c.status().listeners  # the provider listens for nothing: it has the connector
+                (seen,) = [info for info in a.status().sites if info.name == "c"]
+                assert seen.reachable and seen.services == ("echo",) and 0 <= seen.age_s < DEADLINE
 
                 await c.delete_connector("echo")  # the last provider goes: the listeners close
                 for site, host in ((a, "127.0.0.2"), (b, "127.0.0.3")):
@@ -60,6 +62,8 @@ async def test_listeners_follow_the_services_of_the_network(network, echo_server
             # Site C stopped altogether: its services are withdrawn, the listeners close.
             await a.wait_listening("echo", accepting=False)
             assert await refused("127.0.0.2", port)
+            (gone,) = [info for info in a.status().sites if info.name == "c"]  # kept until purge_after
+            assert not gone.reachable and gone.cost is None
             async with network.site("c") as c:  # started again: its connector is in its site dir
                 await a.wait_listening("echo")
                 await b.wait_listening("echo")
