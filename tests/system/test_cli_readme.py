@@ -52,7 +52,8 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path):
     try:
         out, err = process.communicate(timeout=DEADLINE)
     except subprocess.TimeoutExpired:
-        process.kill()
+        # Kill the whole group first: background sites hold the output pipes open.
+        os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
         raise AssertionError(f"the walkthrough did not finish within {DEADLINE} s\nstdout: {out}\nstderr: {err}") from None
     finally:
