@@ -774,14 +774,19 @@ def link() -> None:
     """Inspect and change links (made by redeeming tokens)."""
 
 
+def _emit_part(cli: Cli, output: str, field: str, render: Callable[[list[dict]], str]) -> None:
+    """One part of the site's status (its links, listeners or connectors), and whether it runs."""
+    running, status = cli.call("status")
+    data = {"running": running, field: status.get(field, [])}
+    _emit(data, output, lambda d: render(d[field]) + ("" if running else "\n" + _site_line(status)))
+
+
 @link.command("status")
 @output_option
 @pass_cli
 def link_status(cli: Cli, output: str) -> None:
     """Show this site's links: direction, peer, cost, state, RTT, flows."""
-    running, status = cli.call("status")
-    data = {"running": running, "links": status.get("links", [])}
-    _emit(data, output, lambda d: _links_table(d["links"]) + ("" if running else "\n" + _site_line(status)))
+    _emit_part(cli, output, "links", _links_table)
 
 
 @link.command("update")
@@ -909,9 +914,7 @@ def listener_status(cli: Cli, output: str) -> None:
     For each: its address, routing key, open connections, and why it
     could not listen, if so.
     """
-    running, status = cli.call("status")
-    data = {"running": running, "listeners": status.get("listeners", [])}
-    _emit(data, output, lambda d: _listeners_table(d["listeners"]) + ("" if running else "\n" + _site_line(status)))
+    _emit_part(cli, output, "listeners", _listeners_table)
 
 
 @listener.command("delete")
@@ -963,9 +966,7 @@ def connector_create(cli: Cli, name: str, port: int, routing_key: str | None, ho
 @pass_cli
 def connector_status(cli: Cli, output: str) -> None:
     """Show this site's connectors: routing key and target."""
-    running, status = cli.call("status")
-    data = {"running": running, "connectors": status.get("connectors", [])}
-    _emit(data, output, lambda d: _connectors_table(d["connectors"]) + ("" if running else "\n" + _site_line(status)))
+    _emit_part(cli, output, "connectors", _connectors_table)
 
 
 @connector.command("delete")
