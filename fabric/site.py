@@ -887,6 +887,7 @@ def create_site(
     mode: str = "interior",
     service_sync: bool = True,
     service_host: str = DEFAULT_LISTENER_HOST,
+    settings: Settings | None = None,
 ) -> None:
     """Write a new site directory (identity, CA, config); refuses to touch an existing one. Blocking."""
     site_dir = Path(site_dir)
@@ -900,6 +901,7 @@ def create_site(
             mode=mode,
             service_sync=service_sync,
             service_host=service_host,
+            settings=settings or Settings(),
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
@@ -919,18 +921,14 @@ async def load_site(site_dir: str | os.PathLike) -> Site:
 
 def _prepare(name: str, site_dir: Path, overrides: dict) -> tuple[pki.Identity, SiteConfig, int]:
     """Create the site directory on first use, load it otherwise; raise the incarnation. Blocking."""
-    if config_path(site_dir).exists():
-        identity, config = _load(site_dir)
-        if config.name != name:
-            raise ConfigError(f"{site_dir} holds site {config.name!r}, not {name!r}")
-        if overrides:
-            config = attrs.evolve(config, **overrides)
-            save_config(site_dir, config)
-    else:
-        site_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(site_dir, 0o700)
-        identity = pki.create_identity(site_dir, name)
-        config = SiteConfig(name=name, **overrides)
+    if not config_path(site_dir).exists():
+        create_site(site_dir, name, **overrides)
+        overrides = {}
+    identity, config = _load(site_dir)
+    if config.name != name:
+        raise ConfigError(f"{site_dir} holds site {config.name!r}, not {name!r}")
+    if overrides:
+        config = attrs.evolve(config, **overrides)
         save_config(site_dir, config)
     return identity, config, _incarnation(site_dir, advance=True)
 
