@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import shutil
 import random
@@ -202,7 +201,7 @@ class Site:
         self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
         self._sync_errors: dict[str, tuple[int, str]] = {}  # routing key -> (port, why it could not listen)
         self._listeners_changed = trio.Event()
-        self._sync_wake = trio.CancelScope()
+        self._sync_wanted_again = trio.Event()
         self._connectors: dict[str, TcpConnector] = {}
         self._dialers: dict[str, trio.CancelScope] = {}
         self._link_errors: dict[str, str] = {}
@@ -353,6 +352,8 @@ class Site:
         backoff = self.settings.reconnect_min
         with scope:
             while True:
+                # The link's config as it is now: `update_link` may have changed its cost.
+                config = next((l for l in self.config.links if l.name == config.name), config)
                 started = trio.current_time()
                 try:
                     link = await self._dial_link(config)
@@ -629,13 +630,20 @@ class Site:
                 log.info("service sync: listener for %r on %s:%d", key, config.host, port)
             for key in [k for k in self._sync_errors if k not in wanted]:
                 del self._sync_errors[key]
-            with trio.move_on_after(math.inf) as wait:
-                self._sync_wake = wait  # a listener or connector made or deleted here ends the wait
-                await self.router.wait_changed()
+            if not self._sync_wanted_again.is_set():
+                async with trio.open_nursery() as wait:  # for a gossip change, or a change made here
+
+                    async def on(event_wait) -> None:
+                        await event_wait()
+                        wait.cancel_scope.cancel()
+
+                    wait.start_soon(on, self.router.wait_changed)
+                    wait.start_soon(on, self._sync_wanted_again.wait)
+            self._sync_wanted_again = trio.Event()
 
     def _resync(self) -> None:
-        """Listeners or connectors changed here: service sync looks again at once."""
-        self._sync_wake.cancel()
+        """Listeners or connectors changed here: service sync looks again at once (even if busy now)."""
+        self._sync_wanted_again.set()
 
     async def _start_listener(self, config: ListenerConfig) -> TcpListener:
         assert self._nursery is not None

@@ -92,7 +92,10 @@ async def _running_or_locked(site_dir: Path, lock: RunLock) -> bool:
             if await trio.to_thread.run_sync(lock.try_acquire):
                 return False
             await trio.sleep(0.05)  # the site is starting: its socket comes up in a moment
-    raise FabricError(f"the site in {site_dir} is starting or stuck: it did not answer within {START_WAIT:g} s")
+    raise FabricError(
+        f"the site in {site_dir} is busy: it is starting (or stuck), or another fabric command is changing it; "
+        f"nothing answered within {START_WAIT:g} s"
+    )
 
 
 def delete_site(site_dir: str | os.PathLike) -> None:
@@ -102,4 +105,10 @@ def delete_site(site_dir: str | os.PathLike) -> None:
         raise FabricError(f"the site at {site_dir} is running: stop it first")
     if not (site_dir / "site.yaml").exists():
         raise FabricError(f"no site directory at {site_dir}")
-    shutil.rmtree(site_dir)
+    lock = RunLock(site_dir)
+    if not lock.try_acquire():
+        raise FabricError(f"the site at {site_dir} is starting, or another fabric command is changing it: try again")
+    try:
+        shutil.rmtree(site_dir)
+    finally:
+        lock.release()

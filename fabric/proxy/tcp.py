@@ -93,6 +93,7 @@ class TcpListener(trio.abc.AsyncResource):
         self._router = router
         self._scope = trio.CancelScope()
         self._state_changed = trio.Event()
+        self._done = trio.Event()
         self._on_state = on_state
         self.connections = 0
 
@@ -107,42 +108,48 @@ class TcpListener(trio.abc.AsyncResource):
         when it is bound again, it is reported in `error` and tried at the next change.
         """
         what = f"listener {self.config.name}"
-        listener: trio.SocketListener | None = await listen_tcp(self.config.host, self.config.port, what=what)
-        self.port = listener.socket.getsockname()[1]
-        key, router = self.config.routing_key, self._router
-        with self._scope:
-            async with trio.open_nursery() as handlers:  # outlives each bind: open connections carry on
-                task_status.started(self)
-                while True:
-                    if not router.providers(key):
-                        if listener is not None:
-                            await listener.aclose()
-                            listener = None
-                        self._state(False, f"no reachable site offers routing key {key!r}")
-                        await router.wait_reachable(key)
-                    if listener is None:
+        listener: trio.SocketListener | None = None
+        try:
+            listener = await listen_tcp(self.config.host, self.config.port, what=what)
+            self.port = listener.socket.getsockname()[1]
+            key, router = self.config.routing_key, self._router
+            with self._scope:
+                async with trio.open_nursery() as handlers:  # outlives each bind: open connections carry on
+                    task_status.started(self)
+                    while True:
+                        if not router.providers(key):
+                            if listener is not None:
+                                await listener.aclose()
+                                listener = None
+                            self._state(False, f"no reachable site offers routing key {key!r}")
+                            await router.wait_reachable(key)
+                        if listener is None:
+                            try:
+                                listener = await listen_tcp(self.config.host, self.port, what=what)
+                            except FabricError as exc:
+                                self._state(False, str(exc), bind_failed=True)
+                                log.warning("%s", exc)
+                                await router.wait_changed()
+                                continue
+                        self._state(True, None)
+                        address = tuple(listener.socket.getsockname()[:2])
+                        _listening.add(address)
                         try:
-                            listener = await listen_tcp(self.config.host, self.port, what=what)
-                        except FabricError as exc:
-                            self._state(False, str(exc), bind_failed=True)
-                            log.warning("%s", exc)
-                            await router.wait_changed()
-                            continue
-                    self._state(True, None)
-                    address = tuple(listener.socket.getsockname()[:2])
-                    _listening.add(address)
-                    try:
-                        async with trio.open_nursery() as serving:
-                            serving.start_soon(
-                                functools.partial(trio.serve_listeners, self._serve, [listener], handler_nursery=handlers)
-                            )
-                            await router.wait_unreachable(key)
-                            serving.cancel_scope.cancel()
-                    finally:
-                        _listening.discard(address)
-                        self._state(False, self.error)
-                    await listener.aclose()
-                    listener = None
+                            async with trio.open_nursery() as serving:
+                                serving.start_soon(
+                                    functools.partial(trio.serve_listeners, self._serve, [listener], handler_nursery=handlers)
+                                )
+                                await router.wait_unreachable(key)
+                                serving.cancel_scope.cancel()
+                        finally:
+                            _listening.discard(address)
+                            self._state(False, self.error)
+                        await listener.aclose()
+                        listener = None
+        finally:
+            if listener is not None:
+                listener.socket.close()  # also when cancelled: never left to the garbage collector
+            self._done.set()
 
     def _state(self, accepting: bool, error: str | None, *, bind_failed: bool = False) -> None:
         self.accepting, self.error, self.bind_failed = accepting, error, bind_failed
@@ -156,8 +163,9 @@ class TcpListener(trio.abc.AsyncResource):
             await self._state_changed.wait()
 
     async def aclose(self) -> None:
+        """Stop accepting, reset its open connections, close the socket; returns once all is done."""
         self._scope.cancel()
-        await trio.lowlevel.checkpoint()
+        await self._done.wait()
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:

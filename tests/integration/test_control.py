@@ -75,6 +75,15 @@ async def test_changes_to_a_running_site_apply_at_once(tmp_path, echo_server, tc
                     await hub_site.router.wait_changed()
                     (incoming,) = hub_site.status().links
                 assert incoming.up and edge_site.status().links[0].cost == 7
+                # ...and the new cost outlives the link: after a reconnect both ends still have it.
+                hub_site.router.links[edge_site.site_id].close()
+                await edge_site.wait_linked(hub_site.site_id, up=False)
+                await edge_site.wait_linked(hub_site.site_id)
+                (incoming,) = hub_site.status().links
+                while incoming.cost != 7 or not incoming.up:
+                    await hub_site.router.wait_changed()
+                    (incoming,) = hub_site.status().links
+                assert edge_site.status().links[0].cost == 7
 
                 await edge.call("delete_listener", name="echo")
                 with pytest.raises(fabric.FabricError, match="no listener named 'echo'"):

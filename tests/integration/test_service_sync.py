@@ -126,3 +126,19 @@ async def test_the_service_host_is_kept_in_the_site_dir(network, host):
         pass
     async with network.site("a") as a:
         assert a.config.service_host == host and a.config.service_sync
+
+
+async def test_deleting_a_configured_listener_lets_service_sync_take_over(network, echo_server, tcp):
+    port = echo_server
+    with trio.fail_after(DEADLINE):
+        async with network.site("a", service_host="127.0.0.2") as a, network.site("b", link_port=0) as b:
+            await network.link(a, b)
+            await b.create_connector("echo", port, host="127.0.0.1")
+            await a.create_listener("echo", 0)
+            await a.wait_reachable("echo")
+            assert [l.auto for l in a.status().listeners] == [False]  # configured: no second one
+            await a.delete_listener("echo")
+            await a.wait_listening("echo")
+            (synced,) = a.status().listeners
+            assert synced.auto and (synced.host, synced.port) == ("127.0.0.2", port)
+            await echo_once("127.0.0.2", port, tcp)
