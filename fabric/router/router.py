@@ -186,8 +186,8 @@ class Router:
         self.gossip.publish(links, services)
 
     def _recompute(self) -> None:
+        self._follow_dialer_costs()  # may recompute (nested) as it republishes: compare with that
         before = set(self.routes)
-        self._follow_dialer_costs()
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
         for site in set(self.routes) ^ before:
             self.on_event(f"site {self.name_of(site)} {'reachable' if site in self.routes else 'unreachable'}")
