@@ -205,6 +205,7 @@ class Site:
         self._connectors: dict[str, TcpConnector] = {}
         self._dialers: dict[str, trio.CancelScope] = {}
         self._link_errors: dict[str, str] = {}
+        self._links_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -347,6 +348,19 @@ class Site:
         self._dialers[link.name] = scope
         self._nursery.start_soon(self._dial_loop, link, scope)
 
+    def _link_error(self, name: str, why: str | None) -> None:
+        """Why outgoing link `name` is not up (None: it is), as status shows it."""
+        if why is None:
+            self._link_errors.pop(name, None)
+        else:
+            self._link_errors[name] = why
+        self._links_changed.set()
+        self._links_changed = trio.Event()
+
+    async def wait_links_changed(self) -> None:
+        """Return at the next change of an outgoing link's state: up, down, or why it failed."""
+        await self._links_changed.wait()
+
     async def _dial_loop(self, config: LinkConfig, scope: trio.CancelScope) -> None:
         """Keep one outgoing link up: dial, serve, and redial with capped exponential backoff and jitter."""
         backoff = self.settings.reconnect_min
@@ -358,12 +372,18 @@ class Site:
                 try:
                     link = await self._dial_link(config)
                 except (FabricError, OSError) as exc:  # LinkError, or a damaged links/ directory
-                    self._link_errors[config.name] = str(exc)
+                    if getattr(exc, "code", None) == Reason.NOT_AUTHORIZED:
+                        # Revoked: final. Redialling would only be refused again, every time.
+                        why = f"{exc}; not dialling again: delete this link, and redeem a new token to link again"
+                        self._link_error(config.name, why)
+                        log.error("link %s: %s", config.name, why)
+                        await trio.sleep_forever()
+                    self._link_error(config.name, str(exc))
                     log.warning("link %s: %s", config.name, exc)
                 else:
-                    self._link_errors.pop(config.name, None)
+                    self._link_error(config.name, None)
                     # Keyed by the link's own name, which status shows (the peer's name may differ).
-                    self._link_errors[config.name] = await self._serve_link(link, f"link to {config.name}")
+                    self._link_error(config.name, await self._serve_link(link, f"link to {config.name}"))
                 if trio.current_time() - started > self.settings.reconnect_max:
                     backoff = self.settings.reconnect_min  # it was up a while: start over quickly
                 await trio.sleep(random.uniform(backoff / 2, backoff))
@@ -387,6 +407,8 @@ class Site:
             except trio.TooSlowError:
                 errors.append(f"{text}: no answer within {self.settings.handshake_timeout:g} s")
             except (LinkError, ValueError) as exc:
+                if getattr(exc, "code", None) == Reason.NOT_AUTHORIZED:
+                    raise  # the peer itself refuses this site: another address would say the same
                 errors.append(str(exc))
         raise LinkError("; ".join(errors) or "the link has no addresses")
 

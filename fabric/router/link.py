@@ -79,7 +79,7 @@ def read_hello_untrusted(frame: Frame, local: Hello) -> Hello:
     """The peer's HELLO; refuses a peer with no protocol version in common."""
     if frame.type is FrameType.GOAWAY:
         code, text = decode_reason_untrusted(frame.payload)
-        raise LinkError(f"peer refused the link: {text}")
+        raise LinkError(f"peer refused the link: {text}", code=code)
     if frame.type is not FrameType.HELLO:
         raise ProtocolError(f"expected HELLO, got {frame.type.name}")
     peer = decode_message_untrusted(frame.payload, Hello)

@@ -105,9 +105,10 @@ async def test_a_revoked_site_is_dropped_and_refused_from_then_on(tmp_path):
                 await edge.call("wait_link", name="hub")
                 assert (await hub.call("revoke_link", name="edge")) == {"revoked": 1}
                 await hub_site.wait_linked(edge_site.site_id, up=False)
-                # The edge redials and is refused, and says why.
-                while "revoked" not in (edge_site.status().links[0].error or ""):
-                    await edge_site.router.wait_changed()
+                # The edge redials once, is refused, says why, and stops dialling.
+                while "not dialling again" not in (edge_site.status().links[0].error or ""):
+                    await edge_site.wait_links_changed()
+                assert "revoked" in edge_site.status().links[0].error
                 assert not hub_site.router.linked(edge_site.site_id)
                 with pytest.raises(fabric.FabricError, match="no certificate to a site named 'edge' that is not revoked"):
                     await hub.call("revoke_link", name="edge")
