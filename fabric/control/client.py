@@ -72,7 +72,7 @@ async def open_handle(site_dir: str | os.PathLike) -> AsyncIterator[SiteHandle]:
     that is starting is waited for, then reached through its socket.
     """
     site_dir = Path(site_dir)
-    stopped = await load_site(site_dir)  # checks there is a site, for a clear error if not
+    await load_site(site_dir)  # raises, with a clear message, if there is no site there
     lock = RunLock(site_dir)
     if await _running_or_locked(site_dir, lock):
         yield RunningSite(site_dir)

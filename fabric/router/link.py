@@ -140,7 +140,6 @@ class Link(trio.abc.AsyncResource):
         self._reason: str | None = None
         self._goaway: bytes | None = None
         self._scope = trio.CancelScope()
-        self.up_since = trio.current_time()
 
     def __repr__(self) -> str:
         role = "dialed" if self.dialer else "accepted"
