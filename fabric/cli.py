@@ -754,15 +754,27 @@ def token_redeem(cli: Cli, file: Path, name: str | None, cost: int | None, wait:
     cli.run(body)
 
 
-async def _wait_link(site: Any, link: str, timeout: float) -> None:
-    _say(f"waiting for link {link} to come up...")
+async def _wait_for(
+    site: Any, op: str, args: dict, *, timeout: float, waiting: str, too_slow: Callable[[str], str]
+) -> Any:
+    """A waiting operation with a progress line; past `timeout`, fails with too_slow("<timeout as 90s>")."""
+    _say(waiting)
     try:
         with trio.fail_after(timeout):
-            await site.call("wait_link", name=link)
+            return await site.call(op, **args)
     except trio.TooSlowError:
-        raise Failure(
-            f"link {link} is not up after {format_duration(timeout)} (it keeps trying: see `fabric link status`)"
-        ) from None
+        raise Failure(too_slow(format_duration(timeout))) from None
+
+
+async def _wait_link(site: Any, link: str, timeout: float) -> None:
+    await _wait_for(
+        site,
+        "wait_link",
+        {"name": link},
+        timeout=timeout,
+        waiting=f"waiting for link {link} to come up...",
+        too_slow=lambda after: f"link {link} is not up after {after} (it keeps trying: see `fabric link status`)",
+    )
     _say(f"link {link} is up")
 
 
@@ -893,16 +905,16 @@ def listener_create(
 
 async def _wait_routing_key(site: Any, key: str, timeout: float) -> None:
     """Wait until a reachable site offers `key`."""
-    _say(f"waiting for a site to offer routing key {key}...")
-    try:
-        with trio.fail_after(timeout):
-            providers = (await site.call("wait_reachable", routing_key=key))["providers"]
-    except trio.TooSlowError:
-        raise Failure(
-            f"no site offers routing key {key} after {format_duration(timeout)} "
-            "(the listener stays; create a connector for the key at a linked site)"
-        ) from None
-    _say(f"routing key {key} is reachable at {', '.join(providers)}")
+    answer = await _wait_for(
+        site,
+        "wait_reachable",
+        {"routing_key": key},
+        timeout=timeout,
+        waiting=f"waiting for a site to offer routing key {key}...",
+        too_slow=lambda after: f"no site offers routing key {key} after {after} "
+        "(the listener stays; create a connector for the key at a linked site)",
+    )
+    _say(f"routing key {key} is reachable at {', '.join(answer['providers'])}")
 
 
 @listener.command("status")
