@@ -19,7 +19,7 @@ from ..errors import FabricError, FlowError, FlowRefused, NoProviderError
 from ..router.frames import Reason
 from ..router.relay import SocketEnd, relay
 from ..router.router import Router
-from ..router.transports import listen_tcp
+from ..router.transports import describe_connect_error, listen_tcp
 
 log = logging.getLogger("fabric.proxy")
 
@@ -46,7 +46,7 @@ class TcpConnector:
             with trio.fail_after(self._dial_timeout):
                 stream = await trio.open_tcp_stream(self.config.host, self.config.port)
         except OSError as exc:
-            why = exc.strerror or str(exc)
+            why = describe_connect_error(exc)
             raise FlowRefused(Reason.DIAL_FAILED, f"connector {self.config.name}: target {where}: {why}") from None
         except trio.TooSlowError:
             raise FlowRefused(

@@ -6,6 +6,7 @@ accepts and translates OS and OpenSSL failures into `LinkError` lines.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -65,7 +66,7 @@ async def dial(address: Address, context: ssl.SSLContext) -> trio.SSLStream:
     try:
         tcp = await trio.open_tcp_stream(address.host, address.port)
     except OSError as exc:
-        raise LinkError(f"cannot reach {address}: {exc.strerror or exc}") from None
+        raise LinkError(f"cannot reach {address}: {describe_connect_error(exc)}") from None
     _tune(tcp)
     stream = trio.SSLStream(tcp, context, server_hostname=None)
     try:
@@ -88,6 +89,17 @@ async def accept_tls(tcp: trio.SocketStream, context: ssl.SSLContext) -> trio.SS
     except trio.BrokenResourceError as exc:
         raise LinkError(f"TLS handshake failed: {describe_tls_error(exc)}") from None
     return stream
+
+
+def describe_connect_error(exc: OSError) -> str:
+    """Why a TCP connect failed, in the OS's words ("Connection refused").
+
+    trio.open_tcp_stream says only "all attempts to connect ... failed" and
+    chains the real errors, one per address tried, underneath.
+    """
+    causes = getattr(exc.__cause__, "exceptions", ())
+    reasons = list(dict.fromkeys(os.strerror(e.errno) if e.errno else str(e) for e in causes if isinstance(e, OSError)))
+    return "; ".join(reasons) or exc.strerror or str(exc)
 
 
 def describe_tls_error(exc: BaseException) -> str:

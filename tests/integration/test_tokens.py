@@ -51,6 +51,7 @@ async def test_each_refused_token_says_why(network, tcp):
             with pytest.raises(fabric.IssuerUnreachableError, match="cannot reach") as unreachable:
                 await late.redeem_token(nowhere)
             messages["unreachable"] = str(unreachable.value)
+            assert str(unreachable.value).endswith(f"{nowhere.addresses[0]}: Connection refused")  # the cause, once
 
             assert_unlinked(late)
             # The forged and unreachable attempts did not use the real token up: it still works.
