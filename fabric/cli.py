@@ -460,7 +460,7 @@ def main(ctx: click.Context, site_dir: Path) -> None:
       hub$  fabric token issue hub.token && fabric site run  # copy hub.token to here
       here$ fabric site create here && fabric token redeem hub.token
       here$ fabric site run                                  # here links to hub
-      hub$  fabric connector create db 5432;  here$ fabric listener create db 5432
+      hub$  fabric connector create db 5432   # here now listens on 127.0.0.1:5432
     """
     ctx.obj = Cli(site_dir)
 

@@ -591,6 +591,8 @@ class Site:
             raise FabricError(f"listener {name!r} exists already")
         config = ListenerConfig(name=name, routing_key=routing_key or name, port=port, host=host)
         if self.running:
+            if (synced := self._synced.pop(config.routing_key, None)) is not None:
+                await synced.aclose()  # a configured listener takes over from service sync (maybe its very port)
             await self._start_listener(config)
         self._save(attrs.evolve(self.config, listeners=(*self.config.listeners, config)))
         self._resync()

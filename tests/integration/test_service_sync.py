@@ -142,3 +142,17 @@ async def test_deleting_a_configured_listener_lets_service_sync_take_over(networ
             (synced,) = a.status().listeners
             assert synced.auto and (synced.host, synced.port) == ("127.0.0.2", port)
             await echo_once("127.0.0.2", port, tcp)
+
+
+async def test_a_listener_made_on_the_port_service_sync_holds_takes_it_over(network, echo_server, tcp):
+    port = echo_server
+    with trio.fail_after(DEADLINE):
+        async with network.site("a", service_host="127.0.0.2") as a, network.site("b", link_port=0) as b:
+            await network.link(a, b)
+            await b.create_connector("echo", port, host="127.0.0.1")
+            await a.wait_listening("echo")  # service sync holds 127.0.0.2:<port>
+            listener = await a.create_listener("echo", port, host="127.0.0.2")  # the same address
+            assert listener.port == port and not listener.auto
+            (only,) = a.status().listeners
+            assert not only.auto and only.accepting
+            await echo_once("127.0.0.2", port, tcp)
