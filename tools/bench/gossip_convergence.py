@@ -31,7 +31,6 @@ tools/bench/results/gossip_convergence.json (git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -44,6 +43,7 @@ from fabric.gossip.engine import ANTI_ENTROPY_INTERVAL
 from fabric.router.routes import compute_routes
 
 from .gossip_sim import SimSite, Simulation, line, random_mesh, star
+from .common import finish
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "tools" / "bench" / "results" / "gossip_convergence.json"
@@ -246,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gossip_convergence: {topology} of {size} sites, {args.runs} run(s) ...", flush=True)
             rows.append(run(topology, size, args.runs))
     summary = report(rows, time.perf_counter() - started)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"results written to {args.json}")
-    return 0 if summary["pass"] else 1
+    return finish(summary, args.json)
 
 
 if __name__ == "__main__":

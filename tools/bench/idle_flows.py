@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,8 @@ import attrs
 import trio
 
 import fabric
+
+from .common import finish, raise_fd_limit
 
 TARGET_BYTES = 64 * 1024  # acceptance: site memory per idle connection, net of the baseline
 DEFAULT_CONNECTIONS = 1000
@@ -233,8 +234,9 @@ async def measure_pass(mode: str, connections: int) -> dict:
             listeners = await nursery.start(functools.partial(trio.serve_tcp, target.handle, 0, host="127.0.0.1"))
             target_port = listeners[0].socket.getsockname()[1]
             async with (
-                fabric.open_site("hub", root / "hub", link_port=0, settings=settings) as hub,
-                fabric.open_site("edge", root / "edge", mode="edge", settings=settings) as edge,
+                # Both sites on one host: no service sync (it would listen on the target's own port).
+                fabric.open_site("hub", root / "hub", link_port=0, settings=settings, service_sync=False) as hub,
+                fabric.open_site("edge", root / "edge", mode="edge", settings=settings, service_sync=False) as edge,
             ):
                 with trio.fail_after(SETUP_DEADLINE):
                     token = await hub.issue_token(redemptions_allowed=1, expiration_window=900)
@@ -271,7 +273,7 @@ async def measure_pass(mode: str, connections: int) -> dict:
                 timings["open_fabric_s"] = time.perf_counter() - started
                 await settle("target connections (baseline + fabric)", lambda: target.connections, 2 * connections)
                 await settle("flows at hub and edge", flows, (connections, connections))
-                await settle("listener connections", lambda: listener.connections, connections)
+                await settle("listener connections", lambda: edge.status().listeners[0].connections, connections)
                 await trio.sleep(QUIET)
                 probe.measure("fabric")
 
@@ -292,22 +294,6 @@ async def measure_pass(mode: str, connections: int) -> dict:
 
 # -- the whole run --------------------------------------------------------------------------------------
 
-
-def raise_fd_limit(connections: int) -> int:
-    needed = connections * FDS_PER_CONNECTION + FD_MARGIN
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= needed:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))  # raising hard needs root
-    except (ValueError, OSError):
-        if hard < needed:
-            sys.exit(
-                f"idle_flows: {connections} connections need {needed} file descriptors; the hard limit is {hard} "
-                f"(raise it, e.g. `ulimit -Hn {needed}` as root, or use fewer --connections)"
-            )
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return needed
 
 
 def run_child(mode: str, connections: int) -> dict:
@@ -411,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.connections < 1:
         parser.error("--connections must be at least 1")
-    raise_fd_limit(args.connections)
+    raise_fd_limit(args.connections * FDS_PER_CONNECTION + FD_MARGIN, what=f"idle_flows: {args.connections} connections")
 
     if args.mode:  # a child: one pass, its numbers as one JSON line on stdout
         print(json.dumps(trio.run(measure_pass, args.mode, args.connections)))
@@ -423,10 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idle_flows: {mode} pass, {args.connections} connections ...", flush=True)
         results[mode] = run_child(mode, args.connections)
     summary = report(args.connections, results, time.perf_counter() - started)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"results written to {args.json}")
-    return 0 if summary["pass"] else 1
+    return finish(summary, args.json)
 
 
 if __name__ == "__main__":

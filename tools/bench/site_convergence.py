@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from fabric.router.frames import HEADER_SIZE
 from fabric.router.link import Link
 
 from .gossip_sim import line, random_mesh, star
+from .common import finish, raise_fd_limit
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "tools" / "bench" / "results" / "site_convergence.json"
@@ -468,20 +468,6 @@ def _cpus() -> int | None:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def raise_fd_limit(sites: int) -> int:
-    needed = sites * FDS_PER_SITE + FD_MARGIN
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= needed:
-        return soft
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        sys.exit(
-            f"site_convergence: {sites} sites need about {needed} file descriptors; the hard limit is {hard} "
-            f"(raise it, e.g. `ulimit -Hn {needed}` as root, or use smaller --sizes)"
-        )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    print(f"raised the soft RLIMIT_NOFILE from {soft} to {needed}")
-    return needed
-
 
 async def run_all(args: argparse.Namespace) -> list[dict]:
     rows = []
@@ -537,14 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1, --rest-seconds above 0 and every size at least 2")
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    raise_fd_limit(max(args.sizes))
+    raise_fd_limit(max(args.sizes) * FDS_PER_SITE + FD_MARGIN, what=f"site_convergence: {max(args.sizes)} sites")
     started = time.perf_counter()
     rows = trio.run(run_all, args)
     summary = report(rows, time.perf_counter() - started, args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"results written to {args.json}")
-    return 0 if summary["pass"] else 1
+    return finish(summary, args.json)
 
 
 if __name__ == "__main__":
