@@ -36,6 +36,7 @@ import yaml
 from . import __version__
 from .errors import FabricError
 from .pki import Token
+from .router.routes import BALANCED, DISTRIBUTIONS
 from .site import Site, open_site
 
 DEMO_KEY = "echo"
@@ -331,18 +332,36 @@ def _listeners_table(listeners: list[dict]) -> str:
             item["name"],
             item["routing_key"],
             _address(item["host"], item.get("port")),
+            item.get("distribution", BALANCED),
             item.get("connections", 0),
             _listener_state(item),
         )
         for item in listeners
     ]
-    text = _section("Listeners", ("NAME", "ROUTING KEY", "ADDRESS", "CONNECTIONS", "STATE"), rows, empty="none")
+    headers = ("NAME", "ROUTING KEY", "ADDRESS", "DISTRIBUTION", "CONNECTIONS", "STATE")
+    text = _section("Listeners", headers, rows, empty="none")
     return text + _notes((item["name"], item.get("error")) for item in listeners)
 
 
 def _connectors_table(connectors: list[dict]) -> str:
     rows = [(item["name"], item["routing_key"], _address(item["host"], item.get("port"))) for item in connectors]
     return _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
+
+
+def _hops(hops: list[dict]) -> list[str]:
+    """Next hops as `b (cost 2, 0.4 ms)`, best first."""
+    return [f"{h['name']} (cost {h['cost']:g}, {_rtt(h.get('rtt_ms'))})" for h in hops]
+
+
+def _providers(providers: list[dict]) -> list[str]:
+    """Providers as `hub (cost 2, 3 open)`, with a penalty when its target refused lately."""
+    shown = []
+    for p in providers:
+        notes = [f"cost {p['cost']:g}", f"{p['outstanding']} open"]
+        if p.get("penalty"):
+            notes.append(f"penalty {p['penalty']:g}: its target refused")
+        shown.append(f"{p['name']} ({', '.join(notes)})")
+    return shown
 
 
 def _site_line(status: dict) -> str:
@@ -367,7 +386,7 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
         "",
         _section(
             "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "NEXT HOPS", "SERVICES"),
+            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "NEXT HOPS", "CHANGES", "SERVICES"),
             [
                 (
                     s["name"],
@@ -376,7 +395,8 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
                     s["reachable"],
                     _age(s.get("age_s") or 0),
                     s.get("cost"),
-                    s.get("next_hops"),
+                    _hops(s.get("next_hops", [])),
+                    s.get("route_changes", 0),
                     s.get("services"),
                 )
                 for s in status.get("sites", [])
@@ -387,7 +407,7 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
         _section(
             "Services",
             ("ROUTING KEY", "PROVIDERS"),
-            [(s["routing_key"], s.get("providers")) for s in status.get("services", [])],
+            [(s["routing_key"], _providers(s.get("providers", []))) for s in status.get("services", [])],
             empty="none",
         ),
         "",
@@ -604,7 +624,14 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
     """Show the site, its links, services, listeners and connectors.
 
     Also every other site it knows of: reachable or not, at what cost, and
-    through which neighbours.
+    through which neighbours (best first, each with the cost of the path
+    through it and the link's round trip). CHANGES counts how often a site's
+    route changed while it stayed reachable: a count that keeps rising means
+    a flapping path. For each routing key, the sites that offer it, with the
+    connections open to each and any penalty for a target that refused.
+
+    A path costs the sum of its links' costs; a link costs its configured
+    cost plus 1 per 10 ms of round trip (unless latency_cost is off).
     """
     if wait:
         _wait_running(cli, timeout, quiet=output != "table")
@@ -879,20 +906,40 @@ def listener() -> None:
     show_default=True,
     help="How connections are carried: tcp, byte for byte (http comes later).",
 )
+@click.option(
+    "--distribution",
+    type=click.Choice(DISTRIBUTIONS),
+    default=BALANCED,
+    show_default=True,
+    help="How each connection picks a site that offers the key: balanced (nearer sites first, farther ones as "
+    "the nearer carry more connections) or closest (only the nearest).",
+)
 @wait_options("a site offers the routing key", default=False)
 @pass_cli
 def listener_create(
-    cli: Cli, name: str, port: int, routing_key: str | None, host: str, protocol: str, wait: bool, timeout: float
+    cli: Cli,
+    name: str,
+    port: int,
+    routing_key: str | None,
+    host: str,
+    protocol: str,
+    distribution: str,
+    wait: bool,
+    timeout: float,
 ) -> None:
     """Listen on HOST:PORT for clients of a routing key.
 
     Each client is carried to a connector for the routing key, at whichever
     site offers it. PORT 0 picks a free port (printed). Clients that connect
-    while no site offers the routing key are refused.
+    while no site offers the routing key are refused. A site whose target
+    refuses a connection is avoided for a few seconds, and the client is
+    carried to another site instead.
     """
 
     async def body(site: Any) -> None:
-        made = await site.call("create_listener", name=name, port=port, host=host, routing_key=routing_key)
+        made = await site.call(
+            "create_listener", name=name, port=port, host=host, routing_key=routing_key, distribution=distribution
+        )
         key = made.get("routing_key") or routing_key or name
         _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}")
         if not site.running:
@@ -1203,7 +1250,7 @@ async def _round_trips(port: int, count: int) -> list[float]:
 
 def _show_routes(site: Site) -> None:
     for info in site.status().sites:
-        hops = ", ".join(info.next_hops) or "-"
+        hops = ", ".join(h.name for h in info.next_hops) or "-"
         state = f"cost {info.cost:g} via {hops}" if info.reachable else "unreachable"
         click.echo(f"    {site.name} -> {info.name} ({info.mode}): {state}")
 

@@ -20,6 +20,7 @@ import yaml
 from cattrs.preconf.pyyaml import make_converter
 
 from .errors import ConfigError
+from .router.routes import BALANCED, DISTRIBUTIONS
 
 CONFIG_FILE = "site.yaml"
 STATE_DIR = "state"
@@ -63,6 +64,10 @@ class Settings:
     # Bytes queued for a link's writer before data senders wait for it to drain.
     link_write_buffer: int = attrs.field(default=1024 * 1024, validator=_positive)
     max_hops: int = attrs.field(default=32, validator=_positive)  # hop limit of a new flow
+    # Whether links advertise their measured RTT, which adds one unit of cost
+    # per 10 ms (routes.LATENCY_STEP). Off: the configured costs alone decide.
+    # A link counts the RTT either end advertises: set it alike on all sites.
+    latency_cost: bool = True
     # Seconds between anti-entropy rounds (a digest hash to one neighbour in
     # turn): repairs lost updates; at rest it costs ~1 KiB per site per minute.
     anti_entropy_interval: float = attrs.field(default=5.0, validator=_positive)
@@ -88,6 +93,10 @@ class ListenerConfig:
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_LISTENER_HOST
     protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(("tcp",)))
+    # How each new connection picks a provider: "balanced" (fewest outstanding
+    # flows plus cost: farther providers take flows as nearer ones fill) or
+    # "closest" (only the lowest-cost providers).
+    distribution: str = attrs.field(default=BALANCED, validator=attrs.validators.in_(DISTRIBUTIONS))
 
 
 @attrs.frozen

@@ -48,7 +48,7 @@ from .errors import (
     TokenForgedError,
     TokenSpentError,
 )
-from .gossip.records import sign_record
+from .gossip.records import EDGE, sign_record
 from .proxy.tcp import TcpConnector, TcpListener
 from .router.frames import (
     FrameDecoder,
@@ -63,6 +63,7 @@ from .router.frames import (
 )
 from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
 from .router.router import Router
+from .router.routes import BALANCED, DISTRIBUTIONS
 from .router.transports import Address, accept_tls, dial, listen_tcp, parse_address, peer_address
 
 log = logging.getLogger("fabric.site")
@@ -74,6 +75,11 @@ _TOKEN_ERRORS = {
     Reason.TOKEN_FORGED: TokenForgedError,
     Reason.TOKEN_EXPIRED: TokenExpiredError,
     Reason.TOKEN_SPENT: TokenSpentError,
+}
+# Refusals of a link that no redial can change, with what the user can do.
+_FINAL_REFUSALS = {
+    Reason.NOT_AUTHORIZED: "delete this link, and redeem a new token to link again",
+    Reason.EDGE_TO_EDGE: "delete this link",
 }
 
 
@@ -90,22 +96,44 @@ class LinkStatus:
 
 
 @attrs.frozen
+class HopStatus:
+    """A neighbour that new flows toward a site may take, best first."""
+
+    name: str
+    cost: float  # of the whole path through it
+    rtt_ms: float | None  # measured on the link to it, smoothed
+    flows: int  # flows through it now, toward any destination
+
+
+@attrs.frozen
 class SiteInfo:
     site_id: str
     name: str
     mode: str
     reachable: bool
     cost: float | None
-    next_hops: tuple[str, ...]
+    next_hops: tuple[HopStatus, ...]
     # Seconds: for a reachable site, since its current record arrived; for an
     # unreachable one, since it became so (its record is purged at purge_after).
     age_s: float = 0.0
     services: tuple[str, ...] = ()  # routing keys it has connectors for
+    route_changes: int = 0  # times its route (cost or next hops) changed while it stayed reachable
+
+
+@attrs.frozen
+class ProviderStatus:
+    """A reachable site with a connector for a routing key, as this site's ingress weighs it."""
+
+    name: str
+    cost: float  # of the path to it (0: this site)
+    outstanding: int  # flows this site has open toward it for any key
+    penalty: float = 0.0  # cost units added after its target refused dials; decays in seconds
+
 
 @attrs.frozen
 class ServiceStatus:
     routing_key: str
-    providers: tuple[str, ...]  # site names, reachable ones only
+    providers: tuple[ProviderStatus, ...]  # reachable ones only, by name
 
 
 @attrs.frozen
@@ -118,6 +146,7 @@ class ListenerStatus:
     accepting: bool  # clients are accepted only while a provider of the key is reachable
     error: str | None  # why it does not accept, when it does not
     auto: bool = False  # made by service sync for a key offered elsewhere, not configured
+    distribution: str = BALANCED  # how it picks a provider per connection
 
 
 @attrs.frozen
@@ -319,6 +348,7 @@ class Site:
         peer = read_hello_untrusted(first, local)
         if peer.site_id != peer_id:
             raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {peer_id[:8]}")
+        self._check_modes(peer)
         await stream.send_all(encode_frame(FrameType.HELLO, 0, encode_message(local)))
         return self._make_link(stream, decoder, local=local, peer=peer, dialer=False, cost=max(1, peer.cost))
 
@@ -372,9 +402,9 @@ class Site:
                 try:
                     link = await self._dial_link(config)
                 except (FabricError, OSError) as exc:  # LinkError, or a damaged links/ directory
-                    if getattr(exc, "code", None) == Reason.NOT_AUTHORIZED:
-                        # Revoked: final. Redialling would only be refused again, every time.
-                        why = f"{exc}; not dialling again: delete this link, and redeem a new token to link again"
+                    if (advice := _FINAL_REFUSALS.get(getattr(exc, "code", None))) is not None:
+                        # Redialling would only be refused again, every time.
+                        why = f"{exc}; not dialling again: {advice}"
                         self._link_error(config.name, why)
                         log.error("link %s: %s", config.name, why)
                         await trio.sleep_forever()
@@ -407,7 +437,7 @@ class Site:
             except trio.TooSlowError:
                 errors.append(f"{text}: no answer within {self.settings.handshake_timeout:g} s")
             except (LinkError, ValueError) as exc:
-                if getattr(exc, "code", None) == Reason.NOT_AUTHORIZED:
+                if getattr(exc, "code", None) in _FINAL_REFUSALS:
                     raise  # the peer itself refuses this site: another address would say the same
                 errors.append(str(exc))
         raise LinkError("; ".join(errors) or "the link has no addresses")
@@ -425,7 +455,16 @@ class Site:
             raise LinkError(f"peer {config.name} ended the handshake: {exc.__cause__ or exc}") from None
         if peer.site_id != server_id:
             raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {server_id[:8]}")
+        self._check_modes(peer)
         return self._make_link(stream, decoder, local=local, peer=peer, dialer=True, cost=config.cost)
+
+    def _check_modes(self, peer) -> None:
+        """Edge sites link only to interior sites: two edges would have no one to carry their traffic."""
+        if self.config.mode == EDGE and peer.mode == EDGE:
+            raise LinkError(
+                f"site {self.name} and site {peer.name} are both edge sites; an edge site links only to interior sites",
+                code=Reason.EDGE_TO_EDGE,
+            )
 
     def _hello(self, cost: int):
         return make_hello(self.site_id, self.name, self.config.mode, self.incarnation, self.settings, cost)
@@ -580,16 +619,27 @@ class Site:
         await trio.lowlevel.checkpoint()
 
     async def create_listener(
-        self, name: str, port: int, *, host: str = DEFAULT_LISTENER_HOST, routing_key: str | None = None
+        self,
+        name: str,
+        port: int,
+        *,
+        host: str = DEFAULT_LISTENER_HOST,
+        routing_key: str | None = None,
+        distribution: str = BALANCED,
     ) -> ListenerStatus:
         """Accept clients on `host:port` for `routing_key` (default: the name).
 
         Port 0 picks a free port: the result's `.port` is the bound one. While
         the site is stopped the listener is saved and bound at the next start.
+        `distribution` is how each connection picks a provider: "balanced"
+        (nearer ones first, farther ones as they fill) or "closest" (only the
+        nearest).
         """
         if any(l.name == name for l in self.config.listeners):
             raise FabricError(f"listener {name!r} exists already")
-        config = ListenerConfig(name=name, routing_key=routing_key or name, port=port, host=host)
+        if distribution not in DISTRIBUTIONS:
+            raise FabricError(f"unknown distribution {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
+        config = ListenerConfig(name=name, routing_key=routing_key or name, port=port, host=host, distribution=distribution)
         if self.running:
             if (synced := self._synced.pop(config.routing_key, None)) is not None:
                 await synced.aclose()  # a configured listener takes over from service sync (maybe its very port)
@@ -751,6 +801,7 @@ class Site:
             accepting=running.accepting if running else False,
             error=running.error if running else self._listener_errors.get(config.name),
             auto=running.auto if running else False,
+            distribution=config.distribution,
         )
 
     # -- links ---------------------------------------------------------------------------------
@@ -812,6 +863,16 @@ class Site:
 
     # -- status ------------------------------------------------------------------------------
 
+    def _hop_status(self, hop) -> HopStatus:
+        link = self.router.links.get(hop.peer)
+        rtt = link.rtt if link is not None else None
+        return HopStatus(
+            name=self.router.name_of(hop.peer),
+            cost=hop.cost,
+            rtt_ms=None if rtt is None else round(rtt * 1000, 3),
+            flows=self.router.active[hop.peer],
+        )
+
     def status(self) -> SiteStatus:
         router = self.router
         links = []
@@ -856,14 +917,26 @@ class Site:
                     mode=record.mode,
                     reachable=route is not None,
                     cost=route.cost if route else None,
-                    next_hops=tuple(router.name_of(h.peer) for h in route.next_hops) if route else (),
+                    next_hops=tuple(self._hop_status(h) for h in route.next_hops) if route else (),
                     age_s=round(ages.get(record.site_id, 0.0), 1),
                     services=tuple(sorted(s.routing_key for s in record.services if s.connectors)),
+                    route_changes=router.route_changes[record.site_id],
                 )
             )
         keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services})
         services = tuple(
-            ServiceStatus(routing_key=key, providers=tuple(sorted(router.name_of(p) for p in router.providers(key))))
+            ServiceStatus(
+                routing_key=key,
+                providers=tuple(
+                    sorted(
+                        (
+                            ProviderStatus(router.name_of(c.site_id), c.cost, c.outstanding, round(c.penalty, 1))
+                            for c in router.candidates(key)
+                        ),
+                        key=lambda p: p.name,
+                    )
+                ),
+            )
             for key in keys
         )
         listeners = [self._listener_status(c, self._listeners.get(c.name)) for c in self.config.listeners]

@@ -16,6 +16,7 @@ import cattrs
 from ..config import config_as_dict
 from ..errors import FabricError
 from ..pki import Token
+from ..router.routes import BALANCED
 from ..site import Site
 
 _plain = cattrs.Converter()
@@ -34,8 +35,11 @@ async def network_status(site: Site) -> dict:
     return _plain.unstructure(site.network_status())
 
 
-async def create_listener(site: Site, name: str, port: int, host: str = "127.0.0.1", routing_key: str | None = None) -> dict:
-    return _plain.unstructure(await site.create_listener(name, port, host=host, routing_key=routing_key))
+async def create_listener(
+    site: Site, name: str, port: int, host: str = "127.0.0.1", routing_key: str | None = None, distribution: str = BALANCED
+) -> dict:
+    made = await site.create_listener(name, port, host=host, routing_key=routing_key, distribution=distribution)
+    return _plain.unstructure(made)
 
 
 async def delete_listener(site: Site, name: str) -> dict:

@@ -175,7 +175,7 @@ class TcpListener(trio.abc.AsyncResource):
         client = SocketEnd(stream, f"client {peer}")
         self.connections += 1
         try:
-            async with self._router.connect(self.config.routing_key) as end:
+            async with self._router.connect(self.config.routing_key, self.config.distribution) as end:
                 await relay(client, end)
         except (NoProviderError, FlowError) as exc:
             log.info("listener %s: connection from %s ended: %s", self.config.name, peer, exc)

@@ -77,6 +77,7 @@ class Reason(enum.IntEnum):
     TOKEN_SPENT = 14
     TOKEN_INVALID = 15
     DUPLICATE_LINK = 16
+    EDGE_TO_EDGE = 17  # an edge site links only to interior sites
 
 
 @attrs.frozen

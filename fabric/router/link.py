@@ -47,6 +47,10 @@ RECEIVE_SIZE = 256 * 1024  # bytes per read from the link stream
 MAX_DATA = 64 * 1024  # bytes of payload per DATA frame: one TCP read of a client
 GOAWAY_GRACE = 0.5  # seconds to flush a last GOAWAY before the stream is closed
 RTT_SMOOTHING = 0.125  # weight of a new RTT sample (as TCP's SRTT)
+# PONGs whose RTT samples the floor is the least of (one per keepalive
+# interval: 10 s by default). The floor measures the path, not the queues:
+# a burst of traffic or a busy event loop lifts the smoothed RTT, not it.
+RTT_WINDOW = 10
 # Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL...) that may queue
 # past `link_write_buffer`. Data waits for the writer; control frames cannot
 # (the reader must never block), so a peer that sends but never reads would
@@ -60,6 +64,9 @@ class LinkHandler(Protocol):
     def on_open(self, link: Link, flow: FlowEnd, request: Open) -> None: ...
 
     def on_gossip(self, link: Link, payload: bytes) -> None: ...
+
+    def on_rtt(self, link: Link) -> None:
+        """A new RTT sample arrived (`link.rtt`, `link.rtt_floor`)."""
 
 
 # -- handshake ----------------------------------------------------------------
@@ -126,6 +133,7 @@ class Link(trio.abc.AsyncResource):
         self.dialer = dialer
         self.cost = cost
         self.rtt: float | None = None  # seconds, smoothed
+        self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
         self.settings = settings
         self._handler = handler
         self._decoder = decoder
@@ -363,6 +371,13 @@ class Link(trio.abc.AsyncResource):
         if not 0 <= sample <= self.settings.keepalive_timeout:
             return  # not an echo of a recent PING of ours: no measurement
         self.rtt = sample if self.rtt is None else self.rtt + RTT_SMOOTHING * (sample - self.rtt)
+        self._rtt_samples.append(sample)
+        self._handler.on_rtt(self)
+
+    @property
+    def rtt_floor(self) -> float | None:
+        """Seconds: the least RTT sample of the last RTT_WINDOW, what routing uses (None until measured)."""
+        return min(self._rtt_samples, default=None)
 
 
 class FlowEnd(trio.abc.HalfCloseableStream):

@@ -17,7 +17,7 @@ import collections
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -31,11 +31,28 @@ from ..gossip.records import EDGE, LinkInfo, ServiceInfo, SiteRecord
 from .frames import Open, Reason
 from .link import FlowEnd, Link
 from .relay import End, relay
-from .routes import Candidate, Route, choose_next_hop, choose_provider, compute_routes
+from .routes import (
+    BALANCED,
+    Candidate,
+    Penalty,
+    Route,
+    choose_next_hop,
+    choose_provider,
+    compute_routes,
+    hold_rtt,
+    latency_units,
+)
 
 log = logging.getLogger("fabric.router")
 
-MAX_PROVIDER_TRIES = 3  # providers an ingress tries before failing the client
+# An ingress tries at most this many times (another provider, or another path
+# to the same one) before failing its client, and starts no new try past
+# RETRY_WINDOW seconds: a client waits for a failover, not for an outage.
+MAX_TRIES = 3
+RETRY_WINDOW = 2.0
+# Refusals that say the provider itself cannot serve (its target refused);
+# anything else is the path's fault, and another path may reach it.
+_PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR})
 
 
 class Connector(Protocol):
@@ -79,6 +96,11 @@ class Router:
         self.connectors: dict[str, ConnectorSlot] = {}
         self.outstanding: collections.Counter[str] = collections.Counter()  # flows per provider site
         self.active: collections.Counter[str] = collections.Counter()  # flows per next-hop peer
+        self.penalties: dict[str, Penalty] = {}  # provider site -> penalty for refused dials
+        self.route_changes: collections.Counter[str] = collections.Counter()  # destination -> changes of its route
+        self._held_rtt: dict[str, float] = {}  # peer -> the RTT advertised for the link (see routes.hold_rtt)
+        self._chosen: dict[str, int] = {}  # provider or next-hop site -> serial of its last choice
+        self._choices = itertools.count(1)
         self.gossip = Gossip(
             site_id=site_id,
             name=name,
@@ -131,6 +153,7 @@ class Router:
         finally:
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]
+                self._held_rtt.pop(link.peer_id, None)
                 self.gossip.link_down(link)
                 self._notify()
                 self._publish()
@@ -176,8 +199,19 @@ class Router:
     def on_gossip(self, link: Link, payload: bytes) -> None:
         self.gossip.receive(link, payload)
 
+    def on_rtt(self, link: Link) -> None:
+        """Advertise a link's new RTT when it moved enough to matter (and latency counts at all)."""
+        if not self.settings.latency_cost or self.links.get(link.peer_id) is not link:
+            return
+        held = self._held_rtt.get(link.peer_id)
+        new = hold_rtt(held, link.rtt_floor)
+        if new is not None and new != held:
+            self._held_rtt[link.peer_id] = new
+            if latency_units(new) != latency_units(held):
+                self._publish()
+
     def _publish(self) -> None:
-        links = [LinkInfo(peer=l.peer_id, cost=max(1, l.cost)) for l in self.links.values()]
+        links = [LinkInfo(peer=l.peer_id, cost=max(1, l.cost), rtt=self._held_rtt.get(l.peer_id)) for l in self.links.values()]
         services = [
             ServiceInfo(routing_key=key, protocol="tcp", port=slot.connectors[0].port, connectors=len(slot.connectors))
             for key, slot in self.connectors.items()
@@ -187,10 +221,15 @@ class Router:
 
     def _recompute(self) -> None:
         self._follow_dialer_costs()  # may recompute (nested) as it republishes: compare with that
-        before = set(self.routes)
+        before = self.routes
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
-        for site in set(self.routes) ^ before:
+        for site in self.routes.keys() ^ before.keys():
             self.on_event(f"site {self.name_of(site)} {'reachable' if site in self.routes else 'unreachable'}")
+        for site in self.routes.keys() & before.keys():
+            if self.routes[site] != before[site]:
+                self.route_changes[site] += 1
+                hops = ", ".join(f"{self.name_of(h.peer)} (cost {h.cost:g})" for h in self.routes[site].next_hops)
+                log.debug("route to site %s: cost %g via %s", self.name_of(site), self.routes[site].cost, hops)
         catalog = self._catalog()
         for key in sorted(catalog.keys() | self._offered.keys()):
             for site in sorted(catalog.get(key, set()) - self._offered.get(key, set())):
@@ -253,26 +292,43 @@ class Router:
     # -- ingress -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def connect(self, routing_key: str) -> AsyncIterator[End]:
-        """An open end toward a provider of the key; counted as outstanding while held."""
-        tried: set[str] = set()
+    async def connect(self, routing_key: str, distribution: str = BALANCED) -> AsyncIterator[End]:
+        """An open end toward a provider of the key; counted as outstanding while held.
+
+        A provider whose target refuses is penalised and another is tried; a
+        path that fails is avoided and the provider tried again over another.
+        At most MAX_TRIES tries, none started past RETRY_WINDOW seconds.
+        """
+        refused: set[str] = set()  # providers that cannot serve this client
+        avoid: set[str] = set()  # next hops whose path failed this client
         error: FlowError | None = None
-        for _ in range(MAX_PROVIDER_TRIES):
-            candidates = [
-                Candidate(site_id=s, cost=self.routes[s].cost if s in self.routes else 0.0, outstanding=self.outstanding[s])
-                for s in self.providers(routing_key)
-                if s not in tried
-            ]
-            provider = choose_provider(candidates)
+        deadline = trio.current_time() + RETRY_WINDOW
+        for _ in range(MAX_TRIES):
+            if error is not None and trio.current_time() > deadline:
+                break
+            provider = self.choose_provider(routing_key, distribution, exclude=refused)
             if provider is None:
                 break
-            tried.add(provider)
             self.outstanding[provider] += 1
             try:
+                local = provider == self.site_id
+                hop = None if local else self._next_hop(self.routes.get(provider), avoid)
                 try:
-                    end, hop = await self._open(provider, routing_key)
+                    if local:
+                        end = await self._dial_local(routing_key)
+                    elif hop is None:
+                        raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self.name_of(provider)}")
+                    else:
+                        end = await self._open(provider, routing_key, hop)
                 except FlowError as exc:
                     error = exc
+                    if getattr(exc, "code", None) in _PROVIDER_FAULTS:
+                        refused.add(provider)
+                        self.penalties[provider] = self.penalties.get(provider, Penalty()).add(trio.current_time())
+                    elif hop is not None:
+                        avoid.add(hop)  # the path failed: the provider may be reached another way
+                    else:
+                        refused.add(provider)  # no path left to it from here
                     continue
                 try:
                     yield end
@@ -286,12 +342,36 @@ class Router:
             raise error
         raise NoProviderError(f"no reachable site has a connector for routing key {routing_key!r}")
 
-    async def _open(self, provider: str, routing_key: str) -> tuple[End, str | None]:
-        if provider == self.site_id:
-            return await self._dial_local(routing_key), None
-        route = self.routes.get(provider)
-        hop = choose_next_hop(route, self.active) if route else None
-        if hop is None or hop not in self.links:
+    def candidates(self, routing_key: str) -> list[Candidate]:
+        """The providers of the key as an ingress here weighs them now."""
+        now = trio.current_time()
+        return [
+            Candidate(
+                site_id=s,
+                cost=self.routes[s].cost if s in self.routes else 0.0,
+                outstanding=self.outstanding[s],
+                penalty=self.penalties[s].at(now) if s in self.penalties else 0.0,
+                last_chosen=self._chosen.get(s, 0),
+            )
+            for s in self.providers(routing_key)
+        ]
+
+    def choose_provider(self, routing_key: str, distribution: str = BALANCED, exclude: Collection[str] = ()) -> str | None:
+        """The provider for a new flow (None: there is none), remembered as the latest choice."""
+        provider = choose_provider([c for c in self.candidates(routing_key) if c.site_id not in exclude], distribution)
+        if provider is not None:
+            self._chosen[provider] = next(self._choices)
+        return provider
+
+    def _next_hop(self, route: Route | None, exclude: Collection[str]) -> str | None:
+        hop = choose_next_hop(route, self.active, exclude, self._chosen) if route else None
+        if hop is not None:
+            self._chosen[hop] = next(self._choices)
+        return hop
+
+    async def _open(self, provider: str, routing_key: str, hop: str) -> End:
+        """A flow toward `provider` through neighbour `hop`, once the provider accepted it."""
+        if hop not in self.links:
             raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self.name_of(provider)}")
         uid = f"{self.site_id}:{next(self._flow_serial)}:{secrets.token_hex(4)}"
         flow = self.links[hop].open_flow(
@@ -309,7 +389,7 @@ class Router:
             flow.reset(Reason.UNSPECIFIED, "open abandoned")
             self.active[hop] -= 1
             raise
-        return flow, hop
+        return flow
 
     async def _dial_local(self, routing_key: str) -> End:
         slot = self.connectors.get(routing_key)
@@ -361,8 +441,7 @@ class Router:
         if request.hop_limit <= 1:
             flow.refuse(Reason.HOP_LIMIT, f"hop limit reached at site {self.name}")
             return
-        route = self.routes.get(request.dest)
-        hop = choose_next_hop(route, self.active, exclude=link.peer_id) if route else None
+        hop = self._next_hop(self.routes.get(request.dest), exclude=(link.peer_id,))
         if hop is None or hop not in self.links:
             flow.refuse(Reason.NO_ROUTE, f"site {self.name} has no route to site {dest}")
             return

@@ -13,24 +13,43 @@ The rules:
 - Neighbour n is a next hop toward d when dist(n, d) < dist(self, d). Each hop
   strictly lowers the remaining distance, so a flow can never come back to a
   site it has passed, whichever of the allowed hops each site picks.
+- A link's cost is its configured cost plus a latency term: one unit per
+  LATENCY_STEP of round trip that either end advertises. What a site
+  advertises moves only when its measurement leaves a band around the value
+  advertised before (`hold_rtt`), so jitter does not move routes.
+
+Choices among next hops and providers follow skupper-router's balanced
+distribution: the score of a choice is its open flows plus its cost, so a
+farther choice takes flows once the nearer ones carry that many more. Equal
+scores go to the one chosen least recently, so even one flow at a time
+spreads.
 """
+
+from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import attrs
 
 from ..gossip.records import EDGE, LinkInfo, SiteRecord
 
 __all__ = [
+    "BALANCED",
+    "CLOSEST",
+    "DISTRIBUTIONS",
+    "LATENCY_STEP",
     "MIN_LINK_COST",
     "Candidate",
     "NextHop",
+    "Penalty",
     "Route",
     "choose_next_hop",
     "choose_provider",
     "compute_routes",
+    "hold_rtt",
+    "latency_units",
     "link_cost",
 ]
 
@@ -38,6 +57,27 @@ __all__ = [
 # lower the remaining distance: a zero-cost link would let two sites sit at
 # the same distance and neither could use the other.
 MIN_LINK_COST = 1
+
+# Seconds of round trip per unit of cost. A hop costs 1 by default, so 10 ms
+# of RTT weighs as much as one more site on the way: a LAN or a region
+# (< 10 ms) adds nothing, crossing a continent (~70 ms) adds about 7.
+LATENCY_STEP = 0.010
+# What a site advertises for a link's RTT changes only when the measurement is
+# off by more than this share of the advertised value (and by at least half a
+# step): a route moves for a lasting change, not for jitter.
+RTT_HYSTERESIS = 0.25
+
+# Provider choice per listener.
+BALANCED = "balanced"  # fewest outstanding flows plus cost: nearer first, farther as they fill
+CLOSEST = "closest"  # only the lowest-cost providers
+DISTRIBUTIONS = (BALANCED, CLOSEST)
+
+# A provider whose target refused a dial counts as this much farther away,
+# halving every PENALTY_HALF_LIFE seconds, and at most PENALTY_MAX: after a
+# refusal new flows go elsewhere, and come back within seconds of a recovery.
+PENALTY = 10.0  # cost units per refusal
+PENALTY_MAX = 40.0  # cost units: four refusals in a row
+PENALTY_HALF_LIFE = 2.0  # seconds
 
 Graph = dict[str, dict[str, float]]
 """site id -> neighbour id -> cost of the edge, for edges both ends advertise."""
@@ -67,6 +107,46 @@ class Candidate:
     site_id: str
     cost: float  # dist(ingress, site_id)
     outstanding: int  # flows this site has open toward it now
+    penalty: float = 0.0  # cost units added after its target refused dials (see Penalty)
+    last_chosen: int = 0  # when the ingress last chose it (a serial; 0: never): rotates equals
+
+
+@attrs.frozen
+class Penalty:
+    """A decaying penalty: `value` cost units at time `since` (seconds, any clock)."""
+
+    value: float = 0.0
+    since: float = 0.0
+
+    def at(self, now: float) -> float:
+        """The penalty left at `now`."""
+        return self.value * 0.5 ** (max(0.0, now - self.since) / PENALTY_HALF_LIFE)
+
+    def add(self, now: float) -> Penalty:
+        """One more refusal at `now`."""
+        return Penalty(min(self.at(now) + PENALTY, PENALTY_MAX), now)
+
+
+def latency_units(rtt: float | None) -> int:
+    """Cost units for a round trip of `rtt` seconds (None: not measured, no cost)."""
+    return 0 if rtt is None else int(rtt / LATENCY_STEP)
+
+
+def hold_rtt(held: float | None, measured: float | None) -> float | None:
+    """The RTT to advertise for a link, given the one advertised now and a new measurement.
+
+    The advertised value follows the measurement only when the two differ in
+    cost units and by more than the hysteresis band; otherwise it stays, and
+    nothing needs to be gossiped.
+    """
+    if measured is None:
+        return held
+    if held is None:
+        return measured
+    band = max(RTT_HYSTERESIS * held, LATENCY_STEP / 2)
+    if latency_units(measured) != latency_units(held) and abs(measured - held) > band:
+        return measured
+    return held
 
 
 def link_cost(a: LinkInfo, b: LinkInfo) -> float:
@@ -74,10 +154,10 @@ def link_cost(a: LinkInfo, b: LinkInfo) -> float:
 
     `a` is what site A says about its link to B, `b` what B says about A.
     Links are symmetric; if the ends disagree the larger cost wins, so no one
-    underestimates a path. This is the one place the latency term (from the
-    `rtt` fields) will join the configured cost.
+    underestimates a path: the larger configured cost plus the larger latency
+    term (a site that does not measure latency advertises no RTT).
     """
-    return float(max(a.cost, b.cost, MIN_LINK_COST))
+    return float(max(a.cost, b.cost, MIN_LINK_COST) + max(latency_units(a.rtt), latency_units(b.rtt)))
 
 
 def _build_graph(records: Mapping[str, SiteRecord]) -> Graph:
@@ -159,27 +239,43 @@ def compute_routes(self_id: str, records: Mapping[str, SiteRecord]) -> dict[str,
     return routes
 
 
-def choose_provider(candidates: Sequence[Candidate]) -> str | None:
-    """The provider for a new flow: fewest outstanding flows, then lowest cost, then site id.
+def choose_provider(candidates: Sequence[Candidate], distribution: str = BALANCED) -> str | None:
+    """The provider for a new flow, or None when there is no candidate.
 
-    The last tie-break makes the choice deterministic, so tests and repeated
-    runs agree. None when there is no candidate.
+    `balanced`: lowest outstanding + cost + penalty. `closest`: among the
+    lowest cost + penalty only, fewest outstanding. Ties go to the one chosen
+    least recently, then to the lowest site id, so the choice is deterministic.
     """
     if not candidates:
         return None
-    best = min(candidates, key=lambda c: (c.outstanding, c.cost, c.site_id))
+    if distribution == CLOSEST:
+        nearest = min(c.cost + c.penalty for c in candidates)
+        candidates = [c for c in candidates if c.cost + c.penalty == nearest]
+        best = min(candidates, key=lambda c: (c.outstanding, c.last_chosen, c.site_id))
+    else:
+        best = min(candidates, key=lambda c: (c.outstanding + c.cost + c.penalty, c.last_chosen, c.site_id))
     return best.site_id
 
 
-def choose_next_hop(route: Route, active: Mapping[str, int], exclude: str | None = None) -> str | None:
+def choose_next_hop(
+    route: Route,
+    active: Mapping[str, int],
+    exclude: Collection[str] = (),
+    last_chosen: Mapping[str, int] | None = None,
+) -> str | None:
     """The next hop for a new flow along `route`, spreading flows over the allowed hops.
 
-    Fewest active flows (`active` maps peer -> flows open through it; absent
-    means 0), then lowest cost, then peer id. `exclude` is the peer the flow
-    came from: never send it back. None when no hop is left.
+    Lowest active flows + path cost (`active` maps peer -> flows open through
+    it; absent means 0), then least recently chosen (`last_chosen` maps peer
+    -> a serial), then lowest cost, then peer id. `exclude`: peers never to
+    use, such as the one the flow came from. None when no hop is left.
     """
-    allowed = [hop for hop in route.next_hops if hop.peer != exclude]
+    allowed = [hop for hop in route.next_hops if hop.peer not in exclude]
     if not allowed:
         return None
-    best = min(allowed, key=lambda hop: (active.get(hop.peer, 0), hop.cost, hop.peer))
+    last_chosen = last_chosen or {}
+    best = min(
+        allowed,
+        key=lambda hop: (active.get(hop.peer, 0) + hop.cost, last_chosen.get(hop.peer, 0), hop.cost, hop.peer),
+    )
     return best.peer

@@ -201,8 +201,8 @@ async def test_redis_through_a_three_site_chain(redis_server, redis_tools, tmp_p
             status = a.status()
             assert [l.name for l in status.links] == ["b"], "A must reach C only through B"
             sites = {s.name: s for s in status.sites}
-            assert sites["c"].reachable and sites["c"].next_hops == ("b",)
-            assert [s.providers for s in status.services if s.routing_key == KEY] == [("c",)]
+            assert sites["c"].reachable and [h.name for h in sites["c"].next_hops] == ["b"]
+            assert [[p.name for p in s.providers] for s in status.services if s.routing_key == KEY] == [["c"]]
 
             await exercise(redis_tools, port, f"chain a-b-c ({end_mode} ends)")
             await check_all_closed(redis_tools, port, [a, b, c])

@@ -72,6 +72,9 @@ class _Quiet:
     def on_gossip(self, link, payload):
         pass
 
+    def on_rtt(self, link):
+        pass
+
 
 async def test_a_peer_that_sends_but_never_reads_ends_the_link_instead_of_growing_its_queue():
     settings = Settings(link_write_buffer=64 * 1024, keepalive_timeout=60)
