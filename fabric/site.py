@@ -348,12 +348,18 @@ class Site:
         peer = read_hello_untrusted(first, local)
         if peer.site_id != peer_id:
             raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {peer_id[:8]}")
-        self._check_modes(peer)
+        self._check_modes(peer.mode, peer.name)
         await stream.send_all(encode_frame(FrameType.HELLO, 0, encode_message(local)))
         return self._make_link(stream, decoder, local=local, peer=peer, dialer=False, cost=max(1, peer.cost))
 
     async def _answer_redeem(self, stream: trio.SSLStream, payload: bytes, where: str) -> None:
         request = decode_message_untrusted(payload, Redeem)
+        try:
+            self._check_modes(request.mode, request.name)
+        except LinkError as exc:
+            log.warning("token redemption from %s refused: %s", where, exc)
+            await stream.send_all(goaway_frame(exc.code, f"{exc}; the token is not spent"))
+            return
         try:
             grant = pki.spend_grant(self._grants, request.token_id, request.secret, now=time.time())
             cert_pem, serial = pki.sign_csr(self.identity, request.csr_pem.encode())
@@ -455,14 +461,14 @@ class Site:
             raise LinkError(f"peer {config.name} ended the handshake: {exc.__cause__ or exc}") from None
         if peer.site_id != server_id:
             raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {server_id[:8]}")
-        self._check_modes(peer)
+        self._check_modes(peer.mode, peer.name)
         return self._make_link(stream, decoder, local=local, peer=peer, dialer=True, cost=config.cost)
 
-    def _check_modes(self, peer) -> None:
+    def _check_modes(self, peer_mode: str, peer_name: str) -> None:
         """Edge sites link only to interior sites: two edges would have no one to carry their traffic."""
-        if self.config.mode == EDGE and peer.mode == EDGE:
+        if self.config.mode == EDGE and peer_mode == EDGE:
             raise LinkError(
-                f"site {self.name} and site {peer.name} are both edge sites; an edge site links only to interior sites",
+                f"site {self.name} and site {peer_name} are both edge sites; an edge site links only to interior sites",
                 code=Reason.EDGE_TO_EDGE,
             )
 
@@ -539,7 +545,9 @@ class Site:
         cost = cost if cost is not None else (token.cost or 1)
         csr = pki.make_csr(self.identity)
         context = pki.client_context(token.ca_pem.encode())
-        request = Redeem(token_id=token.token_id, secret=token.secret, name=self.name, csr_pem=csr.decode())
+        request = Redeem(
+            token_id=token.token_id, secret=token.secret, name=self.name, csr_pem=csr.decode(), mode=self.config.mode
+        )
         answer = await self._redeem(token, context, request)
         link_dir = self.site_dir / LINKS_DIR / name
         link_dir.mkdir(parents=True, exist_ok=True)

@@ -213,6 +213,30 @@ async def echo_server(start_server) -> int:
 
 
 @attrs.define
+class CountingEcho:
+    """An echo server that counts the connections it was given: which provider served how many."""
+
+    port: int = 0
+    connections: int = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        await echo(stream)
+
+
+@pytest.fixture
+def counting_echo(start_server) -> Callable[[], Awaitable[CountingEcho]]:
+    """`server = await counting_echo()`: a new counting echo server, alive for the test."""
+
+    async def start() -> CountingEcho:
+        server = CountingEcho()
+        server.port = await start_server(server.handle)
+        return server
+
+    return start
+
+
+@attrs.define
 class Exchange:
     upload: int
     download: int
@@ -302,15 +326,21 @@ async def hash_server(start_server) -> HashServer:
 
 @attrs.define
 class LinkProxy:
-    """A TCP relay to a link port, whose open connections can be made silent.
+    """A TCP relay to a link port, whose open connections can be made silent or slow.
 
     `cut()` stops carrying bytes on every connection open now, both ways,
     and holds them open: to both sites the peer just stops answering, as
     when a cable is pulled. Connections made afterwards are carried as usual.
+
+    `delay` (seconds, each way) holds every chunk that long before passing it
+    on, give or take up to `jitter` seconds, in order: a long or a wobbly
+    path. Both may change at any time.
     """
 
     target: int
     port: int = 0
+    delay: float = 0.0
+    jitter: float = 0.0
     _carrying: list[trio.CancelScope] = attrs.Factory(list)
 
     async def handle(self, downstream: trio.SocketStream) -> None:
@@ -327,13 +357,30 @@ class LinkProxy:
             if carrying.cancelled_caught:
                 await trio.sleep_forever()  # cut: hold both connections, carry nothing, until the test ends
 
-    @staticmethod
-    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        try:
-            while data := await source.receive_some(CHUNK):
-                await sink.send_all(data)
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        # Chunks wait in a bounded queue until due; the reader stalls when it is full.
+        send, receive = trio.open_memory_channel[tuple[float, bytes]](64)
+
+        async def read() -> None:
+            due = 0.0
+            async with send:
+                while data := await source.receive_some(CHUNK):
+                    wobble = random.uniform(-self.jitter, self.jitter)
+                    due = max(due, trio.current_time() + max(0.0, self.delay + wobble))  # never reorder
+                    await send.send((due, data))
+
+        async def write() -> None:
+            async with receive:
+                async for due, data in receive:
+                    await trio.sleep_until(due)
+                    await sink.send_all(data)
             await sink.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                nursery.start_soon(write)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(sink)
 
     def cut(self) -> None:

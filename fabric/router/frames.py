@@ -225,6 +225,7 @@ class Redeem:
     secret: str = attrs.field(validator=_short_str)
     name: str = attrs.field(validator=_short_str)
     csr_pem: str = attrs.field(validator=attrs.validators.max_len(16384))
+    mode: str = attrs.field(default="interior", validator=_short_str)  # of the redeeming site: edges link only to interiors
 
 
 @attrs.frozen

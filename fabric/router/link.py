@@ -51,6 +51,9 @@ RTT_SMOOTHING = 0.125  # weight of a new RTT sample (as TCP's SRTT)
 # interval: 10 s by default). The floor measures the path, not the queues:
 # a burst of traffic or a busy event loop lifts the smoothed RTT, not it.
 RTT_WINDOW = 10
+# Samples before the floor is trusted: the first PONGs come back while both
+# sites are busy with handshakes, and one slow sample would be the floor.
+RTT_MIN_SAMPLES = 3
 # Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL...) that may queue
 # past `link_write_buffer`. Data waits for the writer; control frames cannot
 # (the reader must never block), so a peer that sends but never reads would
@@ -376,8 +379,8 @@ class Link(trio.abc.AsyncResource):
 
     @property
     def rtt_floor(self) -> float | None:
-        """Seconds: the least RTT sample of the last RTT_WINDOW, what routing uses (None until measured)."""
-        return min(self._rtt_samples, default=None)
+        """Seconds: the least RTT sample of the last RTT_WINDOW, what routing uses (None until RTT_MIN_SAMPLES)."""
+        return min(self._rtt_samples) if len(self._rtt_samples) >= RTT_MIN_SAMPLES else None
 
 
 class FlowEnd(trio.abc.HalfCloseableStream):
