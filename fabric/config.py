@@ -10,7 +10,6 @@ A site directory holds:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 from cattrs.preconf.pyyaml import make_converter
 
 from .errors import ConfigError
+from .pki import write_private_atomic
 from .router.routes import BALANCED, DISTRIBUTIONS
 
 CONFIG_FILE = "site.yaml"
@@ -147,10 +147,8 @@ def load_config(site_dir: Path) -> SiteConfig:
 
 def save_config(site_dir: Path, config: SiteConfig) -> None:
     """Write site.yaml atomically: a crash leaves the old file or the new one."""
-    path = config_path(site_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(_converter.unstructure(config), sort_keys=False))
-    os.replace(tmp, path)
+    text = yaml.safe_dump(_converter.unstructure(config), sort_keys=False)
+    write_private_atomic(config_path(site_dir), text.encode("utf-8"))
 
 
 def config_as_dict(config: SiteConfig) -> dict[str, Any]:

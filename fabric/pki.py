@@ -676,7 +676,7 @@ class Token:
     def save(self, path: Path) -> None:
         """Write the token, mode 0600: it holds a secret that lets its holder link."""
         try:
-            _write_private_atomic(Path(path), self.dumps().encode("utf-8"))
+            write_private_atomic(Path(path), self.dumps().encode("utf-8"))
         except OSError as error:
             raise TokenError(f"cannot write token {path}: {error.strerror or error}") from None
 
@@ -932,7 +932,7 @@ def save_grants(path: Path, grants: Mapping[str, TokenGrant]) -> None:
     }
     data = json.dumps(document, indent=2, allow_nan=False).encode("utf-8") + b"\n"
     try:
-        _write_private_atomic(Path(path), data)
+        write_private_atomic(Path(path), data)
     except OSError as error:
         raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
 
@@ -1007,7 +1007,7 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def _write_private_atomic(path: Path, data: bytes) -> None:
+def write_private_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data`, mode 0600, atomically (temp file in the same dir + rename)."""
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:

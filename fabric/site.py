@@ -986,7 +986,8 @@ def _incarnation(site_dir: Path, *, advance: bool) -> int:
         raise ConfigError(f"{counter} does not hold a number") from None
     if advance:
         counter.parent.mkdir(exist_ok=True)
-        counter.write_text(f"{current + 1}\n")
+        # Atomically: `site status` reads it while the site starts, and a kill must not leave it empty.
+        pki.write_private_atomic(counter, f"{current + 1}\n".encode())
         return current + 1
     return current
 

@@ -137,6 +137,7 @@ class Link(trio.abc.AsyncResource):
         self.cost = cost
         self.rtt: float | None = None  # seconds, smoothed
         self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
+        self.answered_at = trio.current_time()  # when the peer last answered a PING (or the link began)
         self.settings = settings
         self._handler = handler
         self._decoder = decoder
@@ -374,6 +375,7 @@ class Link(trio.abc.AsyncResource):
         if not 0 <= sample <= self.settings.keepalive_timeout:
             return  # not an echo of a recent PING of ours: no measurement
         self.rtt = sample if self.rtt is None else self.rtt + RTT_SMOOTHING * (sample - self.rtt)
+        self.answered_at = trio.current_time()
         self._rtt_samples.append(sample)
         self._handler.on_rtt(self)
 

@@ -53,6 +53,10 @@ RETRY_WINDOW = 2.0
 # Refusals that say the provider itself cannot serve (its target refused);
 # anything else is the path's fault, and another path may reach it.
 _PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR})
+# Keepalive intervals without an answer to a PING after which an OPEN waiting
+# on a link gives up on it and tries another way, before keepalive declares
+# the link dead: a new client is not kept waiting on a path gone silent.
+SILENT_INTERVALS = 1.5
 
 
 class Connector(Protocol):
@@ -379,17 +383,25 @@ class Router:
         )
         self.active[hop] += 1
         try:
-            with trio.fail_after(self.settings.dial_timeout * 2):
-                await flow.wait_opened()
-        except trio.TooSlowError:
-            flow.reset(Reason.UNSPECIFIED, "no answer to OPEN in time")
-            self.active[hop] -= 1
-            raise FlowRefused(Reason.UNSPECIFIED, f"site {self.name_of(provider)} did not answer in time") from None
-        except BaseException:
-            flow.reset(Reason.UNSPECIFIED, "open abandoned")
+            await self._wait_opened(self.links[hop], flow, provider)
+        except BaseException as exc:
+            flow.reset(getattr(exc, "code", Reason.UNSPECIFIED), "open abandoned")
             self.active[hop] -= 1
             raise
         return flow
+
+    async def _wait_opened(self, link: Link, flow: FlowEnd, provider: str) -> None:
+        """Until the provider accepts the flow; FlowRefused if it refuses, does not answer, or the link goes silent."""
+        silence = self.settings.keepalive_interval * SILENT_INTERVALS
+        give_up = trio.current_time() + self.settings.dial_timeout * 2
+        while True:
+            with trio.move_on_after(silence):
+                await flow.wait_opened()
+                return
+            if trio.current_time() - link.answered_at > silence:
+                raise FlowRefused(Reason.LINK_LOST, f"the link to site {link.peer.name} went silent")
+            if trio.current_time() > give_up:
+                raise FlowRefused(Reason.UNSPECIFIED, f"site {self.name_of(provider)} did not answer in time")
 
     async def _dial_local(self, routing_key: str) -> End:
         slot = self.connectors.get(routing_key)

@@ -222,3 +222,32 @@ async def test_a_site_that_became_an_edge_is_refused_by_an_edge_and_stops_dialli
                 while not (errors := [l.error for l in other.status().links if l.error and "not dialling" in l.error]):
                     await other.wait_links_changed()
             assert "both edge sites" in errors[0] and "delete this link" in errors[0], errors
+
+
+async def test_new_connections_do_not_wait_for_a_silent_link_to_be_declared_dead(network, tcp, counting_echo, link_proxy):
+    """Two providers, one behind a link that goes silent: every new client is served, well before keepalive gives up."""
+    settings = fabric.Settings()  # PING every 1 s, dead after 3 s
+    async with (
+        network.site("p1", link_port=0, settings=settings) as p1,
+        network.site("p2", link_port=0, settings=settings) as p2,
+        network.site("a", settings=settings) as a,
+    ):
+        with trio.fail_after(DEADLINE):
+            proxy = await link_proxy(p1.link_port)
+            token = await p1.issue_token()
+            await a.redeem_token(attrs.evolve(token, addresses=(f"tls://127.0.0.1:{proxy.port}",)))
+            await network.link(a, p2)
+            one, two = await counting_echo(), await counting_echo()
+            await p1.create_connector("echo", one.port)
+            await p2.create_connector("echo", two.port)
+            listener = await a.create_listener("echo", 0)
+            await a.wait_reachable("echo", providers=2)
+            assert await clients(tcp, listener.port, 10) == [] and one.connections == two.connections == 5
+
+            cut_at = trio.current_time()
+            proxy.cut()
+            assert await clients(tcp, listener.port, 10, at_once=10) == []
+            served_after = trio.current_time() - cut_at
+            assert two.connections == 15
+            # An OPEN waiting on the silent link gives up after 1.5 keepalive intervals, not 3.
+            assert served_after < settings.keepalive_timeout, served_after
