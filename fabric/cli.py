@@ -348,9 +348,14 @@ def _connectors_table(connectors: list[dict]) -> str:
     return _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
 
 
-def _hops(hops: list[dict]) -> list[str]:
-    """Next hops as `b (cost 2, 0.4 ms)`, best first."""
-    return [f"{h['name']} (cost {h['cost']:g}, {_rtt(h.get('rtt_ms'))})" for h in hops]
+def _routes_table(sites: list[dict]) -> str:
+    """One row per destination and next hop, best hop first: how new flows leave this site."""
+    rows = [
+        (s["name"] if i == 0 else "", h["name"], h["cost"], _rtt(h.get("rtt_ms")), h.get("flows", 0))
+        for s in sites
+        for i, h in enumerate(s.get("next_hops", []))
+    ]
+    return _section("Routes", ("TO", "VIA", "COST", "RTT", "FLOWS"), rows, empty="none")
 
 
 def _providers(providers: list[dict]) -> list[str]:
@@ -386,7 +391,7 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
         "",
         _section(
             "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "NEXT HOPS", "CHANGES", "SERVICES"),
+            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "ROUTE CHANGES", "SERVICES"),
             [
                 (
                     s["name"],
@@ -395,7 +400,6 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
                     s["reachable"],
                     _age(s.get("age_s") or 0),
                     s.get("cost"),
-                    _hops(s.get("next_hops", [])),
                     s.get("route_changes", 0),
                     s.get("services"),
                 )
@@ -403,6 +407,8 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
             ],
             empty="no other site known yet",
         ),
+        "",
+        _routes_table(status.get("sites", [])),
         "",
         _section(
             "Services",
@@ -624,11 +630,12 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
     """Show the site, its links, services, listeners and connectors.
 
     Also every other site it knows of: reachable or not, at what cost, and
-    through which neighbours (best first, each with the cost of the path
-    through it and the link's round trip). CHANGES counts how often a site's
-    route changed while it stayed reachable: a count that keeps rising means
-    a flapping path. For each routing key, the sites that offer it, with the
-    connections open to each and any penalty for a target that refused.
+    how often its route changed while it stayed reachable (a count that
+    keeps rising means a flapping path). Routes: for each site, the
+    neighbours new flows to it may take, best first, each with the cost of
+    the path through it, the link's round trip and the flows on it now. For
+    each routing key, the sites that offer it, with the connections open to
+    each and any penalty for a target that refused.
 
     A path costs the sum of its links' costs; a link costs its configured
     cost plus 1 per 10 ms of round trip (unless latency_cost is off).

@@ -109,16 +109,15 @@ def test_a_stopped_site_is_changed_through_its_files(tmp_path):
     assert "site quiet created" in created and "accepts links on 127.0.0.1:7443" in created  # the default port
     assert "Link access: tls://127.0.0.1:7443 (when running)" in fabric("site", "status")
     saved = "site is not running: saved; takes effect when it starts"
-    assert saved in fabric("listener", "create", "db", "15432", "--routing-key", "postgres")
+    assert saved in fabric("listener", "create", "db", "15432", "--routing-key", "postgres", "--distribution", "closest")
     assert saved in fabric("connector", "create", "cache", "6379")
     status = json.loads(fabric("site", "status", "-o", "json"))
     assert status["running"] is False
-    assert [(item["name"], item["routing_key"], item["host"], item["port"]) for item in status["listeners"]] == [
-        ("db", "postgres", "127.0.0.1", 15432)
-    ]
+    listeners = [(item["name"], item["routing_key"], item["host"], item["port"], item["distribution"]) for item in status["listeners"]]
+    assert listeners == [("db", "postgres", "127.0.0.1", 15432, "closest")]
     assert yaml.safe_load(fabric("connector", "status", "-o", "yaml"))["connectors"][0]["host"] == "localhost"
     table = fabric("listener", "status")
-    assert "127.0.0.1:15432" in table and "not running" in table
+    assert "127.0.0.1:15432" in table and "not running" in table and "closest" in table
     assert saved in fabric("listener", "delete", "db")
     assert json.loads(fabric("listener", "status", "-o", "json"))["listeners"] == []
     refused = run_fabric("--site-dir", site, "site", "delete", timeout=60)  # no terminal to confirm on

@@ -139,6 +139,7 @@ def test_usage_errors_exit_2(tmp_path: Path):
         (("token", "issue", str(tmp_path / "t"), "--expiration-window", "soon"), "not a duration"),
         (("listener", "create", "db", "99999"), "99999"),
         (("listener", "create", "db", "5432", "--protocol", "udp"), "udp"),
+        (("listener", "create", "db", "5432", "--distribution", "nearest"), "nearest"),
         (("link", "update", "hub"), "--cost"),
         (("site", "create", "x", "--no-link-access", "--link-port", "7443"), "--link-port"),
     ):

@@ -213,6 +213,11 @@ async def test_an_edge_site_with_two_interior_sites_keeps_service_when_either_di
             async def linked_to(*names: str) -> bool:
                 return {l["name"] for l in (await status(edge))["links"] if l["up"]} == set(names)
 
+            async def server_via(*names: str) -> bool:
+                """The edge reaches the server through exactly these interior sites (both ends linked again)."""
+                sites = {s["name"]: s for s in (await status(edge))["sites"]}
+                return "server" in sites and {h["name"] for h in sites["server"]["next_hops"]} == set(names)
+
             load = Load(listen_port)
             nursery.start_soon(load.run)
             await trio.sleep(1)
@@ -227,7 +232,7 @@ async def test_an_edge_site_with_two_interior_sites_keeps_service_when_either_di
             back = SiteProcess(i1)  # i1 comes back on its port; edge and server link to it again
             try:
                 await trio.to_thread.run_sync(back.wait_running)
-                await wait_for("the edge linked to both again", functools.partial(linked_to, "i1", "i2"))
+                await wait_for("paths to the server through both again", functools.partial(server_via, "i1", "i2"))
                 killed_at = trio.current_time()
                 processes[1].kill()  # i2
                 await wait_for("the edge's link to i2 down", functools.partial(linked_to, "i1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -30,10 +31,10 @@ def link_pair(dialer: str, acceptor: str, dialer_handler, acceptor_handler):
     return dialed, accepted
 
 
-def router(tmp_path, name: str) -> Router:
+def router(tmp_path, name: str, settings: Settings = SETTINGS) -> Router:
     identity = pki.create_identity(tmp_path / name, name)
     return Router(
-        site_id=identity.site_id, name=name, mode="interior", incarnation=1, settings=SETTINGS,
+        site_id=identity.site_id, name=name, mode="interior", incarnation=1, settings=settings,
         sign=functools.partial(sign_record, identity=identity),
     )
 
@@ -124,3 +125,37 @@ async def test_gossip_sleeps_at_rest(tmp_path, monkeypatch):
             await trio.sleep(0.5)  # a tenth of an anti-entropy interval
             nursery.cancel_scope.cancel()
     assert len(ticks) <= 4, f"{len(ticks)} engine ticks in 0.5 s at rest"
+
+
+@pytest.mark.parametrize("latency_cost", [True, False])
+async def test_a_links_rtt_floor_is_advertised_only_when_it_moves_and_latency_counts(tmp_path, latency_cost):
+    settings = Settings(latency_cost=latency_cost)
+    ra, rb = router(tmp_path, "A", settings), router(tmp_path, "B", settings)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ra.run)
+            await nursery.start(rb.run)
+            a, b = link_pair(ra.site_id, rb.site_id, ra, rb)
+            nursery.start_soon(ra.run_link, a)
+            nursery.start_soon(rb.run_link, b)
+            while ra.routes.keys() != {rb.site_id}:
+                await ra.wait_changed()
+
+            def advertised() -> float | None:
+                (info,) = ra.record(ra.site_id).links
+                return info.rtt
+
+            def measure(*samples: float) -> None:
+                a._rtt_samples.extend(samples)
+                ra.on_rtt(a)
+
+            measure(0.101, 0.100, 0.102)  # the floor of three samples: 100 ms
+            assert advertised() == (0.100 if latency_cost else None)
+            assert ra.routes[rb.site_id].cost == (11 if latency_cost else 1)  # 1 + a unit per 10 ms
+            measure(0.091)  # 9 ms less: within the band, nothing to tell
+            assert advertised() == (0.100 if latency_cost else None)
+            a._rtt_samples.clear()
+            measure(0.001, 0.001, 0.001)  # the delay went away
+            assert advertised() == (0.001 if latency_cost else None)
+            assert ra.routes[rb.site_id].cost == 1
+            nursery.cancel_scope.cancel()
