@@ -59,6 +59,21 @@ _PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR})
 SILENT_INTERVALS = 1.5
 
 
+@attrs.define
+class Tries:
+    """What is left of one client's budget of tries: at most MAX_TRIES, none started past RETRY_WINDOW."""
+
+    count: int = 0
+    deadline: float = attrs.Factory(lambda: trio.current_time() + RETRY_WINDOW)
+    error: FlowError | None = None  # the last failure
+
+    def left(self) -> bool:
+        return self.count < MAX_TRIES and (self.count == 0 or trio.current_time() <= self.deadline)
+
+    def take(self) -> None:
+        self.count += 1
+
+
 class Connector(Protocol):
     """What the router needs of a connector (see proxy/tcp.py)."""
 
@@ -303,48 +318,67 @@ class Router:
         path that fails is avoided and the provider tried again over another.
         At most MAX_TRIES tries, none started past RETRY_WINDOW seconds.
         """
+        tries = Tries()
         refused: set[str] = set()  # providers that cannot serve this client
-        avoid: set[str] = set()  # next hops whose path failed this client
-        error: FlowError | None = None
-        deadline = trio.current_time() + RETRY_WINDOW
-        for _ in range(MAX_TRIES):
-            if error is not None and trio.current_time() > deadline:
-                break
+        while tries.left():
             provider = self.choose_provider(routing_key, distribution, exclude=refused)
             if provider is None:
                 break
             self.outstanding[provider] += 1
             try:
-                local = provider == self.site_id
-                hop = None if local else self._next_hop(self.routes.get(provider), avoid)
                 try:
-                    if local:
-                        end = await self._dial_local(routing_key)
-                    elif hop is None:
-                        raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self.name_of(provider)}")
-                    else:
-                        end = await self._open(provider, routing_key, hop)
-                except FlowError as exc:
-                    error = exc
-                    if getattr(exc, "code", None) in _PROVIDER_FAULTS:
-                        refused.add(provider)
-                        self.penalties[provider] = self.penalties.get(provider, Penalty()).add(trio.current_time())
-                    elif hop is not None:
-                        avoid.add(hop)  # the path failed: the provider may be reached another way
-                    else:
-                        refused.add(provider)  # no path left to it from here
+                    end, hop = await self.open_to(provider, routing_key, tries)
+                except FlowError:
+                    refused.add(provider)
                     continue
                 try:
                     yield end
                 finally:
-                    if hop is not None:
-                        self.active[hop] -= 1
+                    self.release(hop)
                 return
             finally:
                 self.outstanding[provider] -= 1
-        if error is not None:
-            raise error
+        if tries.error is not None:
+            raise tries.error
         raise NoProviderError(f"no reachable site has a connector for routing key {routing_key!r}")
+
+    async def open_to(self, provider: str, routing_key: str, tries: Tries) -> tuple[End, str | None]:
+        """A flow to `provider` (or a dial here), and the next hop it holds: `release` it once the flow is over.
+
+        A path that fails is avoided and another tried while `tries` allow. A
+        provider whose target refused is penalised. FlowError when no try is
+        left or no path: `tries.error` is the last failure.
+        """
+        avoid: set[str] = set()  # next hops whose path failed
+        while tries.left():
+            tries.take()
+            local = provider == self.site_id
+            hop = None if local else self._next_hop(self.routes.get(provider), avoid)
+            try:
+                if local:
+                    return await self._dial_local(routing_key), None
+                if hop is None:
+                    raise FlowRefused(Reason.NO_ROUTE, f"no route to site {self.name_of(provider)}")
+                return await self._open(provider, routing_key, hop), hop
+            except FlowError as exc:
+                tries.error = exc
+                if getattr(exc, "code", None) in _PROVIDER_FAULTS:
+                    self.penalize(provider)
+                    raise
+                if hop is None:
+                    raise  # no path left to it from here
+                avoid.add(hop)  # the path failed: the provider may be reached another way
+        assert tries.error is not None
+        raise tries.error
+
+    def penalize(self, provider: str) -> None:
+        """The provider's target refused: new flows avoid it for a while (see routes.Penalty)."""
+        self.penalties[provider] = self.penalties.get(provider, Penalty()).add(trio.current_time())
+
+    def release(self, hop: str | None) -> None:
+        """A flow that `open_to` made is over: its next hop carries one flow less."""
+        if hop is not None:
+            self.active[hop] -= 1
 
     def candidates(self, routing_key: str) -> list[Candidate]:
         """The providers of the key as an ingress here weighs them now."""
