@@ -35,6 +35,7 @@ import yaml
 
 from . import __version__
 from .errors import FabricError
+from .config import PROTOCOLS
 from .pki import Token
 from .router.routes import BALANCED, DISTRIBUTIONS
 from .site import Site, open_site
@@ -332,15 +333,57 @@ def _listeners_table(listeners: list[dict]) -> str:
             item["name"],
             item["routing_key"],
             _address(item["host"], item.get("port")),
+            item.get("protocol", "tcp"),
             item.get("distribution", BALANCED),
             item.get("connections", 0),
             _listener_state(item),
         )
         for item in listeners
     ]
-    headers = ("NAME", "ROUTING KEY", "ADDRESS", "DISTRIBUTION", "CONNECTIONS", "STATE")
+    headers = ("NAME", "ROUTING KEY", "ADDRESS", "PROTOCOL", "DISTRIBUTION", "CONNECTIONS", "STATE")
     text = _section("Listeners", headers, rows, empty="none")
-    return text + _notes((item["name"], item.get("error")) for item in listeners)
+    text += _notes((item["name"], item.get("error")) for item in listeners)
+    http = [item for item in listeners if item.get("http")]
+    if http:
+        text += "\n\n" + _http_table(http)
+    return text
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _http_table(listeners: list[dict]) -> str:
+    """Requests of the HTTP listeners: by status class, bytes, latency (bucket bounds, so upper bounds)."""
+    rows = []
+    for item in listeners:
+        stats = item["http"]
+        statuses = stats.get("statuses", {})
+        latency = lambda ms: "-" if ms is None else (f"<={ms:g} ms" if ms != float("inf") else ">10 s")  # noqa: E731
+        rows.append(
+            (
+                item["name"],
+                stats["requests"],
+                stats["active"],
+                *(statuses.get(f"{n}xx", 0) for n in (2, 3, 4, 5)),
+                stats["errors"],
+                _bytes(stats["bytes_in"]),
+                _bytes(stats["bytes_out"]),
+                latency(stats.get("p50_ms")),
+                latency(stats.get("p99_ms")),
+            )
+        )
+    headers = ("LISTENER", "REQUESTS", "ACTIVE", "2XX", "3XX", "4XX", "5XX", "BROKEN", "IN", "OUT", "P50", "P99")
+    text = _section("HTTP requests", headers, rows, empty="none")
+    methods = (
+        (item["name"], "by method: " + ", ".join(f"{m} {n}" for m, n in sorted(item["http"]["methods"].items())))
+        for item in listeners
+        if item["http"].get("methods")
+    )
+    return text + _notes(methods)
 
 
 def _connectors_table(connectors: list[dict]) -> str:
@@ -908,10 +951,11 @@ def listener() -> None:
 )
 @click.option(
     "--protocol",
-    type=click.Choice(["tcp"]),
+    type=click.Choice(PROTOCOLS),
     default="tcp",
     show_default=True,
-    help="How connections are carried: tcp, byte for byte (http comes later).",
+    help="tcp: each connection goes to one site, byte for byte. http: each request of a connection picks its own "
+    "site; failures become HTTP answers (502, 503); requests are counted in `listener status`.",
 )
 @click.option(
     "--distribution",
@@ -945,7 +989,13 @@ def listener_create(
 
     async def body(site: Any) -> None:
         made = await site.call(
-            "create_listener", name=name, port=port, host=host, routing_key=routing_key, distribution=distribution
+            "create_listener",
+            name=name,
+            port=port,
+            host=host,
+            routing_key=routing_key,
+            distribution=distribution,
+            protocol=protocol,
         )
         key = made.get("routing_key") or routing_key or name
         _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}")
@@ -977,8 +1027,12 @@ async def _wait_routing_key(site: Any, key: str, timeout: float) -> None:
 def listener_status(cli: Cli, output: str) -> None:
     """Show this site's listeners.
 
-    For each: its address, routing key, open connections, and why it
-    could not listen, if so.
+    For each: its address, routing key, protocol, how it picks providers,
+    open connections, and why it could not listen, if so. For HTTP
+    listeners also the requests since the site started: by status class
+    and method, the ones that broke off (BROKEN: the client or the target
+    went away mid-request), body bytes in and out, and the median and 99th
+    percentile latency (upper bounds of histogram buckets).
     """
     _emit_part(cli, output, "listeners", _listeners_table)
 
@@ -1009,10 +1063,10 @@ def connector() -> None:
 @click.option("--host", default="localhost", show_default=True, help="Host of the service, as this site reaches it.")
 @click.option(
     "--protocol",
-    type=click.Choice(["tcp"]),
+    type=click.Choice(PROTOCOLS),
     default="tcp",
     show_default=True,
-    help="How connections are carried: tcp, byte for byte (http comes later).",
+    help="What the service speaks: tcp, or http (then other sites' service sync listens for it with HTTP).",
 )
 @pass_cli
 def connector_create(cli: Cli, name: str, port: int, routing_key: str | None, host: str, protocol: str) -> None:
@@ -1021,7 +1075,9 @@ def connector_create(cli: Cli, name: str, port: int, routing_key: str | None, ho
     Each flow that arrives for the key is a new connection to HOST:PORT, made
     when the flow arrives (the service need not be up now).
     """
-    running, made = cli.call("create_connector", name=name, port=port, host=host, routing_key=routing_key)
+    running, made = cli.call(
+        "create_connector", name=name, port=port, host=host, routing_key=routing_key, protocol=protocol
+    )
     key = made.get("routing_key") or routing_key or name
     _say(f"connector {name} created: routing key {key} -> {_address(made.get('host', host), made.get('port', port))}")
     _not_running_note(running)

@@ -76,6 +76,11 @@ class Settings:
     purge_after: float = attrs.field(default=60.0, validator=_positive)
 
 
+# How a listener or connector carries connections: "tcp", byte for byte, one
+# provider per connection; "http", one provider per request (proxy/http.py).
+PROTOCOLS = ("tcp", "http")
+
+
 @attrs.frozen
 class LinkConfig:
     """An outgoing link, made by redeeming a token of the peer."""
@@ -92,7 +97,7 @@ class ListenerConfig:
     routing_key: str
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_LISTENER_HOST
-    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(("tcp",)))
+    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
     # How each new connection picks a provider: "balanced" (fewest outstanding
     # flows plus cost: farther providers take flows as nearer ones fill) or
     # "closest" (only the lowest-cost providers).
@@ -105,7 +110,7 @@ class ConnectorConfig:
     routing_key: str
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_CONNECTOR_HOST
-    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(("tcp",)))
+    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ from .config import (
     STATE_DIR,
     ConnectorConfig,
     LinkConfig,
+    PROTOCOLS,
     ListenerConfig,
     Settings,
     SiteConfig,
@@ -49,6 +50,7 @@ from .errors import (
     TokenSpentError,
 )
 from .gossip.records import EDGE, sign_record
+from .proxy.http import HttpListener, HttpStats
 from .proxy.tcp import TcpConnector, TcpListener
 from .router.frames import (
     FrameDecoder,
@@ -77,6 +79,14 @@ _TOKEN_ERRORS = {
     Reason.TOKEN_SPENT: TokenSpentError,
 }
 # Refusals of a link that no redial can change, with what the user can do.
+_LISTENERS = {"tcp": TcpListener, "http": HttpListener}  # listener class by protocol
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise FabricError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+
+
 _FINAL_REFUSALS = {
     Reason.NOT_AUTHORIZED: "delete this link, and redeem a new token to link again",
     Reason.EDGE_TO_EDGE: "delete this link",
@@ -147,6 +157,8 @@ class ListenerStatus:
     error: str | None  # why it does not accept, when it does not
     auto: bool = False  # made by service sync for a key offered elsewhere, not configured
     distribution: str = BALANCED  # how it picks a provider per connection
+    protocol: str = "tcp"
+    http: HttpStats | None = None  # requests, statuses, bytes and latency of an HTTP listener
 
 
 @attrs.frozen
@@ -598,12 +610,23 @@ class Site:
     # -- connectors and listeners -------------------------------------------------------------
 
     async def create_connector(
-        self, name: str, port: int, *, host: str = DEFAULT_CONNECTOR_HOST, routing_key: str | None = None
+        self,
+        name: str,
+        port: int,
+        *,
+        host: str = DEFAULT_CONNECTOR_HOST,
+        routing_key: str | None = None,
+        protocol: str = "tcp",
     ) -> ConnectorConfig:
-        """Offer `host:port` to the network under `routing_key` (default: the name)."""
+        """Offer `host:port` to the network under `routing_key` (default: the name).
+
+        `protocol="http"` tells other sites that it speaks HTTP, so that their
+        service sync listens for it with an HTTP listener.
+        """
         if any(c.name == name for c in self.config.connectors):
             raise FabricError(f"connector {name!r} exists already")
-        config = ConnectorConfig(name=name, routing_key=routing_key or name, port=port, host=host)
+        _check_protocol(protocol)
+        config = ConnectorConfig(name=name, routing_key=routing_key or name, port=port, host=host, protocol=protocol)
         if self.running:
             self._add_connector(config)
         self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
@@ -634,6 +657,7 @@ class Site:
         host: str = DEFAULT_LISTENER_HOST,
         routing_key: str | None = None,
         distribution: str = BALANCED,
+        protocol: str = "tcp",
     ) -> ListenerStatus:
         """Accept clients on `host:port` for `routing_key` (default: the name).
 
@@ -641,13 +665,16 @@ class Site:
         the site is stopped the listener is saved and bound at the next start.
         `distribution` is how each connection picks a provider: "balanced"
         (nearer ones first, farther ones as they fill) or "closest" (only the
-        nearest).
+        nearest). With `protocol="http"` each request picks its own.
         """
         if any(l.name == name for l in self.config.listeners):
             raise FabricError(f"listener {name!r} exists already")
         if distribution not in DISTRIBUTIONS:
             raise FabricError(f"unknown distribution {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
-        config = ListenerConfig(name=name, routing_key=routing_key or name, port=port, host=host, distribution=distribution)
+        _check_protocol(protocol)
+        config = ListenerConfig(
+            name=name, routing_key=routing_key or name, port=port, host=host, distribution=distribution, protocol=protocol
+        )
         if self.running:
             if (synced := self._synced.pop(config.routing_key, None)) is not None:
                 await synced.aclose()  # a configured listener takes over from service sync (maybe its very port)
@@ -672,33 +699,38 @@ class Site:
     def _all_listeners(self) -> list[TcpListener]:
         return [*self._listeners.values(), *self._synced.values()]
 
-    def _sync_wanted(self) -> dict[str, int]:
-        """Routing key -> port, for every key offered by another site and not already listened for here."""
+    def _sync_wanted(self) -> dict[str, tuple[int, str]]:
+        """Routing key -> (port, protocol), for every key offered by another site and not listened for here.
+
+        The lowest port any provider advertises; "http" only when every provider speaks HTTP.
+        """
         configured = {l.routing_key for l in self.config.listeners}
-        wanted: dict[str, int] = {}
+        ports: dict[str, int] = {}
+        protocols: dict[str, set[str]] = {}
         for record in self.router.gossip.table.values():
             if record.site_id == self.site_id or record.site_id not in self.router.routes:
                 continue
             for service in record.services:
                 key = service.routing_key
                 if service.connectors and service.port and key not in configured and key not in self.router.connectors:
-                    wanted[key] = min(service.port, wanted.get(key, service.port))
-        return wanted
+                    ports[key] = min(service.port, ports.get(key, service.port))
+                    protocols.setdefault(key, set()).add(service.protocol)
+        return {key: (port, "http" if protocols[key] == {"http"} else "tcp") for key, port in ports.items()}
 
     async def _sync_services(self) -> None:
         """Service sync: keep a listener on the service host for each key offered elsewhere."""
         assert self._nursery is not None
         while True:
             wanted = self._sync_wanted()
-            for key in [k for k in self._synced if wanted.get(k) != self._synced[k].port]:
+            for key in [k for k in self._synced if wanted.get(k) != (self._synced[k].port, self._synced[k].config.protocol)]:
                 await self._synced.pop(key).aclose()
-                log.info("service sync: listener for %r closed (no site offers it any more)", key)
+                log.info("service sync: listener for %r closed (no site offers it so any more)", key)
                 self._listener_state_changed()
-            for key, port in wanted.items():
+            for key, (port, protocol) in wanted.items():
                 if key in self._synced or self._sync_errors.get(key, (None,))[0] == port:
                     continue  # listening, or this port failed before: try again when the offer changes
-                config = ListenerConfig(name=key, routing_key=key, port=port, host=self.config.service_host)
-                listener = TcpListener(config, self.router, auto=True, on_state=self._listener_state_changed)
+                config = ListenerConfig(name=key, routing_key=key, port=port, host=self.config.service_host, protocol=protocol)
+                listener = _LISTENERS[config.protocol](config, self.router, auto=True, on_state=self._listener_state_changed)
                 try:
                     await self._nursery.start(listener.run)
                 except FabricError as exc:
@@ -729,7 +761,7 @@ class Site:
 
     async def _start_listener(self, config: ListenerConfig) -> TcpListener:
         assert self._nursery is not None
-        listener = TcpListener(config, self.router, on_state=self._listener_state_changed)
+        listener = _LISTENERS[config.protocol](config, self.router, on_state=self._listener_state_changed)
         await self._nursery.start(listener.run)
         self._listeners[config.name] = listener
         self._listener_errors.pop(config.name, None)
@@ -810,6 +842,8 @@ class Site:
             error=running.error if running else self._listener_errors.get(config.name),
             auto=running.auto if running else False,
             distribution=config.distribution,
+            protocol=config.protocol,
+            http=running.stats() if isinstance(running, HttpListener) else None,
         )
 
     # -- links ---------------------------------------------------------------------------------

@@ -36,9 +36,17 @@ async def network_status(site: Site) -> dict:
 
 
 async def create_listener(
-    site: Site, name: str, port: int, host: str = "127.0.0.1", routing_key: str | None = None, distribution: str = BALANCED
+    site: Site,
+    name: str,
+    port: int,
+    host: str = "127.0.0.1",
+    routing_key: str | None = None,
+    distribution: str = BALANCED,
+    protocol: str = "tcp",
 ) -> dict:
-    made = await site.create_listener(name, port, host=host, routing_key=routing_key, distribution=distribution)
+    made = await site.create_listener(
+        name, port, host=host, routing_key=routing_key, distribution=distribution, protocol=protocol
+    )
     return _plain.unstructure(made)
 
 
@@ -47,8 +55,10 @@ async def delete_listener(site: Site, name: str) -> dict:
     return {}
 
 
-async def create_connector(site: Site, name: str, port: int, host: str = "localhost", routing_key: str | None = None) -> dict:
-    return _plain.unstructure(await site.create_connector(name, port, host=host, routing_key=routing_key))
+async def create_connector(
+    site: Site, name: str, port: int, host: str = "localhost", routing_key: str | None = None, protocol: str = "tcp"
+) -> dict:
+    return _plain.unstructure(await site.create_connector(name, port, host=host, routing_key=routing_key, protocol=protocol))
 
 
 async def delete_connector(site: Site, name: str) -> dict:

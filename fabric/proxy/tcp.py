@@ -34,6 +34,7 @@ class TcpConnector:
     def __init__(self, config: ConnectorConfig, *, dial_timeout: float) -> None:
         self.config = config
         self.port = config.port
+        self.protocol = config.protocol  # advertised: "http" makes other sites' service sync listen with HTTP
         self._dial_timeout = dial_timeout
 
     def __repr__(self) -> str:

@@ -78,6 +78,7 @@ class Connector(Protocol):
     """What the router needs of a connector (see proxy/tcp.py)."""
 
     port: int
+    protocol: str
 
     async def dial(self) -> End:
         """Reach the target; raises FlowRefused(DIAL_FAILED, why) if it cannot."""
@@ -232,7 +233,12 @@ class Router:
     def _publish(self) -> None:
         links = [LinkInfo(peer=l.peer_id, cost=max(1, l.cost), rtt=self._held_rtt.get(l.peer_id)) for l in self.links.values()]
         services = [
-            ServiceInfo(routing_key=key, protocol="tcp", port=slot.connectors[0].port, connectors=len(slot.connectors))
+            ServiceInfo(
+                routing_key=key,
+                protocol=slot.connectors[0].protocol,
+                port=slot.connectors[0].port,
+                connectors=len(slot.connectors),
+            )
             for key, slot in self.connectors.items()
             if slot.connectors
         ]
