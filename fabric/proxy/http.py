@@ -48,6 +48,7 @@ CHUNK = 64 * 1024  # bytes per read from a client or a flow
 MAX_HEAD = 32 * 1024  # bytes of request line + headers; past it: 431
 IDLE_FLOWS = 16  # idle flows kept per provider by one listener: the warm keep-alive connections
 IDLE_TIMEOUT = 30.0  # seconds an idle flow is kept (targets close theirs after 60-75 s)
+LINGER = 1.0  # seconds to drain a client's unread bytes after the last answer, before closing
 # Methods a request may be repeated with (RFC 9110, 9.2.2) when its first
 # try failed before an answer began and before any body byte was sent.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -137,6 +138,7 @@ class _Peer:
     def __init__(self, stream, role) -> None:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD)
+        self.started = 0.0  # when its current request began (a client's)
 
     async def send(self, event) -> None:
         data = self.conn.send(event)
@@ -187,6 +189,11 @@ def _value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return b", ".join(values) if values else None
 
 
+def _head_size(request: h11.Request) -> int:
+    """Bytes of the request line and headers, as sent (give or take whitespace)."""
+    return len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in request.headers)
+
+
 def _wants_upgrade(request: h11.Request) -> bool:
     connection = _value(request.headers, b"connection") or b""
     return _value(request.headers, b"upgrade") is not None and b"upgrade" in connection.lower()
@@ -230,8 +237,27 @@ class _Pool:
                 self.discard(idle.popleft())
 
 
+async def _close_gracefully(stream: trio.SocketStream) -> None:
+    """FIN, then read what the client still sends (for up to LINGER s) before closing.
+
+    Closing with unread bytes in the socket (the rest of a refused request)
+    would send an RST, and the client could lose the answer it has not read.
+    """
+    with trio.move_on_after(LINGER, shield=True):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(CHUNK):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
 class HttpListener(TcpListener):
-    """A listener with `protocol="http"`: see the module's docstring."""
+    """A listener with `protocol="http"`: see the module's docstring. It accepts clients even while no
+    site offers its routing key, and answers them 503, which says more than a refused connection."""
+
+    answers_without_provider = True
 
     def __init__(self, config, router, **options) -> None:
         super().__init__(config, router, **options)
@@ -253,43 +279,52 @@ class HttpListener(TcpListener):
             peer = "unknown"
         self.connections += 1
         client = _Peer(stream, h11.SERVER)
+        clean = False
         try:
             while await self._request(client, peer):
                 client.conn.start_next_cycle()
+            clean = True
         except _Broken as exc:
             log.debug("listener %s: client %s: %s", self.config.name, peer, exc)
         except Exception:
             log.exception("listener %s: connection from %s failed", self.config.name, peer)
         finally:
             self.connections -= 1
-            SocketEnd(stream, "client").abort(Reason.UNSPECIFIED, "connection ended")  # no-op once closed cleanly
+            if stream.socket.fileno() == -1:
+                pass  # a tunnel closed it already
+            elif clean:
+                await _close_gracefully(stream)
+            else:
+                SocketEnd(stream, "client").abort(Reason.UNSPECIFIED, "connection ended")
 
     async def _request(self, client: _Peer, peer: str) -> bool:
         """Serve the client's next request; whether the connection may carry another."""
         try:
             event = await client.next_event()
         except h11.RemoteProtocolError as exc:
+            client.started = trio.current_time()
             status = exc.error_status_hint
-            await self._answer(client, status, "request head too large" if status == 431 else f"bad request: {exc}")
-            return False
+            return await self._answer(client, status, "request head too large" if status == 431 else f"bad request: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Broken(f"connection lost: {exc}") from None
         if isinstance(event, h11.ConnectionClosed):
             return False
         assert isinstance(event, h11.Request), event
+        if _head_size(event) > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
+            client.started = trio.current_time()
+            return await self._answer(client, 431, "request head too large")
         metrics = self._metrics
         metrics.requests += 1
         metrics.active += 1
         metrics.methods[event.method.decode("ascii", "replace")] += 1
-        started = trio.current_time()
+        client.started = trio.current_time()
         try:
-            status, reusable = await self._route(client, event, peer)
+            reusable = await self._route(client, event, peer)
         except _Broken:
             metrics.errors += 1
             raise
         finally:
             metrics.active -= 1
-        metrics.answered(status, trio.current_time() - started)
         return reusable and client.conn.our_state is h11.DONE and client.conn.their_state is h11.DONE
 
     def _upstream_request(self, request: h11.Request, peer: str) -> h11.Request:
@@ -313,8 +348,12 @@ class HttpListener(TcpListener):
         headers.append((b"via", via + b", " + self._via if via else self._via))
         return h11.Request(method=request.method, target=request.target, headers=headers)
 
-    async def _route(self, client: _Peer, request: h11.Request, peer: str) -> tuple[int, bool]:
-        """Carry one request to a provider and its answer back; (status, whether the client may go on)."""
+    def _answered(self, client: _Peer, status: int) -> None:
+        """Count the answer before its last byte goes, so that whoever sees the answer sees it counted."""
+        self._metrics.answered(status, trio.current_time() - client.started)
+
+    async def _route(self, client: _Peer, request: h11.Request, peer: str) -> bool:
+        """Carry one request to a provider and its answer back; whether the client may send another."""
         router, key = self._router, self.config.routing_key
         forward = self._upstream_request(request, peer)
         retryable = request.method in IDEMPOTENT
@@ -325,12 +364,12 @@ class HttpListener(TcpListener):
             provider = router.choose_provider(key, self.config.distribution, exclude=refused)
             if provider is None:
                 if not router.providers(key):
-                    return await self._answer(client, 503, f"no reachable site offers routing key {key!r}"), False
-                return await self._answer(client, 502, failure), False
+                    return await self._answer(client, 503, f"no reachable site offers routing key {key!r}")
+                return await self._answer(client, 502, failure)
             upstream = self._pool.take(provider)
             if upstream is None:
                 if not tries.left():
-                    return await self._answer(client, 502, failure), False
+                    return await self._answer(client, 502, failure)
                 try:
                     end, hop = await router.open_to(provider, key, tries)
                 except FlowError as exc:
@@ -346,14 +385,14 @@ class HttpListener(TcpListener):
                     raise
                 failure = f"site {router.name_of(provider)}: {exc}"
                 if not (retryable or exc.head_lost):
-                    return await self._answer(client, 502, failure), False
+                    return await self._answer(client, 502, failure)
                 if upstream.fresh:
                     refused.add(provider)  # a new flow failed: this provider's target is in trouble
                 # else a kept flow had gone stale: try again, on another kept flow or a new one
             finally:
                 router.outstanding[provider] -= 1
 
-    async def _exchange(self, client: _Peer, upstream: _Upstream, request: h11.Request) -> tuple[int, bool]:
+    async def _exchange(self, client: _Peer, upstream: _Upstream, request: h11.Request) -> bool:
         """One request and its answer over `upstream`; raises _Broken if it breaks."""
         body = {"sent": False, "done": False}
         answered: list[int] = []
@@ -412,12 +451,12 @@ class HttpListener(TcpListener):
             raise
         if status == 101:
             await self._tunnel(client, upstream)
-            return status, False
+            return False
         if reusable and upstream.reusable():
             self._pool.put(upstream)
         else:
             self._pool.discard(upstream)
-        return status, reusable
+        return reusable
 
     async def _relay_answer(self, client: _Peer, upstream: _Upstream, answered: list[int], broken) -> int:
         """The upstream's answer, head and body, to the client; its status."""
@@ -432,10 +471,12 @@ class HttpListener(TcpListener):
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
                         answered.append(101)
+                        self._answered(client, 101)
                         headers = _headers(event.headers, keep_upgrade=True) + [(b"connection", b"upgrade")]
                         await client.send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason))
                         return 101
-                    await client.send(h11.InformationalResponse(status_code=event.status_code, headers=_headers(event.headers)))
+                    headers = _headers(event.headers)
+                    await client.send(h11.InformationalResponse(status_code=event.status_code, headers=headers, reason=event.reason))
                 elif isinstance(event, h11.Response):
                     answered.append(event.status_code)
                     headers = _headers(event.headers)
@@ -449,6 +490,7 @@ class HttpListener(TcpListener):
                     self._metrics.bytes_out += len(event.data)
                     await client.send(event)
                 elif isinstance(event, h11.EndOfMessage):
+                    self._answered(client, answered[-1])
                     await client.send(h11.EndOfMessage())
                     return answered[-1]
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -470,8 +512,8 @@ class HttpListener(TcpListener):
         finally:
             self._router.release(upstream.hop)
 
-    async def _answer(self, client: _Peer, status: int, text: str) -> int:
-        """A short answer of the listener's own, then the connection closes."""
+    async def _answer(self, client: _Peer, status: int, text: str) -> bool:
+        """A short answer of the listener's own; False: the connection closes after it."""
         (log.info if status >= 500 else log.debug)("listener %s: %d %s", self.config.name, status, text)
         body = f"{status} {text}\n".encode()
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -482,10 +524,11 @@ class HttpListener(TcpListener):
             (b"connection", b"close"),
             (b"via", self._via),
         ]
+        self._answered(client, status)
         try:
             await client.send(h11.Response(status_code=status, headers=headers))
             await client.send(h11.Data(data=body))
             await client.send(h11.EndOfMessage())
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError) as exc:
             raise _Broken(f"client connection lost: {exc}") from None
-        return status
+        return False

@@ -82,6 +82,9 @@ class TcpListener(trio.abc.AsyncResource):
     when a provider appears. Connections already open carry on.
     """
 
+    # A protocol that can say "no provider" to its clients (HTTP's 503) keeps accepting instead.
+    answers_without_provider = False
+
     def __init__(
         self, config: ListenerConfig, router: Router, *, auto: bool = False, on_state: Callable[[], None] = lambda: None
     ) -> None:
@@ -118,7 +121,7 @@ class TcpListener(trio.abc.AsyncResource):
                 async with trio.open_nursery() as handlers:  # outlives each bind: open connections carry on
                     task_status.started(self)
                     while True:
-                        if not router.providers(key):
+                        if not router.providers(key) and not self.answers_without_provider:
                             if listener is not None:
                                 await listener.aclose()
                                 listener = None
@@ -140,6 +143,8 @@ class TcpListener(trio.abc.AsyncResource):
                                 serving.start_soon(
                                     functools.partial(trio.serve_listeners, self._serve, [listener], handler_nursery=handlers)
                                 )
+                                if self.answers_without_provider:
+                                    await trio.sleep_forever()
                                 await router.wait_unreachable(key)
                                 serving.cancel_scope.cancel()
                         finally:
