@@ -333,14 +333,13 @@ def _listeners_table(listeners: list[dict]) -> str:
             item["name"],
             item["routing_key"],
             _address(item["host"], item.get("port")),
-            item.get("protocol", "tcp"),
-            item.get("distribution", BALANCED),
+            item.get("protocol", "tcp") + ("" if item.get("distribution", BALANCED) == BALANCED else f", {item['distribution']}"),
             item.get("connections", 0),
             _listener_state(item),
         )
         for item in listeners
     ]
-    headers = ("NAME", "ROUTING KEY", "ADDRESS", "PROTOCOL", "DISTRIBUTION", "CONNECTIONS", "STATE")
+    headers = ("NAME", "ROUTING KEY", "ADDRESS", "PROTOCOL", "CONNECTIONS", "STATE")
     text = _section("Listeners", headers, rows, empty="none")
     text += _notes((item["name"], item.get("error")) for item in listeners)
     http = [item for item in listeners if item.get("http")]
@@ -356,34 +355,33 @@ def _bytes(count: int) -> str:
     return f"{count} B"
 
 
+def _latency(ms: float | None) -> str:
+    return "-" if ms is None else (f"{ms:g} ms" if ms != math.inf else "> 10 s")
+
+
 def _http_table(listeners: list[dict]) -> str:
-    """Requests of the HTTP listeners: by status class, bytes, latency (bucket bounds, so upper bounds)."""
-    rows = []
+    """Requests of the HTTP listeners: by status class, broken off, latency; methods and bytes below."""
+    rows = [
+        (
+            item["name"],
+            stats["requests"],
+            stats["active"],
+            stats["errors"],
+            *(stats.get("statuses", {}).get(f"{n}xx", 0) for n in (2, 3, 4, 5)),
+            _latency(stats.get("p50_ms")),
+            _latency(stats.get("p99_ms")),
+        )
+        for item in listeners
+        for stats in (item["http"],)
+    ]
+    headers = ("NAME", "REQUESTS", "ACTIVE", "BROKEN", "2XX", "3XX", "4XX", "5XX", "P50", "P99")
+    text = _section("HTTP requests", headers, rows, empty="none")
+    notes = []
     for item in listeners:
         stats = item["http"]
-        statuses = stats.get("statuses", {})
-        latency = lambda ms: "-" if ms is None else (f"<={ms:g} ms" if ms != float("inf") else ">10 s")  # noqa: E731
-        rows.append(
-            (
-                item["name"],
-                stats["requests"],
-                stats["active"],
-                *(statuses.get(f"{n}xx", 0) for n in (2, 3, 4, 5)),
-                stats["errors"],
-                _bytes(stats["bytes_in"]),
-                _bytes(stats["bytes_out"]),
-                latency(stats.get("p50_ms")),
-                latency(stats.get("p99_ms")),
-            )
-        )
-    headers = ("LISTENER", "REQUESTS", "ACTIVE", "2XX", "3XX", "4XX", "5XX", "BROKEN", "IN", "OUT", "P50", "P99")
-    text = _section("HTTP requests", headers, rows, empty="none")
-    methods = (
-        (item["name"], "by method: " + ", ".join(f"{m} {n}" for m, n in sorted(item["http"]["methods"].items())))
-        for item in listeners
-        if item["http"].get("methods")
-    )
-    return text + _notes(methods)
+        methods = ", ".join(f"{m} {n}" for m, n in sorted(stats.get("methods", {}).items())) or "none yet"
+        notes.append((item["name"], f"{methods}; bodies {_bytes(stats['bytes_in'])} in, {_bytes(stats['bytes_out'])} out"))
+    return text + _notes(notes)
 
 
 def _connectors_table(connectors: list[dict]) -> str:
@@ -1027,12 +1025,13 @@ async def _wait_routing_key(site: Any, key: str, timeout: float) -> None:
 def listener_status(cli: Cli, output: str) -> None:
     """Show this site's listeners.
 
-    For each: its address, routing key, protocol, how it picks providers,
-    open connections, and why it could not listen, if so. For HTTP
-    listeners also the requests since the site started: by status class
-    and method, the ones that broke off (BROKEN: the client or the target
-    went away mid-request), body bytes in and out, and the median and 99th
-    percentile latency (upper bounds of histogram buckets).
+    For each: its address, routing key, protocol (and `closest` when it
+    picks only the nearest providers), open connections, and why it could
+    not listen, if so. For HTTP listeners also the requests since the site
+    started: in progress (ACTIVE), broken off (BROKEN: the client or the
+    target went away mid-request), answered by status class, the median and
+    99th percentile latency (upper bounds of histogram buckets), and below,
+    requests by method and body bytes in and out.
     """
     _emit_part(cli, output, "listeners", _listeners_table)
 

@@ -156,3 +156,34 @@ async def test_a_listener_made_on_the_port_service_sync_holds_takes_it_over(netw
             (only,) = a.status().listeners
             assert not only.auto and only.accepting
             await echo_once("127.0.0.2", port, tcp)
+
+
+async def test_a_service_that_speaks_http_gets_http_listeners(network, start_server):
+    """A connector with protocol http: the other site's service sync listens with HTTP (per-request routing, 503s)."""
+
+    async def answer_ok(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    port = await start_server(answer_ok)
+    with trio.fail_after(DEADLINE):
+        async with (
+            network.site("a", service_host="127.0.0.2") as a,
+            network.site("b", link_port=0, service_host="127.0.0.3") as b,
+        ):
+            await network.link(a, b)
+            await b.create_connector("web", port, host="127.0.0.1", protocol="http")
+            await a.wait_listening("web")
+            (synced,) = a.status().listeners
+            assert synced.auto and synced.protocol == "http"
+            stream = await trio.open_tcp_stream("127.0.0.2", port)
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok")
+            assert a.status().listeners[0].http.statuses == {"2xx": 1}

@@ -89,6 +89,27 @@ def test_three_sites_linked_by_tokens_carry_http_from_a_to_b(tmp_path: Path):
         assert all(len(line) <= 80 for line in table.splitlines()), table
         assert "web" in table and "hub" in table
 
+        # The same service through an HTTP listener: each request routed on its own, and counted.
+        http_port = free_port()
+        out = ok(fabric(a, "listener", "create", "web-http", str(http_port), "--routing-key", "web", "--protocol", "http"))
+        assert f"127.0.0.1:{http_port} -> routing key web" in out
+        for _ in range(3):
+            fetched = subprocess.run(
+                [CURL, "-sf", "--max-time", "10", f"http://127.0.0.1:{http_port}/page.txt"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )
+            assert fetched.returncode == 0 and fetched.stdout == page, fetched.stderr
+        missing = subprocess.run(
+            [CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{http_port}/nothing-here"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+        assert missing.stdout == "404"
+        listeners = ok(fabric(a, "listener", "status"))
+        assert "HTTP requests (1):" in listeners and "web-http: GET 4; bodies 0 B in" in listeners, listeners
+        (row,) = [line for line in listeners.splitlines() if line.startswith("web-http ") and "accepting" not in line]
+        assert row.split()[1:8] == ["4", "0", "0", "3", "0", "1", "0"], row  # requests, active, broken, 2xx..5xx
+        assert all(len(line) <= 80 for line in listeners.splitlines()), listeners
+
         for process in processes:
             code, seconds = process.stop()
             assert code == 0, f"site {process.site_dir.name} exited {code} after SIGTERM; log:\n{process.log_tail()}"
