@@ -323,6 +323,7 @@ class HttpListener(TcpListener):
             event = await client.next_event()
         except h11.RemoteProtocolError as exc:
             client.started = trio.current_time()
+            self._metrics.requests += 1
             status = exc.error_status_hint
             return await self._answer(client, status, "request head too large" if status == 431 else f"bad request: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -332,6 +333,7 @@ class HttpListener(TcpListener):
         assert isinstance(event, h11.Request), event
         if _head_size(event) > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
             client.started = trio.current_time()
+            self._metrics.requests += 1
             return await self._answer(client, 431, "request head too large")
         metrics = self._metrics
         metrics.requests += 1

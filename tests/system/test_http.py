@@ -358,5 +358,5 @@ async def test_failures_become_http_answers_and_the_listener_goes_on(network, ng
             assert refused.stdout.endswith(b"502") and b"Connection refused" in refused.stdout, refused.stdout
             await still_serves()
             stats = {l.name: l.http for l in a.status().listeners}
-            assert stats["web"].statuses == {"2xx": 4, "4xx": 2}
+            assert stats["web"].statuses == {"2xx": 4, "4xx": 2} and stats["web"].requests == 6
             assert stats["nobody"].statuses == {"5xx": 1} and stats["down"].statuses == {"5xx": 1}
