@@ -196,7 +196,9 @@ async def test_one_keepalive_client_spreads_its_requests_over_both_providers(net
             # wrk stops with up to one request in flight per connection: those break off, nothing else.
             unanswered = stats.active + stats.errors
             assert stats.requests >= total + 100 and unanswered <= 10, stats
-            assert stats.statuses == {"2xx": stats.requests - unanswered} and stats.methods == {"GET": stats.requests}
+            # (one whose answer was counted can still break off while its last bytes go)
+            assert set(stats.statuses) == {"2xx"} and stats.requests - unanswered <= stats.statuses["2xx"] <= stats.requests
+            assert stats.methods == {"GET": stats.requests}
             # Warm flows carried them: far fewer flows than requests were ever opened.
             assert sum(l.flow_count for l in a.router.links.values()) <= 2 * (10 + 2)
 
