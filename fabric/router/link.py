@@ -41,6 +41,8 @@ from .frames import (
     encode_u64,
 )
 
+from .transports import receive_batch
+
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024  # bytes per read from the link stream
@@ -221,7 +223,7 @@ class Link(trio.abc.AsyncResource):
             for frame in self._decoder:  # frames that came with the handshake
                 self._dispatch(frame)
             while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await receive_batch(self.stream, RECEIVE_SIZE)
                 if not data:
                     raise _LinkEnded("peer closed the connection")
                 silence.deadline = trio.current_time() + timeout

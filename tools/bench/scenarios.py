@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -95,8 +94,13 @@ def redis_ping(clients: int, *, reconnect: bool = False) -> Callable[[int, float
             out, err = process.communicate(timeout=seconds)
         except subprocess.TimeoutExpired:
             # It reports its running rate every 250 ms ("rps=... (overall: ...)"): stop it and read the last.
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=CLIENT_GRACE)
+            # SIGTERM, not SIGINT: a shell runs background jobs with SIGINT ignored, and children inherit that.
+            process.terminate()
+            try:
+                out, err = process.communicate(timeout=CLIENT_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise BenchError(f"redis-benchmark still ran {CLIENT_GRACE} s after SIGTERM") from None
         rates = _OVERALL.findall(out)
         if not rates:
             raise BenchError(f"redis-benchmark reported no rate: {(err or out)[-500:].decode(errors='replace').strip()}")
