@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -379,6 +380,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self.flow_id = flow_id
         self.uid = uid
         self._window = link.settings.flow_window
+        self.settings_write_buffer = link.settings.link_write_buffer
         self._inbound: collections.deque[bytes] = collections.deque()
         self._received = 0
         self._consumed = 0
@@ -388,6 +390,9 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._send_limit = link.peer.flow_window
         self._send_closed = False
         self._error: FlowReset | FlowRefused | None = None
+        # Where DATA goes straight from the link's reader, while nothing is queued (see attach_sink).
+        self._sink: Callable[[bytes], int] | None = None
+        self._sink_held = False  # bytes were queued for the reader of this flow: the sink waits for it to catch up
         self._changed = trio.Event()
         self._opened = trio.Event()
         self._failed = trio.Event()  # set once _error is: reset, refused or link lost
@@ -450,6 +455,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._inbound:
+            self._sink_held = False  # the reader has sent all it took: the sink may deliver again
             if self._error is not None:
                 raise self._error
             if self._recv_closed:
@@ -462,12 +468,28 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         if max_bytes is not None and len(chunk) > max_bytes:
             self._inbound.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
-        self._consumed += len(chunk)
+        self._consume(len(chunk))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return chunk
+
+    def _consume(self, n: int) -> None:
+        """`n` more bytes were taken by the reader of this flow: grant more credit once half the window is used."""
+        self._consumed += n
         if not self._recv_closed and self._recv_limit - self._consumed <= self._window // 2:
             self._recv_limit = self._consumed + self._window
             self.link.send_frame(FrameType.CREDIT, self.flow_id, encode_u64(self._recv_limit))
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return chunk
+
+    def attach_sink(self, sink: Callable[[bytes], int] | None) -> None:
+        """Deliver DATA to `sink` from the link's reader, with no task switch, while nothing is queued.
+
+        `sink(payload)` takes what it can at once, never blocking, and returns
+        how many bytes it took (the other end's `send_nowait`). What it does
+        not take is queued for `receive_some`, as without a sink, and the sink
+        is not used again until the reader has drained the queue and comes
+        back for more (so bytes never overtake each other). A relay attaches
+        one; it changes nothing else: credit is granted as the sink takes bytes.
+        """
+        self._sink = sink
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._send_closed:
@@ -490,6 +512,23 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             self._sent += n
             pos += n
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_nowait(self, data: bytes) -> int:
+        """Queue what credit and the link's write buffer allow now, without waiting; bytes taken.
+
+        A transit relay's sink: DATA from one link goes on to the next from the
+        reader, with no task switch, while the way on is open.
+        """
+        if self._error is not None or self._send_closed or self.link.closed:
+            return 0
+        if self.link._out_bytes >= self.settings_write_buffer:
+            return 0
+        n = min(self._send_limit - self._sent, len(data), MAX_DATA)
+        if n <= 0:
+            return 0
+        self.link.send_frame(FrameType.DATA, self.flow_id, data if n == len(data) else data[:n])
+        self._sent += n
+        return n
 
     async def wait_send_all_might_not_block(self) -> None:
         while self._send_limit <= self._sent and self._error is None:
@@ -528,6 +567,14 @@ class FlowEnd(trio.abc.HalfCloseableStream):
                 f"peer sent past its credit on flow {self.flow_id} ({self._received} > {self._recv_limit} bytes)"
             )
         if payload:
+            if self._sink is not None and not self._sink_held:
+                taken = self._sink(payload)
+                if taken:
+                    self._consume(taken)
+                    if taken == len(payload):
+                        return
+                    payload = payload[taken:]
+                self._sink_held = True
             self._inbound.append(payload)
             self._wake()
 

@@ -8,6 +8,7 @@ closed with an RST, so nobody mistakes a failure for a clean end.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Protocol
@@ -36,28 +37,75 @@ class End(Protocol):
 
 
 class SocketEnd:
-    """A TCP connection (client or target) as a relay end; `label` names it in reasons."""
+    """A TCP connection (client or target) as a relay end; `label` names it in reasons.
+
+    It reads and writes the socket itself (`os.read`/`os.write` on its
+    non-blocking descriptor) rather than through `trio.SocketStream`, whose
+    every call that succeeds at once is also a trip through the scheduler: a
+    relay checkpoints on its flow side anyway, once per chunk. After a short
+    read the socket is known to be empty, so the next read waits for it to
+    be readable first instead of trying a `recv` bound to fail.
+    """
 
     def __init__(self, stream: trio.SocketStream, label: str) -> None:
         self.stream = stream
         self.label = label
+        self._socket = stream.socket
+        self._empty = False  # the last read emptied the socket's receive queue
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
     def __repr__(self) -> str:
         return f"<SocketEnd {self.label}>"
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.stream.receive_some(max_bytes)
+    def _fd(self) -> int:
+        fd = self._socket.fileno()
+        if fd == -1:  # closed here (aborted): never touch a descriptor number that may be reused
+            raise trio.ClosedResourceError("the connection was closed")
+        return fd
 
-    async def send_all(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        max_bytes = max_bytes or CHUNK
+        if self._empty:
+            await trio.lowlevel.wait_readable(self._socket)
+        while True:
+            try:
+                data = os.read(self._fd(), max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._socket)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+            self._empty = len(data) < max_bytes
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._write(view) :]
+            if view:
+                await trio.lowlevel.wait_writable(self._socket)
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now, without waiting; bytes taken (0 on any error: `send_all` meets it)."""
+        try:
+            return self._write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return 0
+
+    def _write(self, data: bytes | memoryview) -> int:
+        try:
+            return os.write(self._fd(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
 
     def abort(self, code: Reason, text: str) -> None:
         """Close with an RST: the application sees a reset, not a clean end of data."""
-        sock = self.stream.socket
+        sock = self._socket
         if sock.fileno() != -1:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -127,6 +175,12 @@ async def relay(a: End, b: End) -> None:
         failure = failure or _Broken(error.code, str(error))
         scope.cancel()
 
+    # A flow hands its DATA to the other end straight from the link's reader while
+    # that end takes it at once (a socket's or the next link's buffer has room):
+    # the pump below then carries only what had to wait.
+    for src, dst in ((a, b), (b, a)):
+        if hasattr(src, "attach_sink") and hasattr(dst, "send_nowait"):
+            src.attach_sink(dst.send_nowait)
     try:
         async with trio.open_nursery() as nursery:
             # A flow that has delivered its EOF is read by nobody, yet a later
@@ -140,6 +194,9 @@ async def relay(a: End, b: End) -> None:
             nursery.cancel_scope.cancel()  # both ways ended: stop the watchers
         clean = failure is None
     finally:
+        for end in (a, b):
+            if hasattr(end, "attach_sink"):
+                end.attach_sink(None)
         if clean:
             with trio.move_on_after(1, shield=True):  # seconds; closing a socket does not block
                 await a.aclose()
