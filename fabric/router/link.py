@@ -392,6 +392,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._error: FlowReset | FlowRefused | None = None
         # Where DATA goes straight from the link's reader, while nothing is queued (see attach_sink).
         self._sink: Callable[[bytes], int] | None = None
+        self._on_failed: Callable[[FlowReset | FlowRefused], None] | None = None
         self._sink_held = False  # bytes were queued for the reader of this flow: the sink waits for it to catch up
         self._changed = trio.Event()
         self._opened = trio.Event()
@@ -419,6 +420,19 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._opened.set()
         self._failed.set()
         self._wake()
+        if (callback := self._on_failed) is not None:
+            self._on_failed = None
+            callback(error)
+
+    def on_failure(self, callback: Callable[[FlowReset | FlowRefused], None] | None) -> None:
+        """Call `callback(error)` once, when the flow is reset, refused or its link is lost (at once if it was).
+
+        What a relay uses instead of a task per flow waiting in `wait_failed`.
+        """
+        self._on_failed = callback
+        if callback is not None and self._error is not None:
+            self._on_failed = None
+            callback(self._error)
 
     async def wait_failed(self) -> FlowReset | FlowRefused:
         """Wait until the flow is reset, refused or its link is lost; returns why.

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import FlowError, FlowReset
+from ..errors import FlowError, FlowRefused, FlowReset
 from .frames import Reason
 
 CHUNK = 64 * 1024  # bytes per read: one DATA frame
@@ -169,12 +169,6 @@ async def relay(a: End, b: End) -> None:
             failure = failure or broken
             scope.cancel()
 
-    async def watch(end: End, scope: trio.CancelScope) -> None:
-        nonlocal failure
-        error = await end.wait_failed()  # type: ignore[attr-defined]
-        failure = failure or _Broken(error.code, str(error))
-        scope.cancel()
-
     # A flow hands its DATA to the other end straight from the link's reader while
     # that end takes it at once (a socket's or the next link's buffer has room):
     # the pump below then carries only what had to wait.
@@ -182,21 +176,26 @@ async def relay(a: End, b: End) -> None:
         if hasattr(src, "attach_sink") and hasattr(dst, "send_nowait"):
             src.attach_sink(dst.send_nowait)
     try:
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as pumps:
+
+            def failed(error: FlowReset | FlowRefused) -> None:
+                nonlocal failure
+                failure = failure or _Broken(error.code, str(error))
+                pumps.cancel_scope.cancel()
+
             # A flow that has delivered its EOF is read by nobody, yet a later
-            # RESET or link loss must still end the relay: watch flows for it.
+            # RESET or link loss must still end the relay: flows say so at once.
             for end in (a, b):
-                if hasattr(end, "wait_failed"):
-                    nursery.start_soon(watch, end, nursery.cancel_scope)
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(pump, a, b, nursery.cancel_scope)
-                pumps.start_soon(pump, b, a, nursery.cancel_scope)
-            nursery.cancel_scope.cancel()  # both ways ended: stop the watchers
+                if hasattr(end, "on_failure"):
+                    end.on_failure(failed)
+            pumps.start_soon(pump, b, a, pumps.cancel_scope)
+            await pump(a, b, pumps.cancel_scope)  # this task is the other pump: one task fewer to start
         clean = failure is None
     finally:
         for end in (a, b):
             if hasattr(end, "attach_sink"):
                 end.attach_sink(None)
+                end.on_failure(None)
         if clean:
             with trio.move_on_after(1, shield=True):  # seconds; closing a socket does not block
                 await a.aclose()
