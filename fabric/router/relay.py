@@ -52,7 +52,7 @@ class SocketEnd:
         self.label = label
         self._socket = stream.socket
         self._empty = False  # the last read emptied the socket's receive queue
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        # No TCP_NODELAY here: trio.SocketStream has set it (a system call per connection saved).
 
     def __repr__(self) -> str:
         return f"<SocketEnd {self.label}>"
