@@ -8,6 +8,7 @@ A connector dials its target for each flow that arrives for its key.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -30,6 +31,26 @@ log = logging.getLogger("fabric.proxy")
 _listening: set[tuple[str, int]] = set()
 
 
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """`trio.open_tcp_stream`, without its machinery for several addresses when the host is one IP address.
+
+    A connector dials its target once per flow; happy eyeballs (a nursery and
+    a task per attempt) is what most of that costs when there is nothing to
+    choose between.
+    """
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 class TcpConnector:
     def __init__(self, config: ConnectorConfig, *, dial_timeout: float) -> None:
         self.config = config
@@ -45,7 +66,7 @@ class TcpConnector:
         await self._check_not_a_listener(where)
         try:
             with trio.fail_after(self._dial_timeout):
-                stream = await trio.open_tcp_stream(self.config.host, self.config.port)
+                stream = await connect_tcp(self.config.host, self.config.port)
         except OSError as exc:
             why = describe_connect_error(exc)
             raise FlowRefused(Reason.DIAL_FAILED, f"connector {self.config.name}: target {where}: {why}") from None

@@ -55,6 +55,7 @@ class FrameType(enum.IntEnum):
 
 
 _FRAME_TYPES = frozenset(int(t) for t in FrameType)
+_TYPES = {int(t): t for t in FrameType}  # a dict lookup is cheaper than FrameType(n) per frame
 
 
 class Reason(enum.IntEnum):
@@ -104,17 +105,28 @@ class FrameDecoder:
 
     Memory is bounded: at most one partial frame (header + `max_payload`) is
     held between calls, beyond what the caller fed in one go.
+
+    Bytes fed while nothing is held are read in place, not copied into a
+    buffer: a read that holds whole frames (the usual case on a busy link)
+    costs one slice per payload and nothing else.
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._max_payload = max_payload
 
-    def receive_data(self, data: bytes) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos >= len(self._buf):
+            # Nothing held: read the caller's bytes where they are (bytes are immutable, so safe to keep).
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
+            return
+        if type(self._buf) is not bytearray:
+            self._buf = bytearray(memoryview(self._buf)[self._pos :])
+        elif self._pos:
+            del self._buf[: self._pos]
+        self._pos = 0
         self._buf += data
 
     @property
@@ -136,9 +148,9 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[pos + HEADER_SIZE : end])
+        payload = buf[pos + HEADER_SIZE : end] if type(buf) is bytes else bytes(memoryview(buf)[pos + HEADER_SIZE : end])
         self._pos = end
-        return Frame(FrameType(type_), flow_id, payload, flags)
+        return Frame(_TYPES[type_], flow_id, payload, flags)
 
     def __iter__(self) -> Iterator[Frame]:
         while (frame := self.next_frame()) is not None:

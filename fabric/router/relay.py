@@ -8,13 +8,14 @@ closed with an RST, so nobody mistakes a failure for a clean end.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Protocol
 
 import trio
 
-from ..errors import FlowError, FlowReset
+from ..errors import FlowError, FlowRefused, FlowReset
 from .frames import Reason
 
 CHUNK = 64 * 1024  # bytes per read: one DATA frame
@@ -36,28 +37,75 @@ class End(Protocol):
 
 
 class SocketEnd:
-    """A TCP connection (client or target) as a relay end; `label` names it in reasons."""
+    """A TCP connection (client or target) as a relay end; `label` names it in reasons.
+
+    It reads and writes the socket itself (`os.read`/`os.write` on its
+    non-blocking descriptor) rather than through `trio.SocketStream`, whose
+    every call that succeeds at once is also a trip through the scheduler: a
+    relay checkpoints on its flow side anyway, once per chunk. After a short
+    read the socket is known to be empty, so the next read waits for it to
+    be readable first instead of trying a `recv` bound to fail.
+    """
 
     def __init__(self, stream: trio.SocketStream, label: str) -> None:
         self.stream = stream
         self.label = label
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self._socket = stream.socket
+        self._empty = False  # the last read emptied the socket's receive queue
+        # No TCP_NODELAY here: trio.SocketStream has set it (a system call per connection saved).
 
     def __repr__(self) -> str:
         return f"<SocketEnd {self.label}>"
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.stream.receive_some(max_bytes)
+    def _fd(self) -> int:
+        fd = self._socket.fileno()
+        if fd == -1:  # closed here (aborted): never touch a descriptor number that may be reused
+            raise trio.ClosedResourceError("the connection was closed")
+        return fd
 
-    async def send_all(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        max_bytes = max_bytes or CHUNK
+        if self._empty:
+            await trio.lowlevel.wait_readable(self._socket)
+        while True:
+            try:
+                data = os.read(self._fd(), max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._socket)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+            self._empty = len(data) < max_bytes
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._write(view) :]
+            if view:
+                await trio.lowlevel.wait_writable(self._socket)
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now, without waiting; bytes taken (0 on any error: `send_all` meets it)."""
+        try:
+            return self._write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return 0
+
+    def _write(self, data: bytes | memoryview) -> int:
+        try:
+            return os.write(self._fd(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
     async def send_eof(self) -> None:
         await self.stream.send_eof()
 
     def abort(self, code: Reason, text: str) -> None:
         """Close with an RST: the application sees a reset, not a clean end of data."""
-        sock = self.stream.socket
+        sock = self._socket
         if sock.fileno() != -1:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -121,25 +169,33 @@ async def relay(a: End, b: End) -> None:
             failure = failure or broken
             scope.cancel()
 
-    async def watch(end: End, scope: trio.CancelScope) -> None:
-        nonlocal failure
-        error = await end.wait_failed()  # type: ignore[attr-defined]
-        failure = failure or _Broken(error.code, str(error))
-        scope.cancel()
-
+    # A flow hands its DATA to the other end straight from the link's reader while
+    # that end takes it at once (a socket's or the next link's buffer has room):
+    # the pump below then carries only what had to wait.
+    for src, dst in ((a, b), (b, a)):
+        if hasattr(src, "attach_sink") and hasattr(dst, "send_nowait"):
+            src.attach_sink(dst.send_nowait)
     try:
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as pumps:
+
+            def failed(error: FlowReset | FlowRefused) -> None:
+                nonlocal failure
+                failure = failure or _Broken(error.code, str(error))
+                pumps.cancel_scope.cancel()
+
             # A flow that has delivered its EOF is read by nobody, yet a later
-            # RESET or link loss must still end the relay: watch flows for it.
+            # RESET or link loss must still end the relay: flows say so at once.
             for end in (a, b):
-                if hasattr(end, "wait_failed"):
-                    nursery.start_soon(watch, end, nursery.cancel_scope)
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(pump, a, b, nursery.cancel_scope)
-                pumps.start_soon(pump, b, a, nursery.cancel_scope)
-            nursery.cancel_scope.cancel()  # both ways ended: stop the watchers
+                if hasattr(end, "on_failure"):
+                    end.on_failure(failed)
+            pumps.start_soon(pump, b, a, pumps.cancel_scope)
+            await pump(a, b, pumps.cancel_scope)  # this task is the other pump: one task fewer to start
         clean = failure is None
     finally:
+        for end in (a, b):
+            if hasattr(end, "attach_sink"):
+                end.attach_sink(None)
+                end.on_failure(None)
         if clean:
             with trio.move_on_after(1, shield=True):  # seconds; closing a socket does not block
                 await a.aclose()

@@ -91,6 +91,39 @@ async def accept_tls(tcp: trio.SocketStream, context: ssl.SSLContext) -> trio.SS
     return stream
 
 
+async def receive_batch(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
+    """What `stream.receive_some(max_bytes)` returns, plus the TLS records already received behind it.
+
+    `trio.SSLStream.receive_some` decrypts one TLS record (at most 16 KiB) per
+    call, and each call is a trip through the scheduler, while one read from
+    the socket (64 KiB) usually brings several records. The records already
+    in its buffer are decrypted here, synchronously, up to `max_bytes` in all.
+
+    Only for the one task that receives on the stream, right after its own
+    `receive_some`: nobody else is inside the SSL object then. Reading only
+    consumes buffered input (TLS 1.3 has no renegotiation), so what the
+    writer does with the object is not disturbed. On anything but plain
+    data (no whole record buffered, the peer's close_notify, an error) it
+    stops, and the next `receive_some` meets it as usual.
+    """
+    data = await stream.receive_some(max_bytes)
+    ssl_object = getattr(stream, "_ssl_object", None)  # trio.SSLStream keeps its ssl.SSLObject here
+    if ssl_object is None or not data:
+        return data
+    parts = [data]
+    total = len(data)
+    while total < max_bytes:
+        try:
+            more = ssl_object.read(max_bytes - total)
+        except ssl.SSLError:
+            break
+        if not more:
+            break
+        parts.append(more)
+        total += len(more)
+    return data if len(parts) == 1 else b"".join(parts)
+
+
 def describe_connect_error(exc: OSError) -> str:
     """Why a TCP connect failed, in the OS's words ("Connection refused").
 

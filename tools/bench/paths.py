@@ -1,0 +1,154 @@
+"""The paths a client's connection takes to a server: direct, through a one-hop relay, through fabric.
+
+A path turns a target port (the server's) into the port a client dials. Each
+kind is one row of `PATHS`; a path for a new transport (a WebSocket link,
+say) is one more row and one more `open` method.
+
+| path     | what is between the client and the server                                   |
+| -------- | --------------------------------------------------------------------------- |
+| direct   | nothing                                                                     |
+| socat    | `socat` one hop (a process forked per connection, as it is usually run)     |
+| haproxy  | `haproxy` one hop, mode tcp, its defaults (one thread per core)             |
+| fabric-2 | a listener at site a, a TLS link a -> b, the connector at b                 |
+| fabric-3 | the listener at a, links a -> b <- c, the connector at c (b is the transit) |
+
+The fabric sites are real processes, `fabric site run`, set up only through
+the `fabric` command, as a user would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+
+from .programs import Background, BenchError, free_port
+
+FABRIC = (sys.executable, "-m", "fabric.cli")
+COMMAND_TIMEOUT = 60  # seconds for one `fabric` command (the --wait ones wait at most 30 s)
+
+
+@attrs.frozen
+class PathKind:
+    name: str
+    baseline: bool  # fabric figures are shown as ratios to these
+    programs: tuple[str, ...]  # what must be installed (else the path is left out, with the package named)
+    description: str
+
+
+PATHS = (
+    PathKind("direct", True, (), "client -> server"),
+    PathKind("socat", True, ("socat",), "socat one hop"),
+    PathKind("haproxy", True, ("haproxy",), "haproxy one hop (mode tcp)"),
+    PathKind("fabric-2", False, (), "2 sites, one TLS link"),
+    PathKind("fabric-3", False, (), "3 sites, one transit"),
+)
+
+
+class Relays:
+    """The socat and haproxy relays in front of each target."""
+
+    def __init__(self, background: Background, workdir: Path) -> None:
+        self._background = background
+        self._workdir = workdir
+
+    def socat(self, name: str, target: int) -> int:
+        port = free_port()
+        self._background.start(
+            f"socat-{name}",
+            [
+                "socat",
+                f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024,nodelay",
+                f"TCP:127.0.0.1:{target},nodelay",
+            ],
+        )
+        self._background.wait_port(f"socat-{name}", port)
+        return port
+
+    def haproxy(self, targets: dict[str, int]) -> dict[str, int]:
+        """One haproxy with a frontend per target; name -> its port."""
+        ports = {name: free_port() for name in targets}
+        lines = [
+            "global",
+            "  maxconn 4000",  # haproxy wants 2 fds per connection under the hard limit (often 20000 here)
+            "defaults",
+            "  mode tcp",
+            "  timeout connect 5s",
+            "  timeout client 5m",
+            "  timeout server 5m",
+        ]
+        for name, target in targets.items():
+            lines += [
+                f"frontend in-{name}",
+                f"  bind 127.0.0.1:{ports[name]}",
+                f"  default_backend out-{name}",
+                f"backend out-{name}",
+                f"  server target 127.0.0.1:{target}",
+            ]
+        config = self._workdir / "haproxy.cfg"
+        config.write_text("\n".join(lines) + "\n")
+        self._background.start("haproxy", ["haproxy", "-db", "-f", str(config)])
+        for name, port in ports.items():
+            self._background.wait_port("haproxy", port)
+        return ports
+
+
+class FabricNetwork:
+    """Sites a, b, c as `fabric site run` processes: a and c link to b; listeners at a; connectors at b and c.
+
+    Routing key `NAME-2` has its connector at b (one link from a), `NAME-3` at
+    c (through b). Service sync is off: all three sites share one host.
+    """
+
+    SITES = ("a", "b", "c")
+
+    def __init__(self, background: Background, workdir: Path) -> None:
+        self._background = background
+        self.root = workdir / "sites"
+        self.pids: dict[str, int] = {}
+
+    def fabric(self, site: str, *args: str) -> str:
+        """Run one `fabric` command at a site; its stdout. BenchError with its stderr if it fails."""
+        argv = [*FABRIC, "--site-dir", str(self.root / site), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"`fabric {' '.join(args)}` at site {site} exited {done.returncode}: {done.stderr.strip()}")
+        return done.stdout
+
+    def start(self) -> None:
+        self.root.mkdir()
+        self.fabric("b", "site", "create", "b", "--link-access", "--link-port", "0", "--no-service-sync")
+        self.fabric("a", "site", "create", "a", "--no-service-sync")
+        self.fabric("c", "site", "create", "c", "--no-service-sync")
+        for site in self.SITES:
+            process = self._background.start(
+                f"site-{site}", [*FABRIC, "--site-dir", str(self.root / site), "site", "run"]
+            )
+            self.pids[site] = process.pid
+        for site in self.SITES:
+            try:
+                self.fabric(site, "site", "status", "--wait", "--timeout", "30s")
+            except BenchError:
+                self._background.check(f"site-{site}")
+                raise
+        for site in ("a", "c"):
+            token = self.root / f"{site}.token"
+            self.fabric("b", "token", "issue", str(token))
+            self.fabric(site, "token", "redeem", str(token), "--wait", "--timeout", "30s")
+
+    def expose(self, name: str, target: int) -> dict[str, int]:
+        """Connectors for the target at b and c, listeners for both at a; path name -> listener port."""
+        ports = {}
+        for path, site in (("fabric-2", "b"), ("fabric-3", "c")):
+            key = f"{name}-{path[-1]}"
+            self.fabric(site, "connector", "create", key, str(target), "--host", "127.0.0.1")
+            port = free_port()
+            self.fabric("a", "listener", "create", key, str(port), "--wait", "--timeout", "30s")
+            ports[path] = port
+        return ports
+
+    def check(self) -> None:
+        for site in self.SITES:
+            self._background.check(f"site-{site}")
