@@ -305,7 +305,7 @@ def check_issued_cert_untrusted(identity: Identity, cert_pem: str, issuer_ca_pem
         cert.verify_directly_issued_by(ca)
         if _spki(cert.public_key()) != _spki(identity._site_key.public_key()):
             raise ValueError("it certifies another key")
-    except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature, x509.InvalidVersion) as error:
         raise TokenError(f"the issuer sent back an unusable certificate: {_one_line(str(error))}") from None
 
 
@@ -407,7 +407,7 @@ def _check_csr_untrusted(csr_pem: bytes) -> tuple[CertificatePublicKeyTypes, str
         signature_ok = csr.is_signature_valid
         common_name = _single_attribute(csr.subject, NameOID.COMMON_NAME)
         name = _single_attribute(csr.subject, NameOID.ORGANIZATION_NAME)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as error:
         raise invalid(_one_line(str(error)) or "it does not parse") from None
     if not signature_ok:
         raise invalid("its signature does not match its key")
@@ -461,7 +461,7 @@ def _single_attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None
 def _load_peer_cert(cert_der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(cert_der)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, x509.InvalidVersion) as error:
         raise ProtocolError(f"peer certificate does not parse: {_one_line(str(error))}") from None
 
 
@@ -492,7 +492,7 @@ def _load_cert(path: Path) -> x509.Certificate:
     data = _read_config_file(path)
     try:
         return x509.load_pem_x509_certificate(data)
-    except ValueError as error:
+    except (ValueError, x509.InvalidVersion) as error:
         raise ConfigError(f"{path} is not a PEM certificate: {_one_line(str(error))}") from None
 
 
@@ -602,7 +602,7 @@ def _check_ca_pem(instance: Any, attribute: attrs.Attribute, value: Any) -> None
         raise ValueError(f"{attribute.name} must be a PEM certificate")
     try:
         certs = x509.load_pem_x509_certificates(value.encode("ascii"))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is not a ValueError
         raise ValueError(f"{attribute.name} is not a PEM certificate") from None
     if len(certs) != 1:
         raise ValueError(f"{attribute.name} must hold exactly one certificate, not {len(certs)}")
