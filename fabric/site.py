@@ -721,6 +721,9 @@ class Site:
         """Service sync: keep a listener on the service host for each key offered elsewhere."""
         assert self._nursery is not None
         while True:
+            # Taken before looking: a change while this pass runs (it awaits) wakes the next one.
+            changed = self.router.next_change()
+            self._sync_wanted_again = trio.Event()
             wanted = self._sync_wanted()
             for key in [k for k in self._synced if wanted.get(k) != (self._synced[k].port, self._synced[k].config.protocol)]:
                 await self._synced.pop(key).aclose()
@@ -751,9 +754,8 @@ class Site:
                         await event_wait()
                         wait.cancel_scope.cancel()
 
-                    wait.start_soon(on, self.router.wait_changed)
+                    wait.start_soon(on, changed.wait)
                     wait.start_soon(on, self._sync_wanted_again.wait)
-            self._sync_wanted_again = trio.Event()
 
     def _resync(self) -> None:
         """Listeners or connectors changed here: service sync looks again at once (even if busy now)."""

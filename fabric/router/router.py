@@ -291,6 +291,11 @@ class Router:
         while self.providers(routing_key):
             await self._changed.wait()
 
+    def next_change(self) -> trio.Event:
+        """The event set at the next change: take it before looking at the state, wait on it after,
+        and a change that happens in between is not missed (as it would be by `wait_changed`)."""
+        return self._changed
+
     async def wait_changed(self) -> None:
         """Return at the next change of links, routes or what the network advertises."""
         await self._changed.wait()
