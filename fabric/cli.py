@@ -632,8 +632,15 @@ def site_create(
     show_default=True,
     help="Least severe log events to print (one line each, on stderr).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: for people; json: one object a line (ts, level, site, event, peer, reason, message).",
+)
 @pass_cli
-def site_run(cli: Cli, log_level: str) -> None:
+def site_run(cli: Cli, log_level: str, log_format: str) -> None:
     """Run the site in the foreground until SIGINT (Ctrl-C) or SIGTERM.
 
     Logs one line per notable event on stderr: links up and down, services
@@ -642,8 +649,9 @@ def site_run(cli: Cli, log_level: str) -> None:
     While it runs, other `fabric` verbs talk to it over the control socket in
     --site-dir, and their changes take effect at once.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    from . import logs
+
+    handler = logs.stream_handler(sys.stderr, log_format)
     logger = logging.getLogger("fabric")
     logger.addHandler(handler)
     logger.setLevel(log_level.upper())

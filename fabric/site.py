@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from . import pki
+from . import logs, pki
 from .config import (
     DEFAULT_CONNECTOR_HOST,
     DEFAULT_LINK_HOST,
@@ -276,6 +276,7 @@ class Site:
     # -- running ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Site] = trio.TASK_STATUS_IGNORED) -> None:
+        logs.SITE.set(self.name)  # every task started below logs as this site (they inherit the context)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.router.run)
@@ -290,7 +291,7 @@ class Site:
                     await self._start_listener(listener)
                 except FabricError as exc:
                     self._listener_errors[listener.name] = str(exc)
-                    log.error("%s", exc)
+                    log.error("%s", exc, extra=logs.event("listener_failed", reason=exc))
             if self.config.service_sync:
                 nursery.start_soon(self._sync_services)
             task_status.started(self)
@@ -328,11 +329,12 @@ class Site:
                         await self._answer_redeem(stream, first.payload, where)
                         return
                     link = await self._accept_hello(stream, decoder, first)
-            await self._serve_link(link, f"link from {link.peer.name} ({where})")
+            await self._serve_link(link, f"link from {link.peer.name} ({where})", f"{link.peer.name} ({where})")
         except trio.TooSlowError:
-            log.warning("link from %s: handshake did not finish within %g s", where, self.settings.handshake_timeout)
+            why = f"handshake did not finish within {self.settings.handshake_timeout:g} s"
+            log.warning("link from %s: %s", where, why, extra=logs.event("handshake_timeout", peer=where, reason=why))
         except LinkError as exc:  # ProtocolError and FrameError included
-            log.warning("link from %s refused: %s", where, exc)
+            log.warning("link from %s refused: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
             if stream is not tcp:  # tell the peer why, inside TLS; never in clear text
                 with trio.move_on_after(0.5, shield=True):
                     try:
@@ -341,11 +343,18 @@ class Site:
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # Whoever connected went away mid-handshake: their loss, nobody else's.
-            log.info("link from %s: connection lost during the handshake: %s", where, exc.__cause__ or exc)
+            why = exc.__cause__ or exc
+            log.info(
+                "link from %s: connection lost during the handshake: %s", where, why,
+                extra=logs.event("handshake_lost", peer=where, reason=why),
+            )
         except FabricError as exc:
-            log.warning("link from %s: %s", where, exc)
-        except Exception:
-            log.exception("link from %s: unexpected failure; this connection is dropped, the site goes on", where)
+            log.warning("link from %s: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
+        except Exception as exc:
+            log.exception(
+                "link from %s: unexpected failure; this connection is dropped, the site goes on", where,
+                extra=logs.event("link_failed", peer=where, reason=repr(exc)),
+            )
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -369,7 +378,9 @@ class Site:
         try:
             self._check_modes(request.mode, request.name)
         except LinkError as exc:
-            log.warning("token redemption from %s refused: %s", where, exc)
+            log.warning(
+                "token redemption from %s refused: %s", where, exc, extra=logs.event("redeem_refused", peer=where, reason=exc)
+            )
             await stream.send_all(goaway_frame(exc.code, f"{exc}; the token is not spent"))
             return
         try:
@@ -377,14 +388,19 @@ class Site:
             cert_pem, serial = pki.sign_csr(self.identity, request.csr_pem.encode())
         except TokenError as exc:
             code = next((c for c, cls in _TOKEN_ERRORS.items() if isinstance(exc, cls)), Reason.TOKEN_INVALID)
-            log.warning("token redemption from %s refused: %s", where, exc)
+            log.warning(
+                "token redemption from %s refused: %s", where, exc, extra=logs.event("redeem_refused", peer=where, reason=exc)
+            )
             await stream.send_all(goaway_frame(code, str(exc)))
             return
         peer_id = pki.cert_site_id(pki.pem_to_der(cert_pem))
         grant = attrs.evolve(grant, issued=(*grant.issued, pki.IssuedCert(serial=serial, site_id=peer_id, name=request.name)))
         self._grants = {**self._grants, grant.token_id: grant}
         await self._save_grants()
-        log.info("token %s redeemed by site %s (%s); certificate serial %x", grant.token_id, request.name, where, serial)
+        log.info(
+            "token %s redeemed by site %s (%s); certificate serial %x", grant.token_id, request.name, where, serial,
+            extra=logs.event("token_redeemed", peer=f"{request.name} ({where})"),
+        )
         answer = RedeemOk(cert_pem=cert_pem.decode(), issuer_id=self.site_id, issuer_name=self.name)
         await stream.send_all(encode_frame(FrameType.REDEEM_OK, 0, encode_message(answer)))
 
@@ -411,6 +427,7 @@ class Site:
 
     async def _dial_loop(self, config: LinkConfig, scope: trio.CancelScope) -> None:
         """Keep one outgoing link up: dial, serve, and redial with capped exponential backoff and jitter."""
+        logs.SITE.set(self.name)  # started by redeem_token too, from a task outside the site
         backoff = self.settings.reconnect_min
         with scope:
             while True:
@@ -424,14 +441,14 @@ class Site:
                         # Redialling would only be refused again, every time.
                         why = f"{exc}; not dialling again: {advice}"
                         self._link_error(config.name, why)
-                        log.error("link %s: %s", config.name, why)
+                        log.error("link %s: %s", config.name, why, extra=logs.event("link_refused", peer=config.name, reason=why))
                         await trio.sleep_forever()
                     self._link_error(config.name, str(exc))
-                    log.warning("link %s: %s", config.name, exc)
+                    log.warning("link %s: %s", config.name, exc, extra=logs.event("link_dial_failed", peer=config.name, reason=exc))
                 else:
                     self._link_error(config.name, None)
                     # Keyed by the link's own name, which status shows (the peer's name may differ).
-                    self._link_error(config.name, await self._serve_link(link, f"link to {config.name}"))
+                    self._link_error(config.name, await self._serve_link(link, f"link to {config.name}", config.name))
                 if trio.current_time() - started > self.settings.reconnect_max:
                     backoff = self.settings.reconnect_min  # it was up a while: start over quickly
                 await trio.sleep(random.uniform(backoff / 2, backoff))
@@ -492,16 +509,16 @@ class Site:
             stream, decoder, local=local, peer=peer, dialer=dialer, cost=cost, settings=self.settings, handler=self.router
         )
 
-    async def _serve_link(self, link: Link, label: str) -> str:
-        """Serve the link until it ends; returns why it ended."""
-        log.info("%s up", label)
+    async def _serve_link(self, link: Link, label: str, peer: str) -> str:
+        """Serve the link until it ends; returns why it ended. `peer` names the other end in the log."""
+        log.info("%s up", label, extra=logs.event("link_up", peer=peer))
         try:
             reason = await self.router.run_link(link)
-        except Exception:
+        except Exception as exc:
             # A bug while serving one link must not take the site down with it.
-            log.exception("%s failed", label)
+            log.exception("%s failed", label, extra=logs.event("link_failed", peer=peer, reason=repr(exc)))
             reason = "internal error (see the site's log)"
-        log.info("%s down: %s", label, reason)
+        log.info("%s down: %s", label, reason, extra=logs.event("link_down", peer=peer, reason=reason))
         return reason
 
     # -- tokens --------------------------------------------------------------------------
@@ -757,6 +774,11 @@ class Site:
                     wait.start_soon(on, changed.wait)
                     wait.start_soon(on, self._sync_wanted_again.wait)
 
+    async def _as_site(self, run, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """`run(task_status=...)`, logging as this site even when a caller outside it started it."""
+        logs.SITE.set(self.name)
+        await run(task_status=task_status)
+
     def _resync(self) -> None:
         """Listeners or connectors changed here: service sync looks again at once (even if busy now)."""
         self._sync_wanted_again.set()
@@ -764,7 +786,7 @@ class Site:
     async def _start_listener(self, config: ListenerConfig) -> TcpListener:
         assert self._nursery is not None
         listener = _LISTENERS[config.protocol](config, self.router, on_state=self._listener_state_changed)
-        await self._nursery.start(listener.run)
+        await self._nursery.start(self._as_site, listener.run)
         self._listeners[config.name] = listener
         self._listener_errors.pop(config.name, None)
         log.info("listener %s on %s:%s for %r", config.name, config.host, listener.port, config.routing_key)

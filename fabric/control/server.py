@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from .. import logs
 from ..errors import FabricError
 from ..site import Site, load_site, open_site
 from .ops import perform
@@ -187,6 +188,7 @@ async def serve(site_dir: str | os.PathLike, *, task_status: trio.TaskStatus[Sit
 
 
 async def _serve(site_dir: Path, name: str, task_status: trio.TaskStatus[Site]) -> None:
+    logs.SITE.set(name)  # this process's lines about the site (running, stopping) name it too
     recent = RecentLog()
     fabric_log = logging.getLogger("fabric")
     fabric_log.addHandler(recent)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
+from .. import logs
 from ..config import Settings
 from ..router.link import Link
 from .engine import GossipEngine, Outbox, Rejection, SiteStatus, decode_message_untrusted, encode_message
@@ -97,4 +98,7 @@ class Gossip:
 
     def _rejected(self, rejection: Rejection) -> None:
         about = f" about site {rejection.site_id[:8]}" if rejection.site_id else ""
-        log.warning("gossip from site %s%s dropped: %s", rejection.peer[:8], about, rejection.reason)
+        log.warning(
+            "gossip from site %s%s dropped: %s", rejection.peer[:8], about, rejection.reason,
+            extra=logs.event("gossip_dropped", peer=rejection.peer[:8], reason=rejection.reason),
+        )
