@@ -46,7 +46,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import attrs

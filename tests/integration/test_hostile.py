@@ -37,7 +37,6 @@ from fabric.router.frames import (
     RedeemOk,
     decode_message_untrusted,
     decode_reason_untrusted,
-    decode_u64_untrusted,
     encode_frame,
     encode_message,
     encode_u64,

@@ -7,6 +7,9 @@ on each transit site's links, the connections each target server accepted.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import attrs
 import pytest
 import trio
@@ -38,26 +41,37 @@ async def clients(tcp, port: int, count: int, *, at_once: int = 1) -> list[BaseE
     return failures
 
 
-async def test_two_providers_at_equal_cost_share_connections(network, tcp, counting_echo):
+@asynccontextmanager
+async def two_providers(
+    network, targets: tuple[int, int], *, costs: tuple[int, int] = (1, 1), distribution: str = "balanced"
+) -> AsyncIterator[tuple[fabric.Site, int]]:
+    """Sites "near" and "far", each with a connector "echo" to its target, linked to site a at `costs`.
+
+    Yields site a and the port of its listener for "echo", once both providers are reachable.
+    """
     async with (
-        network.site("p1", link_port=0) as p1,
-        network.site("p2", link_port=0) as p2,
+        network.site("near", link_port=0) as near,
+        network.site("far", link_port=0) as far,
         network.site("a") as a,
     ):
         with trio.fail_after(DEADLINE):
-            await network.link(a, p1)
-            await network.link(a, p2)
-            one, two = await counting_echo(), await counting_echo()
-            await p1.create_connector("echo", one.port)
-            await p2.create_connector("echo", two.port)
-            listener = await a.create_listener("echo", 0)
+            for provider, cost, target in zip((near, far), costs, targets):
+                await network.link(a, provider, cost=cost)
+                await provider.create_connector("echo", target)
+            listener = await a.create_listener("echo", 0, distribution=distribution)
             await a.wait_reachable("echo", providers=2)
+        yield a, listener.port
 
+
+async def test_two_providers_at_equal_cost_share_connections(network, tcp, counting_echo):
+    one, two = await counting_echo(), await counting_echo()
+    async with two_providers(network, (one.port, two.port)) as (a, port):
+        with trio.fail_after(DEADLINE):
             # One at a time: equals take turns.
-            assert await clients(tcp, listener.port, 100) == []
+            assert await clients(tcp, port, 100) == []
             assert 40 <= one.connections <= 60 and one.connections + two.connections == 100, (one, two)
             # Twenty at a time.
-            assert await clients(tcp, listener.port, 100, at_once=20) == []
+            assert await clients(tcp, port, 100, at_once=20) == []
             assert 80 <= one.connections <= 120 and one.connections + two.connections == 200, (one, two)
 
 
@@ -65,21 +79,11 @@ async def test_two_providers_at_equal_cost_share_connections(network, tcp, count
 async def test_a_nearer_provider_takes_all_with_closest_and_the_overflow_with_balanced(
     network, tcp, counting_echo, distribution
 ):
-    async with (
-        network.site("near", link_port=0) as near,
-        network.site("far", link_port=0) as far,
-        network.site("a") as a,
-    ):
+    near_echo, far_echo = await counting_echo(), await counting_echo()
+    targets = (near_echo.port, far_echo.port)
+    async with two_providers(network, targets, costs=(1, 3), distribution=distribution) as (a, port):
         with trio.fail_after(DEADLINE):
-            await network.link(a, near, cost=1)
-            await network.link(a, far, cost=3)
-            near_echo, far_echo = await counting_echo(), await counting_echo()
-            await near.create_connector("echo", near_echo.port)
-            await far.create_connector("echo", far_echo.port)
-            listener = await a.create_listener("echo", 0, distribution=distribution)
-            await a.wait_reachable("echo", providers=2)
-
-            assert await clients(tcp, listener.port, 200, at_once=20) == []
+            assert await clients(tcp, port, 200, at_once=20) == []
             if distribution == "closest":
                 assert (near_echo.connections, far_echo.connections) == (200, 0)
             else:  # the far one takes flows once the near one holds 2 more than it
@@ -90,21 +94,11 @@ async def test_a_nearer_provider_takes_all_with_closest_and_the_overflow_with_ba
 async def test_when_the_nearer_providers_target_refuses_the_farther_one_serves_every_client(
     network, tcp, counting_echo
 ):
-    async with (
-        network.site("near", link_port=0) as near,
-        network.site("far", link_port=0) as far,
-        network.site("a") as a,
-    ):
+    far_echo = await counting_echo()
+    targets = (tcp.closed_port(), far_echo.port)  # the near one's target is down
+    async with two_providers(network, targets, costs=(1, 3), distribution="closest") as (a, port):
         with trio.fail_after(DEADLINE):
-            await network.link(a, near, cost=1)
-            await network.link(a, far, cost=3)
-            far_echo = await counting_echo()
-            await near.create_connector("echo", tcp.closed_port())  # its target is down
-            await far.create_connector("echo", far_echo.port)
-            listener = await a.create_listener("echo", 0, distribution="closest")
-            await a.wait_reachable("echo", providers=2)
-
-            assert await clients(tcp, listener.port, 50, at_once=5) == []
+            assert await clients(tcp, port, 50, at_once=5) == []
             assert far_echo.connections == 50
             (service,) = a.status().services
             providers = {p.name: p for p in service.providers}

@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio_websocket
+from cli_support import free_port
 
 pytestmark = pytest.mark.system
 
@@ -36,12 +36,6 @@ GiB = 1 << 30
 MEMORY_BOUND = 64 << 20  # bytes the sites may grow by while a gigabyte goes through
 TARGET = Path(__file__).with_name("http_target.py")
 READY_DEADLINE = 10  # seconds for nginx or the target to listen
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def require(*programs: str) -> None:
