@@ -161,9 +161,10 @@ def parse_proxy(text: str) -> Proxy:
     rest = rest.rstrip("/")
     userinfo, at, hostport = rest.rpartition("@")
     host, port = _split_hostport(hostport, None)
-    why = _why_host_refused(host) or (None if port is not None else "it needs a port from 1 to 65535")
-    if why or "/" in hostport:
-        raise ValueError(f"proxy {hide_password(text)!r} must look like http://[user:password@]host:port: {why or 'no path'}")
+    why = "no path" if "/" in hostport else _why_host_refused(host)
+    why = why or (None if port is not None else "it needs a port from 1 to 65535")
+    if why:
+        raise ValueError(f"proxy {hide_password(text)!r} must look like http://[user:password@]host:port: {why}")
     if not at:
         return Proxy(host, port)
     username, _, password = userinfo.partition(":")
@@ -236,6 +237,7 @@ async def _open_tunnel(tcp: trio.SocketStream, proxy: Proxy, address: Address) -
         credentials = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode("ascii")
         headers.append(("Proxy-Authorization", f"Basic {credentials}"))
     await tcp.send_all(conn.send(h11.Request(method="CONNECT", target=address.hostport, headers=headers)))
+    answered = b""  # the start of the answer, to quote when it is not HTTP
     while True:
         try:
             event = conn.next_event()
@@ -243,8 +245,12 @@ async def _open_tunnel(tcp: trio.SocketStream, proxy: Proxy, address: Address) -
             raise LinkError(f"proxy {proxy} answered CONNECT with something that is not HTTP: {exc}") from None
         if event is h11.NEED_DATA:
             data = await tcp.receive_some(RECEIVE_SIZE)
+            if not data and answered:
+                line = answered.split(b"\n")[0][:80].decode("latin-1").strip()
+                raise LinkError(f"proxy {proxy} answered CONNECT with something that is not HTTP: {line!r}")
             if not data:
                 raise LinkError(f"proxy {proxy} closed the connection instead of answering CONNECT {address.hostport}")
+            answered = answered or data
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
             break
