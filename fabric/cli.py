@@ -306,14 +306,18 @@ def _notes(items: Iterable[tuple[str, str | None]]) -> str:
     return ("\n" + "\n".join(lines)) if lines else ""
 
 
-def _via(link: dict) -> str:
-    """How a link travels: `wss://hub.example.com:443/fabric via proxy http://proxy:3128`, or the peer's address."""
-    text = link.get("address") or "-"
-    if link.get("direction") == "incoming" and link.get("transport") == "ws":
-        text = f"WebSocket from {text}"
-    if link.get("proxy"):
-        text += f" via proxy {link['proxy']}"
-    return text
+def _transport(link: dict) -> str:
+    """`tls`, `ws`, `wss`, with `+proxy` when it goes through a forward proxy."""
+    return (link.get("transport") or "-") + ("+proxy" if link.get("proxy") else "")
+
+
+def _route_note(link: dict) -> str | None:
+    """Where an outgoing link dials, and through which proxy; where an incoming one comes from."""
+    if not link.get("address"):
+        return None
+    if link.get("direction") == "incoming":
+        return f"from {link['address']}"
+    return f"dials {link['address']}" + (f" through proxy {link['proxy']}" if link.get("proxy") else "")
 
 
 def _links_table(links: list[dict]) -> str:
@@ -326,17 +330,18 @@ def _links_table(links: list[dict]) -> str:
             "up" if link["up"] else "down",
             _rtt(link.get("rtt_ms")),
             link.get("flows", 0),
-            _via(link),
+            _transport(link),
         )
         for link in links
     ]
     text = _section(
         "Links",
-        ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS", "VIA"),
+        ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS", "TRANSPORT"),
         rows,
         empty="none (see `fabric token --help`)",
     )
-    return text + _notes((link["name"], link.get("error")) for link in links)
+    notes = [(link["name"], _route_note(link)) for link in links] + [(link["name"], link.get("error")) for link in links]
+    return text + _notes(notes)
 
 
 def _listener_state(item: dict) -> str:

@@ -260,7 +260,7 @@ async def _open_tunnel(tcp: trio.SocketStream, proxy: Proxy, address: Address) -
             raise LinkError(f"proxy {proxy} sent data into the tunnel to {address.hostport} before it was used")
         return
     answer = f"{status} {reason}".strip()
-    if status == 407:
+    if status in (401, 407):  # 407 is the standard; tinyproxy, among others, answers 401
         why = "refused the credentials given" if proxy.username is not None else "requires credentials (http://user:password@host:port)"
         raise LinkError(f"proxy {proxy} {why}: {answer}")
     if status == 403:

@@ -239,6 +239,8 @@ def test_malformed_websocket_frames_break_the_stream_and_nothing_else(garbage: b
          r"proxy http://p:3128 requires credentials \(http://user:password@host:port\): 407 Proxy Authentication Required"),
         (Proxy("p", 3128, "alice", "wrong"), b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
          r"proxy http://alice:\*\*\*@p:3128 refused the credentials given: 407"),
+        (Proxy("p", 3128, "alice", "wrong"), b"HTTP/1.0 401 Unauthorized\r\n\r\n",
+         r"refused the credentials given: 401 Unauthorized"),
         (Proxy("p", 3128), b"HTTP/1.0 403 Forbidden\r\n\r\n", "does not allow a tunnel to hub.example.com:443: 403 Forbidden"),
         (Proxy("p", 3128), b"HTTP/1.1 502 Bad Gateway\r\n\r\n", "could not reach hub.example.com:443: 502 Bad Gateway"),
         (Proxy("p", 3128), b"HTTP/1.1 200 OK\r\n\r\nsurprise", "sent data into the tunnel"),
