@@ -14,16 +14,19 @@ The TLS context decides who is trusted (see pki.py); this module only dials,
 accepts and translates OS, OpenSSL, proxy and WebSocket failures into
 `LinkError` lines.
 
-The WebSocket layer is wsproto, driven in line by `WebSocketStream` (sans-IO,
-the library under trio-websocket): a link is a byte stream, so message
-boundaries do not matter and received frames are passed on as they come,
-however large the peer's messages, without a reader task per connection.
+The WebSocket layer is the sans-I/O protocol of the `websockets` library,
+driven in line by `WebSocketStream`: no reader task per connection (as
+trio-websocket has), no whole-message reassembly (a link is a byte stream;
+frames are passed on as they come), and its C masking (RFC 6455 makes
+clients mask every byte they send): 1.4 us per 64 KiB here, against 83 us
+for wsproto's, which halved a link's throughput.
 """
 
 from __future__ import annotations
 
 import base64
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -34,9 +37,12 @@ from urllib.parse import unquote
 import attrs
 import h11
 import trio
-import wsproto
-import wsproto.events as ws_events
-import wsproto.utilities
+import websockets.http11 as ws_http11
+import websockets.protocol as ws_protocol
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from ..errors import FabricError, LinkError
 
@@ -45,6 +51,8 @@ WS_PATH = "/fabric"  # where a site serves WebSocket links, and the path of a ws
 DEFAULT_PORTS = {"ws": 80, "wss": 443}  # as in URLs; a tls:// address always names its port
 RECEIVE_SIZE = 64 * 1024  # bytes per read from the socket (or the outer TLS) under a WebSocket
 MAX_PROXY_ANSWER = 16 * 1024  # bytes of a proxy's answer to CONNECT we read before giving up on it
+MESSAGE_SIZE = 256 * 1024  # bytes of link stream per WebSocket message we send, at most
+MAX_MESSAGE = 1024 * 1024  # bytes of a WebSocket message we receive, at most (it is held whole in memory)
 
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
@@ -273,93 +281,108 @@ async def _open_tunnel(tcp: trio.SocketStream, proxy: Proxy, address: Address) -
 # -- WebSocket ---------------------------------------------------------------------
 
 
+# websockets' sans-I/O layer logs every frame at DEBUG: far too much for a link's log.
+_WS_LOG = logging.getLogger("fabric.websocket")
+_WS_LOG.setLevel(logging.WARNING)
+
+
 class WebSocketStream(trio.abc.Stream):
     """A byte stream carried in WebSocket binary messages, over another stream.
 
     Made by `connect` (client) or `accept` (server), which do the opening
-    handshake. Sends one message per `send_all`; receives frames as they
-    arrive, whatever the message sizes. Answers pings, and sends a ping of
-    its own with the data at most every `keepalive` seconds (the link's
-    PINGs make sure there is data), for proxies that drop idle WebSockets.
+    handshake. Sends at most `MESSAGE_SIZE` bytes per message; answers pings
+    and closes; sends a ping of its own with the data at most every
+    `keepalive` seconds (the link's PINGs make sure there is data), for
+    proxies that drop WebSockets they think idle.
     """
 
-    def __init__(self, transport: trio.abc.Stream, connection: wsproto.WSConnection, *, keepalive: float, peer: str) -> None:
+    def __init__(self, transport: trio.abc.Stream, protocol: ws_protocol.Protocol, *, keepalive: float, peer: str) -> None:
         self.transport = transport
         self.peer = peer  # for logs: the far end, as the handshake told it
-        self._ws = connection
+        self._ws = protocol
         self._keepalive = keepalive
         self._last_ping = trio.current_time()
-        self._send_lock = trio.Lock()  # the sender and the receiver (answering pings) both write
+        self._send_lock = trio.Lock()  # the sender and the receiver (answering pings and closes) both write
         self._pending = bytearray()  # received payload not yet returned
         self._eof = False
 
     @classmethod
     async def connect(cls, transport: trio.abc.Stream, address: Address, *, keepalive: float) -> WebSocketStream:
         """Client handshake for `address`'s host and path; LinkError with the server's refusal."""
-        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        host = address.hostport if address.port != DEFAULT_PORTS[address.scheme] else address.hostport.rpartition(":")[0]
-        await transport.send_all(ws.send(ws_events.Request(host=host, target=address.path)))
-        refusal: ws_events.RejectConnection | None = None
-        body = b""
-        done = False  # with the refusal's status and enough of its body to quote
+        ws = ClientProtocol(parse_uri(str(address)), max_size=MAX_MESSAGE, logger=_WS_LOG)
+        ws.send_request(ws.connect())
+        await transport.send_all(b"".join(ws.data_to_send()))
         while True:
-            for event in _events(ws, address):
-                if isinstance(event, ws_events.AcceptConnection):
-                    return cls(transport, ws, keepalive=keepalive, peer=str(address))
-                if isinstance(event, ws_events.RejectConnection):
-                    refusal, done = event, not event.has_body
-                elif isinstance(event, ws_events.RejectData):
-                    body += event.data
-                    done = event.body_finished or len(body) > 200
-            if done:
-                break
             data = await transport.receive_some(RECEIVE_SIZE)
-            if not data:
-                if refusal is not None:
-                    break
-                raise LinkError(f"{address} closed the connection during the WebSocket handshake")
-            ws.receive_data(data)
-        answer = body.decode("utf-8", "replace").strip().splitlines()
-        detail = f": {answer[0][:200]}" if answer and not answer[0].lstrip().startswith("<") else ""
-        raise LinkError(f"{address} refused the WebSocket: HTTP {refusal.status_code}{detail}")
+            if data:
+                ws.receive_data(data)
+            else:
+                ws.receive_eof()
+            response = next((e for e in ws.events_received() if isinstance(e, ws_http11.Response)), None)
+            if response is not None or ws.handshake_exc is not None or not data:
+                break
+        if ws.handshake_exc is None and response is not None:
+            return cls(transport, ws, keepalive=keepalive, peer=str(address))
+        if response is None:
+            why = "closed the connection" if not data else f"answered with something else: {ws.handshake_exc}"
+            raise LinkError(f"{address} {why} during the WebSocket handshake")
+        body = (response.body or b"").decode("utf-8", "replace").strip().splitlines()
+        detail = f": {body[0][:200]}" if body and not body[0].lstrip().startswith("<") else ""
+        if response.status_code == 101:
+            detail = f": {ws.handshake_exc}"
+        raise LinkError(f"{address} refused the WebSocket: HTTP {response.status_code} {response.reason_phrase}{detail}")
 
     @classmethod
     async def accept(cls, transport: trio.abc.Stream, *, path: str, keepalive: float, peer: str) -> WebSocketStream:
         """Server handshake: only a WebSocket request for `path` is accepted; anything else gets an HTTP error."""
-        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-        while True:
+        ws = ServerProtocol(max_size=MAX_MESSAGE, logger=_WS_LOG)
+        request = None
+        while request is None and ws.handshake_exc is None:
             data = await transport.receive_some(RECEIVE_SIZE)
             if not data:
                 raise LinkError("the connection closed before a WebSocket request came")
-            try:
-                ws.receive_data(data)
-                request = next((e for e in ws.events() if isinstance(e, ws_events.Request)), None)
-            except wsproto.utilities.RemoteProtocolError as exc:
-                await _refuse(transport, ws, exc.event_hint, 400, "fabric: this port takes WebSocket links only")
-                raise LinkError(f"not a WebSocket request: {exc}") from None
-            if request is not None:
-                break
-        if request.target.split("?")[0] != path:
-            await _refuse(transport, ws, None, 404, f"fabric: links are at {path}, not {request.target[:100]}")
-            raise LinkError(f"a WebSocket request for {request.target[:100]!r}, not {path!r}")
-        forwarded = next((v for k, v in request.extra_headers if k.lower() == b"x-forwarded-for"), None)
+            ws.receive_data(data)
+            request = next((e for e in ws.events_received() if isinstance(e, ws_http11.Request)), None)
+        if request is None:
+            response = ws.reject(400, "fabric: this port takes WebSocket links only\n")
+            why = f"not a WebSocket request: {ws.handshake_exc}"
+        elif request.path.split("?")[0] != path:
+            response = ws.reject(404, f"fabric: links are at {path}, not {request.path[:100]}\n")
+            why = f"a WebSocket request for {request.path[:100]!r}, not {path!r}"
+        else:
+            response = ws.accept(request)
+            why = f"not a WebSocket request: {ws.handshake_exc}"
+            if response.status_code != 101:  # a plain HTTP request: say what this port is for
+                response = ws.reject(400, "fabric: this port takes WebSocket links only\n")
+        if response.status_code != 101:
+            with trio.move_on_after(0.5):  # best effort: the protocol may have given up on the request already
+                await transport.send_all(response.serialize())
+            raise LinkError(why)
+        ws.send_response(response)
+        await transport.send_all(b"".join(ws.data_to_send()))
+        forwarded = request.headers.get("X-Forwarded-For")
         if forwarded:
-            peer = f"{forwarded.decode('latin-1').split(',')[0].strip()[:100]} via {peer}"
-        await transport.send_all(ws.send(ws_events.AcceptConnection()))
+            peer = f"{forwarded.split(',')[0].strip()[:100]} via {peer}"
         return cls(transport, ws, keepalive=keepalive, peer=peer)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        out = bytearray()
+        if self._ws.state is not ws_protocol.State.OPEN:
+            raise trio.BrokenResourceError("the WebSocket is closed")
         now = trio.current_time()
         if now - self._last_ping >= self._keepalive:
             self._last_ping = now
-            out += self._ws.send(ws_events.Ping())
-        try:
-            out += self._ws.send(ws_events.BytesMessage(data=bytes(data)))
-        except wsproto.utilities.LocalProtocolError:
-            raise trio.BrokenResourceError("the WebSocket is closed") from None
-        async with self._send_lock:
-            await self.transport.send_all(out)
+            self._ws.send_ping(b"")
+        view = memoryview(data)
+        for start in range(0, len(view), MESSAGE_SIZE):
+            self._ws.send_binary(view[start : start + MESSAGE_SIZE])
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Send what the protocol has queued (our messages, pongs, close frames)."""
+        out = b"".join(self._ws.data_to_send())
+        if out:
+            async with self._send_lock:
+                await self.transport.send_all(out)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
@@ -368,70 +391,38 @@ class WebSocketStream(trio.abc.Stream):
         max_bytes = max_bytes or RECEIVE_SIZE
         while not self._pending and not self._eof:
             data = await receive_batch(self.transport, RECEIVE_SIZE)  # the outer TLS's records, for wss
-            try:
-                self._ws.receive_data(data or None)  # None: the transport's EOF
-                for event in self._ws.events():
-                    await self._on_event(event)
-            except wsproto.utilities.RemoteProtocolError as exc:
-                raise trio.BrokenResourceError(f"WebSocket protocol error: {exc}") from None
-            if not data:
+            if data:
+                self._ws.receive_data(data)
+            else:
+                self._ws.receive_eof()
                 self._eof = True
+            for event in self._ws.events_received():
+                if event.opcode in (Opcode.BINARY, Opcode.CONT):
+                    self._pending += event.data
+                elif event.opcode is Opcode.TEXT:
+                    raise trio.BrokenResourceError("the peer sent WebSocket text; a link carries binary messages only")
+                elif event.opcode is Opcode.CLOSE:
+                    self._eof = True
+            try:
+                await self._flush()  # pongs, the answer to a close
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the next read finds out
+            if self._ws.parser_exc is not None:
+                raise trio.BrokenResourceError(f"WebSocket protocol error: {self._ws.parser_exc}")
         chunk = bytes(self._pending[:max_bytes])
         del self._pending[:max_bytes]
         return chunk
 
-    async def _on_event(self, event: ws_events.Event) -> None:
-        if isinstance(event, ws_events.BytesMessage):
-            self._pending += event.data
-        elif isinstance(event, ws_events.Ping):
-            await self._send_control(event.response())
-        elif isinstance(event, ws_events.CloseConnection):
-            self._eof = True
-            if self._ws.state is wsproto.ConnectionState.REMOTE_CLOSING:
-                await self._send_control(event.response())
-        elif isinstance(event, ws_events.TextMessage):
-            raise trio.BrokenResourceError("the peer sent WebSocket text; a link carries binary messages only")
-
-    async def _send_control(self, event: ws_events.Event) -> None:
-        async with self._send_lock:
-            try:
-                await self.transport.send_all(self._ws.send(event))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the receiver finds out on its next read
-
     async def aclose(self) -> None:
         try:
-            if self._ws.state is wsproto.ConnectionState.OPEN:
+            if self._ws.state is ws_protocol.State.OPEN:
+                self._ws.send_close(1000)
                 with trio.move_on_after(0.5):
-                    await self._send_control(ws_events.CloseConnection(code=1000))
+                    await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         finally:
             await self.transport.aclose()
-
-
-def _events(ws: wsproto.WSConnection, address: Address):
-    try:
-        yield from ws.events()
-    except wsproto.utilities.RemoteProtocolError as exc:
-        raise LinkError(f"{address} answered the WebSocket request with something else: {exc}") from None
-
-
-async def _refuse(transport, ws, hint, status: int, text: str) -> None:
-    """Answer a request that is not a link with an HTTP error, best effort."""
-    body = (text + "\n").encode()
-    event = hint if isinstance(hint, ws_events.RejectConnection) else None
-    try:
-        out = ws.send(
-            ws_events.RejectConnection(
-                status_code=event.status_code if event else status,
-                headers=[(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
-                has_body=True,
-            )
-        )
-        out += ws.send(ws_events.RejectData(data=body))
-        with trio.move_on_after(0.5):
-            await transport.send_all(out)
-    except (wsproto.utilities.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
 
 
 # -- dialling and accepting --------------------------------------------------------

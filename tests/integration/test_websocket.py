@@ -105,11 +105,17 @@ async def test_a_cut_websocket_link_is_noticed_and_comes_back(network, link_prox
 
 async def test_the_websocket_port_answers_other_requests_with_http_errors_and_goes_on(network, echo_server, tcp):
     async with network.site("hub", ws_port=0) as hub, network.site("edge") as edge:
-        for request in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01 not http at all\r\n\r\n"):
+        for request, status, text in (
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"404", b"fabric: links are at /fabric, not /\n"),
+            (b"GET /fabric HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"fabric: this port takes WebSocket links only\n"),
+            (b"\x16\x03\x01 not http at all\r\n\r\n", b"400", b"fabric: this port takes WebSocket links only\n"),
+        ):
             async with await tcp.connect(hub.ws_port) as stream:
                 await stream.send_all(request)
-                answer = await stream.receive_some(1000)
-            assert answer.startswith(b"HTTP/1.1 400 "), answer
+                answer = b""
+                while data := await stream.receive_some(1000):
+                    answer += data
+            assert answer.startswith(b"HTTP/1.1 " + status) and answer.endswith(text), answer
         await network.link(edge, hub, link_urls=[ws_url(hub)])
         port = await network.expose(hub, edge, "echo", echo_server)
         async with await tcp.connect(port) as stream:

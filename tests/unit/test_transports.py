@@ -183,7 +183,7 @@ async def test_a_request_for_another_path_is_refused_with_404_and_the_client_say
         await server_side.aclose()
 
     async def client() -> None:
-        with pytest.raises(LinkError, match="refused the WebSocket: HTTP 404: fabric: links are at /fabric, not /other"):
+        with pytest.raises(LinkError, match="refused the WebSocket: HTTP 404 Not Found: fabric: links are at /fabric, not /other"):
             await WebSocketStream.connect(client_side, parse_address("ws://hub:80/other"), keepalive=25)
         errors["client"] = True
 
