@@ -1330,11 +1330,12 @@ def demo(connections: int, size: int, round_trips: int, verbose: bool) -> None:
     """Run a three-site network in this process and send traffic through it.
 
     \b
-      edge  --link-->  transit  --link-->  hub
-      client                               echo service
+      edge  --WebSocket link-->  transit  --TLS link-->  hub
+      client                                             echo service
 
     The edge site reaches the hub's echo service through the transit site
-    (edge and hub are not linked). Every byte is SHA-256 checked; the demo
+    (edge and hub are not linked); the edge's link is a WebSocket, as through
+    a firewall that lets only HTTP out, with the link's mutual TLS inside. Every byte is SHA-256 checked; the demo
     prints what it measured and exits 0 when everything arrived intact.
     Nothing is left behind: the sites live in a temporary directory.
     """
@@ -1397,8 +1398,8 @@ def _show_routes(site: Site) -> None:
 async def _demo(connections: int, size: int, round_trips: int) -> bool:
     say = click.echo
     say("fabric demo: three sites in one process, linked by mutual TLS on 127.0.0.1\n")
-    say("    edge (edge) --link--> transit (interior) --link--> hub (interior)")
-    say("    client                                             echo service\n")
+    say("    edge (edge) --WebSocket link--> transit (interior) --TLS link--> hub (interior)")
+    say("    client                                                           echo service\n")
     with tempfile.TemporaryDirectory(prefix="fabric-demo-") as root:
         async with trio.open_nursery() as nursery:
             servers = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
@@ -1408,13 +1409,19 @@ async def _demo(connections: int, size: int, round_trips: int) -> bool:
                     # One host for three sites: service sync would have each of them listen on
                     # the echo server's own port; the edge's listener is made explicitly instead.
                     open_site("hub", os.path.join(root, "hub"), link_port=0, service_sync=False) as hub,
-                    open_site("transit", os.path.join(root, "transit"), link_port=0, service_sync=False) as transit,
+                    open_site(
+                        "transit", os.path.join(root, "transit"), link_port=0, ws_port=0, service_sync=False
+                    ) as transit,
                     open_site("edge", os.path.join(root, "edge"), mode="edge", service_sync=False) as edge,
                 ):
                     say(f"[1/4] sites created: hub {hub.site_id[:8]}, transit {transit.site_id[:8]}, edge {edge.site_id[:8]}")
                     await transit.redeem_token(await hub.issue_token())
-                    await edge.redeem_token(await transit.issue_token())
-                    say("[2/4] linked: transit redeemed a token of hub, edge redeemed a token of transit")
+                    ws_url = transit.status().ws_address
+                    await edge.redeem_token(await transit.issue_token(link_urls=[ws_url]))
+                    say(
+                        "[2/4] linked: transit redeemed a token of hub (TLS), "
+                        f"edge redeemed a token of transit naming {ws_url} (TLS inside a WebSocket)"
+                    )
                     await hub.create_connector(DEMO_KEY, echo_port, host="127.0.0.1")
                     listener = await edge.create_listener(DEMO_KEY, 0)
                     await edge.wait_reachable(DEMO_KEY)
