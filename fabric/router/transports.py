@@ -303,7 +303,7 @@ class WebSocketStream(trio.abc.Stream):
         self._keepalive = keepalive
         self._last_ping = trio.current_time()
         self._send_lock = trio.Lock()  # the sender and the receiver (answering pings and closes) both write
-        self._pending = bytearray()  # received payload not yet returned
+        self._pending: list[bytes] = []  # received payloads not yet returned, in order
         self._eof = False
 
     @classmethod
@@ -388,7 +388,7 @@ class WebSocketStream(trio.abc.Stream):
         await self.transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        max_bytes = max_bytes or RECEIVE_SIZE
+        """The payload received so far (at most `max_bytes`); trio.SSLStream asks without a limit and takes it all."""
         while not self._pending and not self._eof:
             data = await receive_batch(self.transport, RECEIVE_SIZE)  # the outer TLS's records, for wss
             if data:
@@ -398,7 +398,8 @@ class WebSocketStream(trio.abc.Stream):
                 self._eof = True
             for event in self._ws.events_received():
                 if event.opcode in (Opcode.BINARY, Opcode.CONT):
-                    self._pending += event.data
+                    if event.data:
+                        self._pending.append(event.data)
                 elif event.opcode is Opcode.TEXT:
                     raise trio.BrokenResourceError("the peer sent WebSocket text; a link carries binary messages only")
                 elif event.opcode is Opcode.CLOSE:
@@ -409,8 +410,17 @@ class WebSocketStream(trio.abc.Stream):
                 pass  # the next read finds out
             if self._ws.parser_exc is not None:
                 raise trio.BrokenResourceError(f"WebSocket protocol error: {self._ws.parser_exc}")
-        chunk = bytes(self._pending[:max_bytes])
-        del self._pending[:max_bytes]
+        if not self._pending:
+            return b""
+        if max_bytes is None:  # no copy when one frame came, as with large messages
+            chunk = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            return chunk
+        chunk = self._pending[0]
+        if len(chunk) > max_bytes:
+            self._pending[0] = chunk[max_bytes:]
+            return chunk[:max_bytes]
+        del self._pending[0]
         return chunk
 
     async def aclose(self) -> None:

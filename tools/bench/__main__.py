@@ -72,6 +72,8 @@ TARGETS = (
     # Rates: fabric-2 / fabric-3 is the time per request of 3 sites over that of 2.
     Target("PING, 1 client: time per request 3 sites / 2 <= 1.6", "ping-1", "fabric-2", "fabric-3", at_most=1.6),
     Target("memory per idle flow < 64 KiB", "idle-flows", "fabric-2", at_most=64),
+    # Issue 6: a WebSocket link against a TLS link, both 2 sites, same run.
+    Target("bulk, 1 stream: fabric-ws / fabric-2 >= 0.7", "iperf3-P1", "fabric-ws", "fabric-2", at_least=0.7),
 )
 
 
@@ -151,7 +153,7 @@ def setup(
     if "haproxy" in names and targets:
         for name, port in relays.haproxy(targets).items():
             ports[name, "haproxy"] = port
-    if names & {"fabric-2", "fabric-3"} and targets:
+    if names & {"fabric-2", "fabric-3", "fabric-ws"} and targets:
         network = FabricNetwork(background, workdir)
         network.start()
         for name, target in targets.items():
