@@ -574,8 +574,14 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         is not used again until the reader has drained the queue and comes
         back for more (so bytes never overtake each other). A relay attaches
         one; it changes nothing else: credit is granted as the sink takes bytes.
+
+        Bytes that arrived before the sink was attached (DATA right behind
+        OPEN_OK, before the relay started; what an HTTP upgrade left unread)
+        are queued: the sink waits for the reader to take them first, as if
+        it had queued them itself.
         """
         self._sink = sink
+        self._sink_held = bool(self._inbound)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._send_closed:

@@ -12,7 +12,7 @@ from fabric import pki
 from fabric.config import Settings
 from fabric.gossip.records import sign_record
 from fabric.router.frames import FrameDecoder, FrameType, encode_frame, encode_u64
-from fabric.router.link import CONTROL_ALLOWANCE, Link, make_hello
+from fabric.router.link import CONTROL_ALLOWANCE, FlowEnd, Link, make_hello
 from fabric.router.router import Router
 
 SETTINGS = Settings()
@@ -102,6 +102,37 @@ async def test_a_peer_that_sends_but_never_reads_ends_the_link_instead_of_growin
             await trio.sleep_forever()
     assert reason and reason[0].startswith("peer is not reading"), reason
     assert link._out_bytes <= settings.link_write_buffer + CONTROL_ALLOWANCE + 64
+
+
+async def test_bytes_queued_before_a_sink_is_attached_are_not_overtaken_by_later_ones():
+    """DATA right behind OPEN_OK is queued before the relay attaches its sink: the next DATA must not jump it.
+
+    (With DirectTLS, OPEN_OK and the first DATA frames of a talkative server
+    come in one read: the half-close transfer test saw its greeting reordered.)
+    """
+    link, _ = link_pair("A", "B", _Quiet(), _Quiet())
+    flow = FlowEnd(link, 2, "flow", opener=False)
+    delivered = bytearray()  # what the relay's other end (a client's socket) gets, in order
+
+    def sink(data: bytes) -> int:
+        delivered.extend(data)
+        return len(data)
+
+    async def pump() -> None:  # the relay's pump: from the flow's queue to the same socket
+        while data := await flow.receive_some():
+            delivered.extend(data)
+
+    with trio.fail_after(5):
+        flow._on_data(b"1" * 10)  # before the relay started
+        flow.attach_sink(sink)
+        flow._on_data(b"2" * 10)  # from the link's reader, before the pump ran
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            await trio.testing.wait_all_tasks_blocked()
+            flow._on_data(b"3" * 10)  # the queue is drained: straight through the sink
+            assert not flow._inbound
+            flow._on_close()
+    assert bytes(delivered) == b"1" * 10 + b"2" * 10 + b"3" * 10
 
 
 async def test_gossip_sleeps_at_rest(tmp_path, monkeypatch):
