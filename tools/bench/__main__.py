@@ -44,7 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @attrs.frozen
 class Target:
-    """One of issue 8's targets, checked on the medians of this run."""
+    """One of issue 7's or 8's targets, checked on the medians of this run."""
 
     title: str
     scenario: str
@@ -74,6 +74,10 @@ TARGETS = (
     Target("memory per idle flow < 64 KiB", "idle-flows", "fabric-2", at_most=64),
     # Issue 6: a WebSocket link against a TLS link, both 2 sites, same run.
     Target("bulk, 1 stream: fabric-ws / fabric-2 >= 0.7", "iperf3-P1", "fabric-ws", "fabric-2", at_least=0.7),
+    # Issue 7: the HTTP listener against the TCP listener of the same two sites, nginx behind both.
+    Target("HTTP, 50 clients: HTTP listener / TCP listener >= 0.8", "http-50", "fabric-2-http", "fabric-2", at_least=0.8),
+    Target("HTTP, 50 clients: p99 HTTP listener / TCP listener <= 1.5", "http-50-p99", "fabric-2-http", "fabric-2", at_most=1.5),
+    Target("HTTP, 50 clients, HTTP listener >= 5000 req/s", "http-50", "fabric-2-http", at_least=5000),
 )
 
 
@@ -151,13 +155,14 @@ def setup(
         if "socat" in names:
             ports[name, "socat"] = relays.socat(name, target)
     if "haproxy" in names and targets:
-        for name, port in relays.haproxy(targets).items():
+        http = frozenset(name for name in targets if SERVERS[name].http)
+        for name, port in relays.haproxy(targets, http).items():
             ports[name, "haproxy"] = port
-    if names & {"fabric-2", "fabric-3", "fabric-ws"} and targets:
+    if names & {"fabric-2", "fabric-3", "fabric-ws", "fabric-2-http"} and targets:
         network = FabricNetwork(background, workdir)
         network.start()
         for name, target in targets.items():
-            for path, port in network.expose(name, target).items():
+            for path, port in network.expose(name, target, http=SERVERS[name].http).items():
                 ports[name, path] = port
     return ports, network
 
@@ -165,7 +170,8 @@ def setup(
 def measure_all(
     chosen: list[Scenario], paths: list, ports: dict, args: argparse.Namespace, network: FabricNetwork | None
 ) -> dict:
-    """(scenario, path) -> {"values": [...], "cpu": [{site: share of one core}, ...]}."""
+    """(figure, path) -> {"values": [...], "cpu": [{site: share of one core}, ...]}; a figure is named as in
+    `Scenario.figures` (the scenario's name for its main one)."""
     samples: dict[tuple[str, str], dict] = {}
     for scenario in chosen:
         on = [p.name for p in paths if scenario.paths is None or p.name in scenario.paths]
@@ -179,7 +185,7 @@ def measure_all(
                 cpu_before = {site: cpu_seconds(pid) for site, pid in sites.items()}
                 wall = time.perf_counter()
                 try:
-                    value = scenario.measure(port, args.seconds)
+                    values = scenario.measure(port, args.seconds)
                 except BenchError as exc:
                     print(f"  {scenario.name:10} {path:9} run {run + 1}/{runs}: FAILED: {exc}")
                     if network:
@@ -187,11 +193,16 @@ def measure_all(
                     continue
                 wall = time.perf_counter() - wall
                 cpu = {site: (cpu_seconds(pid) - cpu_before[site]) / wall for site, pid in sites.items()}
-                entry = samples.setdefault((scenario.name, path), {"values": [], "cpu": []})
-                entry["values"].append(value)
-                entry["cpu"].append(cpu)
+                if not isinstance(values, dict):
+                    values = {"": values}
+                for (figure, _, unit), key in zip(scenario.figures(), ["", *(f.key for f in scenario.more)]):
+                    entry = samples.setdefault((figure, path), {"values": [], "cpu": []})
+                    entry["values"].append(values[key])
+                    entry["cpu"].append(cpu)
                 load = " ".join(f"{site}={share:.0%}" for site, share in cpu.items() if share >= 0.02)
-                print(f"  {scenario.name:10} {path:9} run {run + 1}/{runs}: {value:12,.2f} {scenario.unit:7} {load}", flush=True)
+                more = "".join(f", {f.key} {values[f.key]:,.2f} {f.unit}" for f in scenario.more)
+                print(f"  {scenario.name:10} {path:13} run {run + 1}/{runs}: {values['']:12,.2f} {scenario.unit:7}{more} {load}",
+                      flush=True)
                 time.sleep(PAUSE)
     return samples
 
@@ -203,34 +214,34 @@ def fmt(value: float) -> str:
 def report(chosen: list[Scenario], paths: list, samples: dict, args: argparse.Namespace, elapsed: float) -> dict:
     medians = {key: statistics.median(entry["values"]) for key, entry in samples.items() if entry["values"]}
     baselines = [p.name for p in paths if p.baseline]
-    header = f"{'scenario':24} {'path':9} {'median':>9} {'min':>9} {'max':>9} {'unit':7}" + "".join(
+    header = f"{'scenario':24} {'path':13} {'median':>9} {'min':>9} {'max':>9} {'unit':7}" + "".join(
         f" {'/' + b:>8}" for b in baselines
     )
     print(f"\nmedians of {args.runs} run(s) of {args.seconds:g} s; fabric figures as ratios to the baselines of this run\n")
     print(header)
     print("-" * len(header))
     rows = []
-    for scenario in chosen:
+    for name, title, unit in (figure for scenario in chosen for figure in scenario.figures()):
         for path in paths:
-            entry = samples.get((scenario.name, path.name))
+            entry = samples.get((name, path.name))
             if not entry or not entry["values"]:
                 continue
             values = entry["values"]
-            median = medians[scenario.name, path.name]
+            median = medians[name, path.name]
             ratios = {}
             if not path.baseline:
                 for base in baselines:
-                    if other := medians.get((scenario.name, base)):
+                    if other := medians.get((name, base)):
                         ratios[base] = median / other
-            line = f"{scenario.title[:24]:24} {path.name:9} {fmt(median):>9} {fmt(min(values)):>9} {fmt(max(values)):>9} {scenario.unit:7}"
+            line = f"{title[:24]:24} {path.name:13} {fmt(median):>9} {fmt(min(values)):>9} {fmt(max(values)):>9} {unit:7}"
             line += "".join(f" {ratios[b]:>7.2f}x" if b in ratios else f" {'':>8}" for b in baselines)
             print(line)
             cpu = {site: statistics.median(c[site] for c in entry["cpu"]) for site in (entry["cpu"][0] if entry["cpu"] else {})}
             rows.append(
                 {
-                    "scenario": scenario.name,
+                    "scenario": name,
                     "path": path.name,
-                    "unit": scenario.unit,
+                    "unit": unit,
                     "median": median,
                     "min": min(values),
                     "max": max(values),
@@ -239,7 +250,7 @@ def report(chosen: list[Scenario], paths: list, samples: dict, args: argparse.Na
                     "site_cpu_median": cpu,
                 }
             )
-    print("\ntargets (issue 8):")
+    print("\ntargets (issues 7 and 8):")
     verdicts = []
     for target in TARGETS:
         value, ok = target.check(medians)

@@ -8,10 +8,11 @@ say) is one more row and one more `open` method.
 | -------- | --------------------------------------------------------------------------- |
 | direct   | nothing                                                                     |
 | socat    | `socat` one hop (a process forked per connection, as it is usually run)     |
-| haproxy  | `haproxy` one hop, mode tcp, its defaults (one thread per core)             |
+| haproxy  | `haproxy` one hop, its defaults (one thread per core); mode tcp, or mode http for an HTTP server |
 | fabric-2 | a listener at site a, a TLS link a -> b, the connector at b                 |
 | fabric-3 | the listener at a, links a -> b <- c, the connector at c (b is the transit) |
 | fabric-ws | a listener at site w, a WebSocket link w -> b (ws://, TLS inside), the connector at b |
+| fabric-2-http | as fabric-2, with an HTTP listener (`--protocol http`): HTTP servers only |
 
 The fabric sites are real processes, `fabric site run`, set up only through
 the `fabric` command, as a user would.
@@ -43,10 +44,11 @@ class PathKind:
 PATHS = (
     PathKind("direct", True, (), "client -> server"),
     PathKind("socat", True, ("socat",), "socat one hop"),
-    PathKind("haproxy", True, ("haproxy",), "haproxy one hop (mode tcp)"),
+    PathKind("haproxy", True, ("haproxy",), "haproxy one hop (mode tcp; mode http for an HTTP server)"),
     PathKind("fabric-2", False, (), "2 sites, one TLS link"),
     PathKind("fabric-3", False, (), "3 sites, one transit"),
     PathKind("fabric-ws", False, (), "2 sites, one WebSocket link"),
+    PathKind("fabric-2-http", False, (), "2 sites, one TLS link, HTTP listener"),
 )
 
 
@@ -70,8 +72,8 @@ class Relays:
         self._background.wait_port(f"socat-{name}", port)
         return port
 
-    def haproxy(self, targets: dict[str, int]) -> dict[str, int]:
-        """One haproxy with a frontend per target; name -> its port."""
+    def haproxy(self, targets: dict[str, int], http: frozenset[str] = frozenset()) -> dict[str, int]:
+        """One haproxy with a frontend per target (in mode http for those named in `http`); name -> its port."""
         ports = {name: free_port() for name in targets}
         lines = [
             "global",
@@ -81,13 +83,17 @@ class Relays:
             "  timeout connect 5s",
             "  timeout client 5m",
             "  timeout server 5m",
+            "  timeout http-keep-alive 5m",
         ]
         for name, target in targets.items():
+            mode = "  mode http" if name in http else "  mode tcp"
             lines += [
                 f"frontend in-{name}",
+                mode,
                 f"  bind 127.0.0.1:{ports[name]}",
                 f"  default_backend out-{name}",
                 f"backend out-{name}",
+                mode,
                 f"  server target 127.0.0.1:{target}",
             ]
         config = self._workdir / "haproxy.cfg"
@@ -143,15 +149,25 @@ class FabricNetwork:
             self.fabric("b", "token", "issue", str(token), "--link-url", address)
             self.fabric(site, "token", "redeem", str(token), "--wait", "--timeout", "30s")
 
-    def expose(self, name: str, target: int) -> dict[str, int]:
-        """Connectors for the target at b and c, listeners for both at a; path name -> listener port."""
+    def expose(self, name: str, target: int, *, http: bool = False) -> dict[str, int]:
+        """Connectors for the target at b and c; listeners at a (both) and w (`NAME-2`); path name -> listener port.
+
+        With `http`, the connectors say so, and a second listener at a for
+        `NAME-2` (`NAME-2h`) has `--protocol http`: path fabric-2-http.
+        """
+        protocol = ["--protocol", "http"] if http else []
         for key, site in ((f"{name}-2", "b"), (f"{name}-3", "c")):
-            self.fabric(site, "connector", "create", key, str(target), "--host", "127.0.0.1")
+            self.fabric(site, "connector", "create", key, str(target), "--host", "127.0.0.1", *protocol)
         ports = {}
         for path, site, key in (("fabric-2", "a", f"{name}-2"), ("fabric-3", "a", f"{name}-3"), ("fabric-ws", "w", f"{name}-2")):
             port = free_port()
             self.fabric(site, "listener", "create", key, str(port), "--wait", "--timeout", "30s")
             ports[path] = port
+        if http:
+            port = free_port()
+            self.fabric("a", "listener", "create", f"{name}-2h", str(port), "--routing-key", f"{name}-2",
+                        "--protocol", "http", "--wait", "--timeout", "30s")
+            ports["fabric-2-http"] = port
         return ports
 
     def check(self) -> None:
