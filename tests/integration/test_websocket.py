@@ -1,7 +1,7 @@
 """Links over WebSockets (ws://): the same guarantees as a direct TLS link, with real sockets in one process.
 
 Reverse proxies (nginx) and forward proxies (tinyproxy) in front of them are
-tested with the real programs in tests/system/test_websocket.py.
+tested with the real programs in tests/system/test_ws_proxies.py.
 """
 
 from __future__ import annotations
