@@ -149,14 +149,14 @@ def background(*argv: str, cwd: Path | None = None) -> Iterator[subprocess.Popen
             process.stderr.close()
 
 
-def wait_port(port: int, deadline: float = 10) -> None:
-    """Return once something accepts connections on 127.0.0.1:port (a server the test started)."""
+def wait_port(port: int, deadline: float = 10, *, host: str = "127.0.0.1") -> None:
+    """Return once something accepts connections on host:port (a server the test started)."""
     end = time.monotonic() + deadline
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             if time.monotonic() > end:
-                raise AssertionError(f"nothing listens on port {port} after {deadline} s") from None
+                raise AssertionError(f"nothing listens on {host}:{port} after {deadline} s") from None
             time.sleep(0.05)  # a child process has no event to wait on

@@ -136,22 +136,8 @@ def tinyproxy(directory: Path, port: int, *, listen: str = "127.0.0.1", auth: tu
         lines.append(f"BasicAuth {auth[0]} {auth[1]}")
     conf.write_text("\n".join(lines) + "\n")
     with background(TINYPROXY, "-d", "-c", str(conf)) as process:
-        wait_port_on(listen, port)
+        wait_port(port, host=listen)
         yield process
-
-
-def wait_port_on(host: str, port: int, deadline: float = 10) -> None:
-    import socket
-
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > end:
-                raise AssertionError(f"nothing listens on {host}:{port} after {deadline} s") from None
-            time.sleep(0.05)
 
 
 def web_root(directory: Path, name: str) -> tuple[Path, str]:
