@@ -10,7 +10,8 @@ concern a peer pass it, with the reason and a short event name, in `extra`:
 `--log-format text` (the default) is for people: the site in brackets, then
 the message, which already says who and why. `--log-format json` is for
 machines: one JSON object a line with `ts`, `level`, `site`, `event`,
-`peer`, `reason`, `message` (and `exception`, a traceback as one string).
+`peer`, `reason`, `message` (and `exception`, a traceback as one string;
+`routing_key` on service events).
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ FORMATS = ("text", "json")
 SITE: contextvars.ContextVar[str | None] = contextvars.ContextVar("fabric_site", default=None)
 
 
-def event(name: str, *, peer: Any = None, reason: Any = None) -> dict[str, Any]:
-    """`extra=` for a log call: the event's short name, the peer it concerns, and why."""
-    return {
+def event(name: str, *, peer: Any = None, reason: Any = None, routing_key: str | None = None) -> dict[str, Any]:
+    """`extra=` for a log call: the event's short name, the peer it concerns, and why.
+
+    `routing_key`, for service events, becomes a field of its own in JSON
+    (present only on lines that give one).
+    """
+    fields = {
         "event": name,
         "peer": None if peer is None else str(peer),
         "reason": None if reason is None else str(reason),
     }
+    if routing_key is not None:
+        fields["routing_key"] = routing_key
+    return fields
 
 
 class SiteFilter(logging.Filter):
@@ -72,6 +80,8 @@ class JsonFormatter(logging.Formatter):
             "reason": getattr(record, "reason", None),
             "message": record.getMessage(),
         }
+        if (routing_key := getattr(record, "routing_key", None)) is not None:
+            document["routing_key"] = routing_key
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document, ensure_ascii=False, default=str)

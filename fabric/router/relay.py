@@ -65,17 +65,21 @@ class SocketEnd:
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         max_bytes = max_bytes or CHUNK
-        if self._empty:
+        waited = self._empty
+        if waited:
             await trio.lowlevel.wait_readable(self._socket)
         while True:
             try:
                 data = os.read(self._fd(), max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._socket)
+                waited = True
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket error: {exc}") from exc
             self._empty = len(data) < max_bytes
+            if not waited:
+                await trio.lowlevel.checkpoint()  # a busy connection must not starve the other tasks
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -135,6 +139,9 @@ def _describe(end: End, exc: BaseException) -> _Broken:
 
 
 async def _pump(src: End, dst: End) -> None:
+    # What the other end takes at once goes without a checkpoint of its own: receiving
+    # was one (it waited, or checkpointed), and a second would cost a scheduler pass per chunk.
+    send_nowait = getattr(dst, "send_nowait", None)
     while True:
         try:
             data = await src.receive_some(CHUNK)
@@ -142,6 +149,11 @@ async def _pump(src: End, dst: End) -> None:
             raise _describe(src, exc) from None
         if not data:
             break
+        if send_nowait is not None:
+            taken = send_nowait(data)
+            if taken == len(data):
+                continue
+            data = data[taken:]
         try:
             await dst.send_all(data)
         except _FAILURES as exc:

@@ -24,6 +24,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from .. import logs
 from ..config import Settings
 from ..errors import FlowError, FlowRefused, NoProviderError
 from ..gossip.gossip import Gossip
@@ -135,7 +136,6 @@ class Router:
         self._offered: dict[str, set[str]] = {}  # the catalog as last logged
         self._flow_serial = itertools.count(1)
         self._nursery: trio.Nursery | None = None
-        self.on_event: Callable[[str], None] = lambda line: log.info("%s", line)
 
     def __repr__(self) -> str:
         return f"<Router {self.name} links={sorted(l.peer.name for l in self.links.values())} routes={len(self.routes)}>"
@@ -249,20 +249,40 @@ class Router:
         before = self.routes
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
         for site in self.routes.keys() ^ before.keys():
-            self.on_event(f"site {self.name_of(site)} {'reachable' if site in self.routes else 'unreachable'}")
+            name = self.name_of(site)
+            if site in self.routes:
+                how = self._describe_route(site)
+                log.info("site %s reachable: %s", name, how, extra=logs.event("site_reachable", peer=name, reason=how))
+            else:
+                why = "no path to it over links both ends advertise" if self.record(site) else "its record is gone"
+                log.info("site %s unreachable: %s", name, why, extra=logs.event("site_unreachable", peer=name, reason=why))
         for site in self.routes.keys() & before.keys():
             if self.routes[site] != before[site]:
                 self.route_changes[site] += 1
-                hops = ", ".join(f"{self.name_of(h.peer)} (cost {h.cost:g})" for h in self.routes[site].next_hops)
-                log.debug("route to site %s: cost %g via %s", self.name_of(site), self.routes[site].cost, hops)
+                name, how = self.name_of(site), self._describe_route(site)
+                log.debug("route to site %s: %s", name, how, extra=logs.event("route_changed", peer=name, reason=how))
         catalog = self._catalog()
         for key in sorted(catalog.keys() | self._offered.keys()):
             for site in sorted(catalog.get(key, set()) - self._offered.get(key, set())):
-                self.on_event(f"service {key!r} available from site {self.name_of(site)}")
+                name = self.name_of(site)
+                log.info(
+                    "service %r available from site %s", key, name,
+                    extra=logs.event("service_available", peer=name, routing_key=key),
+                )
             for site in sorted(self._offered.get(key, set()) - catalog.get(key, set())):
-                self.on_event(f"service {key!r} withdrawn by site {self.name_of(site)}")
+                name = self.name_of(site)
+                why = "its connectors are gone" if site == self.site_id or site in self.routes else "site unreachable"
+                log.info(
+                    "service %r withdrawn by site %s: %s", key, name, why,
+                    extra=logs.event("service_withdrawn", peer=name, reason=why, routing_key=key),
+                )
         self._offered = catalog
         self._notify()
+
+    def _describe_route(self, site: str) -> str:
+        route = self.routes[site]
+        hops = ", ".join(f"{self.name_of(h.peer)} (cost {h.cost:g})" for h in route.next_hops)
+        return f"cost {route.cost:g} via {hops}"
 
     def _catalog(self) -> dict[str, set[str]]:
         """Routing key -> the sites reachable from here that have a connector for it."""
@@ -475,7 +495,10 @@ class Router:
             await handler(flow, *args)
         except Exception:
             flow.reset(Reason.UNSPECIFIED, f"internal error at site {self.name}")
-            log.exception("flow %s failed", flow.uid)
+            log.exception(
+                "flow %s from site %s failed", flow.uid, flow.link.peer.name,
+                extra=logs.event("flow_failed", peer=flow.link.peer.name, reason="internal error"),
+            )
 
     async def _egress(self, flow: FlowEnd, request: Open) -> None:
         slot = self.connectors.get(request.routing_key)
@@ -531,4 +554,5 @@ class Router:
         try:
             await relay(a, b)
         except FlowError as exc:
-            log.debug("flow %s reset: %s", getattr(a, "uid", "?"), exc)
+            peer = a.link.peer.name if isinstance(a, FlowEnd) else None
+            log.debug("flow %s reset: %s", getattr(a, "uid", "?"), exc, extra=logs.event("flow_reset", peer=peer, reason=exc))

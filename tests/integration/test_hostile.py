@@ -281,15 +281,19 @@ async def linked_attacker(arena: Arena, name: str, **options) -> tuple[Credentia
 async def ended_by_hub(arena: Arena, raw: RawLink, name: str, caplog) -> str:
     """Serve `raw` until the hub ends it; why the hub ended it, as its log says.
 
-    The log, not the GOAWAY: the GOAWAY may be lost (see
-    test_the_goaway_that_ends_a_link_for_a_protocol_error_reaches_the_peer).
+    A link ended for a protocol error tells the peer why, in a GOAWAY, even
+    while the peer is still sending: that is checked here too.
     """
     await raw.serve()
     await arena.hub.wait_linked(raw.peer_site_id, up=False)  # logged as it goes
     for record in caplog.records:
         message = record.getMessage()
         if message.startswith(f"link from {name} (") and " down: " in message:
-            return message.partition(" down: ")[2]
+            why = message.partition(" down: ")[2]
+            if why.startswith("protocol error: "):
+                assert raw.goaway is not None, f"no GOAWAY reached the peer ({raw.ended}); the hub logged: {why}"
+                assert raw.goaway == (Reason.PROTOCOL, why.removeprefix("protocol error: ")), raw.goaway
+            return why
     raise AssertionError(f"the hub logged no end of the link from {name}")
 
 
