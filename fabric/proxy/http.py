@@ -158,10 +158,11 @@ class _Broken(Exception):
     moved, so the request may be tried again where its method allows.
     """
 
-    def __init__(self, text: str, *, repeatable: bool = False, head_lost: bool = False) -> None:
+    def __init__(self, text: str, *, repeatable: bool = False, head_lost: bool = False, status: int | None = None) -> None:
         super().__init__(text)
         self.repeatable = repeatable
         self.head_lost = head_lost  # even the request never wholly reached a flow: any method may be tried again
+        self.status = status  # the client's fault: the answer it gets, if none has begun (never tried again)
 
 
 class _Client:
@@ -317,9 +318,10 @@ class HttpListener(TcpListener):
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
-            ip = stream.socket.getpeername()[0]
+            peer = stream.socket.getpeername()
         except OSError:
-            ip = "unknown"
+            peer = None
+        ip = peer[0] if isinstance(peer, tuple) else "unknown"  # (a unix socket's peer is a path, often "")
         self.connections += 1
         client = _Client(stream, ip)
         clean = False
@@ -396,6 +398,9 @@ class HttpListener(TcpListener):
         headers.append((b"forwarded", prior + b", " + forwarded if prior else forwarded))
         prior = seen.get(b"via")
         headers.append((b"via", prior + b", " + self._via if prior else self._via))
+        if head.version == b"1.0" and not any(len(name) == 4 and name.lower() == b"host" for name, _ in headers):
+            # Without a Host, HTTP/1.1 is malformed (a target answers 400): it goes on as it came, in HTTP/1.0.
+            return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), headers)
         return write_head(b"%s %s HTTP/1.1" % (head.method, head.target), headers)
 
     def _client_head(self, head: Head, request: Head, close: bool) -> tuple[bytes, bool, bool]:
@@ -488,6 +493,8 @@ class HttpListener(TcpListener):
             try:
                 return await self._exchange(client, head, upstream, payload, exchange)
             except _Broken as exc:
+                if exc.status is not None and not client.answering:
+                    return await self._answer(client, exc.status, str(exc))
                 if not exc.repeatable:
                     raise
                 failure = f"site {router.name_of(provider)}: {exc}"
@@ -540,27 +547,22 @@ class HttpListener(TcpListener):
     async def _pump_body(self, client: _Client, head: Head, upstream: _Upstream, exchange: _Exchange) -> None:
         """The rest of the request's body, client -> upstream, as it arrives."""
 
-        def broken(what: str, exc: BaseException) -> _Broken:
-            return _Broken(f"{what}: {exc}", repeatable=exchange.answered is None and not exchange.body_sent)
-
         while True:
             out: list[bytes] = []
             try:
                 done = self._take_body(client, head, out, exchange)
             except HttpError as exc:
-                raise broken("client sent a malformed body", exc) from None
+                # The client's fault: trying again elsewhere would fail the same way.
+                raise _Broken(f"client sent a malformed body: {exc}", status=exc.status) from None
             if out:
                 try:
                     await _send(upstream.end, b"".join(out))
                 except _FLOW_FAILURES as exc:
-                    raise broken("upstream lost", exc) from None
+                    raise self._broken_answer(exchange, exc, "upstream lost") from None
                 exchange.body_sent = True
             if done:
                 return
-            try:
-                await client.receive()
-            except _Broken as exc:
-                raise broken("client connection lost", exc) from None
+            await client.receive()  # the client gone: nothing to answer, nothing to try again
 
     async def _relay_answer(
         self, client: _Client, request: Head, upstream: _Upstream, exchange: _Exchange, close: bool
@@ -615,10 +617,8 @@ class HttpListener(TcpListener):
                     exchange.answered = status
                     client.answering = True
 
-    def _broken_answer(self, exchange: _Exchange, exc: BaseException) -> _Broken:
-        return _Broken(
-            f"the target's answer broke off: {exc}", repeatable=exchange.answered is None and not exchange.body_sent
-        )
+    def _broken_answer(self, exchange: _Exchange, exc: BaseException, what: str = "the target's answer broke off") -> _Broken:
+        return _Broken(f"{what}: {exc}", repeatable=exchange.answered is None and not exchange.body_sent)
 
     async def _tunnel(self, client: _Client, upstream: _Upstream) -> None:
         """After 101: bytes both ways, as they are, until both ends close."""

@@ -111,10 +111,6 @@ class Head:
         return values[0] if len(values) == 1 else b", ".join(values)
 
 
-class _SkipBody(Exception):
-    """Raised out of llhttp's headers-complete callback: the response to a HEAD has no body, whatever it says."""
-
-
 class Reader:
     """Requests (`Reader(REQUEST)`: a server's side of a connection) or responses (`Reader(RESPONSE)`).
 
@@ -133,6 +129,7 @@ class Reader:
         self._events: collections.deque = collections.deque()
         self._error: HttpError | None = None  # raised once the events before it are taken
         self._skip_body = False
+        self._skipping = False  # reading the answer to a HEAD past its head: whatever comes is out of turn
         self._idle = 0  # bytes fed since the last event: a head or trailers still incomplete
         self._progress = False
         self._in_head = False
@@ -179,9 +176,6 @@ class Reader:
             self.trailing = data[upgrade.args[0] :]
             return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _SkipBody):
-                self._skipped(data)
-                return
             if isinstance(exc.__context__, HttpError):
                 self._fail(exc.__context__)
                 return
@@ -190,6 +184,12 @@ class Reader:
         except httptools.HttpParserError as exc:
             self._fail(HttpError(f"malformed {self.kind}: {exc}"))
             return
+        finally:
+            if self._skipping:
+                # The answer to a HEAD ended with its head; llhttp, which reads what the head says
+                # follows, is done with. A new one for the next answer.
+                self._skipping = False
+                self._new_parser()
         if self._progress:
             self._idle = 0
         else:
@@ -207,18 +207,6 @@ class Reader:
             self._events.append(END)  # llhttp would need llhttp_finish to say it; this is the same rule
         elif self._current is not None:
             self._fail(HttpError(f"connection closed in the middle of a {self.kind} body"))
-
-    def _skipped(self, data: bytes) -> None:
-        """A HEAD's answer: its head is the whole message. A fresh parser for the next; bytes past the
-        head here would be a server talking out of turn, which makes the connection not reusable."""
-        self._events.append(END)
-        self._current = None
-        self._in_head = False
-        self._idle = 0
-        self._skip_body = False
-        self._new_parser()
-        if not data.endswith(b"\r\n\r\n"):
-            self._fail(HttpError("bytes after the head of an answer to HEAD"))
 
     def _fail(self, error: HttpError) -> None:
         self._error = error
@@ -303,13 +291,22 @@ class Reader:
         self.keep_alive = keep_alive
         self._events.append(head)
         if self._skip_body and status >= 200:
-            raise _SkipBody()
+            # The whole answer to a HEAD: what llhttp would read as its body is a server talking out of turn.
+            self._skip_body = False
+            self._skipping = True
+            self._current = None
+            self._events.append(END)
 
     def on_body(self, body: bytes) -> None:
+        if self._skipping:
+            self._fail(HttpError("bytes after the answer to a HEAD"))
+            return
         self._progress = True
         self._events.append(body)
 
     def on_message_complete(self) -> None:
+        if self._skipping:
+            return  # (its END went with its head)
         self._progress = True
         self._current = None
         self._headers.clear()  # trailers: never forwarded
