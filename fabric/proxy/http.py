@@ -230,16 +230,31 @@ async def _send(end: End, data: bytes) -> None:
         await end.send_all(data[taken:])
 
 
-def _dropped(headers: list[tuple[bytes, bytes]], keep_upgrade: bool) -> tuple[frozenset[bytes], frozenset[int]]:
-    """The header names not passed on: hop-by-hop ones, and those a Connection header lists (RFC 9110,
-    7.6.1); and the lengths of the names to look at more closely (those and the forwarding headers)."""
-    named = [value for name, value in headers if len(name) == 10 and name.lower() == b"connection"]
-    drop, lengths = HOP_BY_HOP, _SPECIAL_LENGTHS
-    if named:
-        tokens = {token.strip().lower() for value in named for token in value.split(b",")} - _CONNECTION_OPTIONS
+def _filtered(
+    headers: list[tuple[bytes, bytes]], keep_upgrade: bool
+) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
+    """The headers to pass on: not the hop-by-hop ones, nor those a Connection header lists (RFC 9110,
+    7.6.1), nor the forwarding ones, which come back apart (name -> their values joined) to be extended."""
+    drop = HOP_BY_HOP - {b"upgrade"} if keep_upgrade else HOP_BY_HOP
+    kept = []
+    special: dict[bytes, bytes] = {}
+    named = None
+    for header in headers:
+        if len(header[0]) in _SPECIAL_LENGTHS:  # a header of another length is none of them: no lower()
+            lower = header[0].lower()
+            if lower == b"connection":
+                named = header[1] if named is None else named + b"," + header[1]
+            if lower in drop:
+                continue
+            if lower in FORWARDING:
+                special[lower] = special[lower] + b", " + header[1] if lower in special else header[1]
+                continue
+        kept.append(header)
+    if named is not None:
+        tokens = {token.strip().lower() for token in named.split(b",")} - _CONNECTION_OPTIONS
         if tokens:
-            drop, lengths = drop | tokens, lengths | {len(token) for token in tokens}
-    return (drop - {b"upgrade"} if keep_upgrade else drop), lengths
+            kept = [header for header in kept if header[0].lower() not in tokens]
+    return kept, special
 
 
 class _Pool:
@@ -373,19 +388,7 @@ class HttpListener(TcpListener):
 
     def _upstream_head(self, head: Head, client: _Client) -> bytes:
         """The request head as it goes to the target: hop-by-hop headers out, forwarding headers in."""
-        drop, lengths = _dropped(head.headers, head.upgrade)
-        headers = []
-        seen: dict[bytes, bytes] = {}
-        for header in head.headers:
-            name = header[0]
-            if len(name) in lengths:
-                lower = name.lower()
-                if lower in drop:
-                    continue
-                if lower in FORWARDING:
-                    seen[lower] = seen[lower] + b", " + header[1] if lower in seen else header[1]
-                    continue
-            headers.append(header)
+        headers, seen = _filtered(head.headers, head.upgrade)
         if head.upgrade:
             headers.append((b"connection", b"upgrade"))
         if head.framing is CHUNKED:
@@ -406,19 +409,9 @@ class HttpListener(TcpListener):
     def _client_head(self, head: Head, request: Head, close: bool) -> tuple[bytes, bool, bool]:
         """The answer's head as it goes to the client; whether its body is chunked, and whether the
         connection closes after it (a body with no length, to an HTTP/1.0 client, ends with it)."""
-        drop, lengths = _dropped(head.headers, head.status == 101)
-        headers = []
-        via = None
-        for header in head.headers:
-            name = header[0]
-            if len(name) in lengths:
-                lower = name.lower()
-                if lower in drop:
-                    continue
-                if lower == b"via":
-                    via = via + b", " + header[1] if via else header[1]
-                    continue
-            headers.append(header)
+        headers, seen = _filtered(head.headers, head.status == 101)
+        headers.extend((name, value) for name, value in seen.items() if name != b"via")  # X-Forwarded-* and
+        via = seen.get(b"via")  # Forwarded in an answer are the target's business: passed on
         chunked = False
         if head.framing is CHUNKED or head.framing is UNTIL_CLOSE:
             if request.version == b"1.1":

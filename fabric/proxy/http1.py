@@ -248,8 +248,8 @@ class Reader:
         self._in_head = False
         self._progress = True
         parser = self._parser
-        headers = self._headers.copy()
-        self._headers.clear()  # what comes now are trailers
+        headers = self._headers
+        self._headers = []  # what comes now are trailers
         first = self._first[0] if len(self._first) == 1 else b"".join(self._first)
         self._first.clear()
         # Bytes fed since the last event bound the head; only a feed that could hold a longer one counts it.
@@ -318,7 +318,7 @@ class Reader:
 
 def write_head(first_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A head on the wire: the first line (without CRLF), then each header, then the blank line."""
-    return b"\r\n".join([first_line, *[name + b": " + value for name, value in headers], b"", b""])
+    return b"\r\n".join([first_line, *map(_JOIN_HEADER, headers), b"", b""])
 
 
 def chunk(data: bytes) -> bytes:
@@ -328,3 +328,4 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_JOIN_HEADER = b": ".join  # (name, value) -> b"name: value", with no Python frame per header
