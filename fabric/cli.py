@@ -38,6 +38,7 @@ from .errors import FabricError
 from .config import PROTOCOLS
 from .pki import Token
 from .router.routes import BALANCED, DISTRIBUTIONS
+from .router.transports import hide_password
 from .site import Site, open_site
 
 DEMO_KEY = "echo"
@@ -53,6 +54,11 @@ POLL_INTERVAL = 0.2
 # it; outside the ephemeral range (32768-60999), so an outgoing connection
 # never holds it. `--link-port 0` picks a free port at the first start instead.
 DEFAULT_LINK_PORT = 7443
+PROXY_HELP = (
+    "HTTP proxy to tunnel the link through (CONNECT): http://[user:password@]host:port, or `none` to go "
+    "direct.  [default: HTTPS_PROXY (tls://, wss://) or HTTP_PROXY (ws://) from the environment, unless NO_PROXY "
+    "names the host]"
+)
 MAX_COST = 2**31 - 1  # as pki.MAX_COST: costs are summed along paths
 NOT_RUNNING = "site is not running: saved; takes effect when it starts"
 
@@ -300,6 +306,20 @@ def _notes(items: Iterable[tuple[str, str | None]]) -> str:
     return ("\n" + "\n".join(lines)) if lines else ""
 
 
+def _transport(link: dict) -> str:
+    """`tls`, `ws`, `wss`, with `+proxy` when it goes through a forward proxy."""
+    return (link.get("transport") or "-") + ("+proxy" if link.get("proxy") else "")
+
+
+def _route_note(link: dict) -> str | None:
+    """Where an outgoing link dials, and through which proxy; where an incoming one comes from."""
+    if not link.get("address"):
+        return None
+    if link.get("direction") == "incoming":
+        return f"from {link['address']}"
+    return f"dials {link['address']}" + (f" through proxy {link['proxy']}" if link.get("proxy") else "")
+
+
 def _links_table(links: list[dict]) -> str:
     rows = [
         (
@@ -310,13 +330,18 @@ def _links_table(links: list[dict]) -> str:
             "up" if link["up"] else "down",
             _rtt(link.get("rtt_ms")),
             link.get("flows", 0),
+            _transport(link),
         )
         for link in links
     ]
     text = _section(
-        "Links", ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS"), rows, empty="none (see `fabric token --help`)"
+        "Links",
+        ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS", "TRANSPORT"),
+        rows,
+        empty="none (see `fabric token --help`)",
     )
-    return text + _notes((link["name"], link.get("error")) for link in links)
+    notes = [(link["name"], _route_note(link)) for link in links] + [(link["name"], link.get("error")) for link in links]
+    return text + _notes(notes)
 
 
 def _listener_state(item: dict) -> str:
@@ -416,9 +441,10 @@ def _site_line(status: dict) -> str:
 
 
 def _access_line(status: dict, config: dict | None) -> str:
-    if status.get("link_address"):
-        return f"Link access: {status['link_address']}" + ("" if status.get("running") else " (when running)")
-    if (config or {}).get("link_port") == 0:
+    addresses = [a for a in (status.get("link_address"), status.get("ws_address")) if a]
+    if addresses:
+        return f"Link access: {', '.join(addresses)}" + ("" if status.get("running") else " (when running)")
+    if 0 in ((config or {}).get("link_port"), (config or {}).get("ws_port")):
         return f"Link access: on {config['link_host']}, port picked at the first start"
     return "Link access: none (this site links out but accepts no links)"
 
@@ -568,6 +594,14 @@ def site() -> None:
     help="Port to accept links on; implies --link-access. 0 picks a free port at the first start and "
     f"keeps it.  [default: {DEFAULT_LINK_PORT} with --link-access]",
 )
+@click.option(
+    "--ws-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also accept links as WebSockets on this port (path /fabric), for a reverse proxy (nginx) or a "
+    "firewall that lets only HTTP through; 0 picks a free port at the first start. Issue tokens with "
+    "--link-url to advertise the proxy's public wss:// address.",
+)
 @click.option("--edge", is_flag=True, help="Make an edge site: it never carries traffic for other sites.")
 @click.option(
     "--service-sync/--no-service-sync",
@@ -590,6 +624,7 @@ def site_create(
     link_access: bool,
     link_host: str,
     link_port: int | None,
+    ws_port: int | None,
     edge: bool,
     service_sync: bool,
     service_host: str,
@@ -610,17 +645,19 @@ def site_create(
         name,
         link_host=link_host,
         link_port=link_port,
+        ws_port=ws_port,
         mode=mode,
         service_sync=service_sync,
         service_host=service_host,
     )
-    if link_port is None:
-        access = "accepts no links; it links out by redeeming tokens"
-    elif link_port == 0:
-        access = f"accepts links on {link_host}, port picked at its first start"
-    else:
-        access = f"accepts links on {_address(link_host, link_port)}"
-    _say(f"site {name} created in {cli.site_dir} ({mode}; {access})")
+    access = []
+    for what, port in (("links", link_port), ("WebSocket links", ws_port)):
+        if port == 0:
+            access.append(f"accepts {what} on {link_host}, port picked at its first start")
+        elif port is not None:
+            access.append(f"accepts {what} on {_address(link_host, port)}")
+    access_text = "; ".join(access) or "accepts no links; it links out by redeeming tokens"
+    _say(f"site {name} created in {cli.site_dir} ({mode}; {access_text})")
     _say("next: fabric site run")
 
 
@@ -776,18 +813,34 @@ def token() -> None:
     default=None,
     help="Cost of the link it makes, for routing (lower is preferred).  [default: the redeemer's choice, else 1]",
 )
+@click.option(
+    "--link-url",
+    "link_urls",
+    multiple=True,
+    metavar="URL",
+    help="Address the redeemer dials, instead of this site's own: tls://host:port, ws://host:port/path or "
+    "wss://host:port/path (say, what a reverse proxy in front of --ws-port exposes). Repeat it to give "
+    "several; they are tried in order.",
+)
 @pass_cli
-def token_issue(cli: Cli, file: Path, redemptions_allowed: int, expiration_window: float, cost: int | None) -> None:
+def token_issue(
+    cli: Cli, file: Path, redemptions_allowed: int, expiration_window: float, cost: int | None, link_urls: tuple[str, ...]
+) -> None:
     """Write a token FILE that lets other sites link to this one.
 
-    The file (mode 0600) holds this site's link address, its CA certificate and
-    a one-time secret, never a private key. This site must accept links
-    (`site create --link-access`); one created with `--link-port 0` must have
-    run once, so that its port is known. It need not run now, but must when
-    the token is redeemed.
+    The file (mode 0600) holds this site's link addresses, its CA certificate
+    and a one-time secret, never a private key. This site must accept links
+    (`site create --link-access` or `--ws-port`); one created with port 0
+    must have run once, so that its port is known. It need not run now, but
+    must when the token is redeemed.
+
+    \b
+    Behind a TLS-terminating reverse proxy that forwards /fabric to --ws-port:
+      fabric token issue edge.token --link-url wss://hub.example.com/fabric
     """
+    options: dict[str, Any] = {"link_urls": list(link_urls)} if link_urls else {}
     _, answer = cli.call(
-        "issue_token", redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost
+        "issue_token", redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost, **options
     )
     Token.loads_untrusted(answer["token"]).save(file)
     allowed = answer.get("redemptions_allowed", redemptions_allowed)
@@ -808,14 +861,18 @@ def token_issue(cli: Cli, file: Path, redemptions_allowed: int, expiration_windo
     default=None,
     help="Cost of the new link, for routing (lower is preferred).  [default: the token's cost, else 1]",
 )
+@click.option("--proxy", default=None, metavar="URL", help=PROXY_HELP)
 @wait_options("the link is up", default=True)
 @pass_cli
-def token_redeem(cli: Cli, file: Path, name: str | None, cost: int | None, wait: bool, timeout: float) -> None:
+def token_redeem(
+    cli: Cli, file: Path, name: str | None, cost: int | None, proxy: str | None, wait: bool, timeout: float
+) -> None:
     """Link this site to the site that issued the token FILE.
 
     The issuer must be running and reachable. The link is kept in --site-dir
     and comes back at every start; a token works once (or as often as it was
-    issued for) and only before it expires.
+    issued for) and only before it expires. The token's addresses are tried
+    in order; the one that works is tried first from then on.
     """
     token = Token.load(file)
 
@@ -826,6 +883,8 @@ def token_redeem(cli: Cli, file: Path, name: str | None, cost: int | None, wait:
             args["name"] = name
         if cost is not None:
             args["cost"] = cost
+        if proxy is not None:
+            args["proxy"] = proxy
         answer = await site.call("redeem_token", **args)
         link = answer["link"]
         _say(f"token redeemed: link {link} created")
@@ -886,16 +945,26 @@ def link_status(cli: Cli, output: str) -> None:
 
 @link.command("update")
 @click.argument("name")
-@click.option("--cost", type=click.IntRange(1, MAX_COST), required=True, help="New cost of the link (lower is preferred).")
+@click.option("--cost", type=click.IntRange(1, MAX_COST), default=None, help="New cost of the link (lower is preferred).")
+@click.option("--proxy", default=None, metavar="URL", help=PROXY_HELP + " `env`: back to the environment's.")
 @pass_cli
-def link_update(cli: Cli, name: str, cost: int) -> None:
-    """Change the cost of link NAME.
+def link_update(cli: Cli, name: str, cost: int | None, proxy: str | None) -> None:
+    """Change the cost of link NAME, or how it gets out (--proxy).
 
     NAME is a link this site made by redeeming a token. Routes prefer the
-    lowest total cost; a running site applies it at once.
+    lowest total cost; a running site applies a cost at once, and a proxy
+    the next time it dials the link.
     """
-    running, _ = cli.call("update_link", name=name, cost=cost)
-    _say(f"link {name}: cost {cost}")
+    if cost is None and proxy is None:
+        raise click.UsageError("nothing to change: give --cost, --proxy or both")
+    args: dict[str, Any] = {"name": name}
+    if cost is not None:
+        args["cost"] = cost
+    if proxy is not None:
+        args["proxy"] = None if proxy == "env" else proxy
+    running, _ = cli.call("update_link", **args)
+    changes = ([f"cost {cost}"] if cost is not None else []) + ([f"proxy {hide_password(proxy)}"] if proxy is not None else [])
+    _say(f"link {name}: {', '.join(changes)}")
     _not_running_note(running)
 
 
@@ -1261,11 +1330,12 @@ def demo(connections: int, size: int, round_trips: int, verbose: bool) -> None:
     """Run a three-site network in this process and send traffic through it.
 
     \b
-      edge  --link-->  transit  --link-->  hub
-      client                               echo service
+      edge  --WebSocket link-->  transit  --TLS link-->  hub
+      client                                             echo service
 
     The edge site reaches the hub's echo service through the transit site
-    (edge and hub are not linked). Every byte is SHA-256 checked; the demo
+    (edge and hub are not linked); the edge's link is a WebSocket, as through
+    a firewall that lets only HTTP out, with the link's mutual TLS inside. Every byte is SHA-256 checked; the demo
     prints what it measured and exits 0 when everything arrived intact.
     Nothing is left behind: the sites live in a temporary directory.
     """
@@ -1328,8 +1398,8 @@ def _show_routes(site: Site) -> None:
 async def _demo(connections: int, size: int, round_trips: int) -> bool:
     say = click.echo
     say("fabric demo: three sites in one process, linked by mutual TLS on 127.0.0.1\n")
-    say("    edge (edge) --link--> transit (interior) --link--> hub (interior)")
-    say("    client                                             echo service\n")
+    say("    edge (edge) --WebSocket link--> transit (interior) --TLS link--> hub (interior)")
+    say("    client                                                           echo service\n")
     with tempfile.TemporaryDirectory(prefix="fabric-demo-") as root:
         async with trio.open_nursery() as nursery:
             servers = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
@@ -1339,13 +1409,19 @@ async def _demo(connections: int, size: int, round_trips: int) -> bool:
                     # One host for three sites: service sync would have each of them listen on
                     # the echo server's own port; the edge's listener is made explicitly instead.
                     open_site("hub", os.path.join(root, "hub"), link_port=0, service_sync=False) as hub,
-                    open_site("transit", os.path.join(root, "transit"), link_port=0, service_sync=False) as transit,
+                    open_site(
+                        "transit", os.path.join(root, "transit"), link_port=0, ws_port=0, service_sync=False
+                    ) as transit,
                     open_site("edge", os.path.join(root, "edge"), mode="edge", service_sync=False) as edge,
                 ):
                     say(f"[1/4] sites created: hub {hub.site_id[:8]}, transit {transit.site_id[:8]}, edge {edge.site_id[:8]}")
                     await transit.redeem_token(await hub.issue_token())
-                    await edge.redeem_token(await transit.issue_token())
-                    say("[2/4] linked: transit redeemed a token of hub, edge redeemed a token of transit")
+                    ws_url = transit.status().ws_address
+                    await edge.redeem_token(await transit.issue_token(link_urls=[ws_url]))
+                    say(
+                        "[2/4] linked: transit redeemed a token of hub (TLS), "
+                        f"edge redeemed a token of transit naming {ws_url} (TLS inside a WebSocket)"
+                    )
                     await hub.create_connector(DEMO_KEY, echo_port, host="127.0.0.1")
                     listener = await edge.create_listener(DEMO_KEY, 0)
                     await edge.wait_reachable(DEMO_KEY)

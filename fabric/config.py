@@ -21,6 +21,7 @@ from cattrs.preconf.pyyaml import make_converter
 from .errors import ConfigError
 from .pki import write_private_atomic
 from .router.routes import BALANCED, DISTRIBUTIONS
+from .router.transports import NO_PROXY, parse_address, parse_proxy
 
 CONFIG_FILE = "site.yaml"
 STATE_DIR = "state"
@@ -74,11 +75,26 @@ class Settings:
     # Seconds a site's record is kept after it became unreachable (its
     # services are withdrawn at once); then it is forgotten until it returns.
     purge_after: float = attrs.field(default=60.0, validator=_positive)
+    # Seconds between WebSocket pings on a ws:// or wss:// link, sent with its
+    # traffic, for proxies that cut WebSockets they think idle (many at 30-60 s).
+    ws_keepalive_interval: float = attrs.field(default=25.0, validator=_positive)
 
 
 # How a listener or connector carries connections: "tcp", byte for byte, one
 # provider per connection; "http", one provider per request (proxy/http.py).
 PROTOCOLS = ("tcp", "http")
+
+
+def _addresses(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must list at least one link address")
+    for address in value:
+        parse_address(address)
+
+
+def _proxy(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value != NO_PROXY:
+        parse_proxy(value)
 
 
 @attrs.frozen
@@ -87,8 +103,12 @@ class LinkConfig:
 
     name: str
     peer_id: str
-    addresses: tuple[str, ...]
+    # Tried in order; the one that worked last is moved first.
+    addresses: tuple[str, ...] = attrs.field(validator=_addresses)
     cost: int = attrs.field(default=1, validator=_positive)
+    # How to get out: None, through the proxy the environment names (HTTPS_PROXY,
+    # HTTP_PROXY, NO_PROXY); "none", directly; or "http://[user:password@]host:port".
+    proxy: str | None = attrs.field(default=None, validator=_proxy)
 
 
 @attrs.frozen
@@ -119,6 +139,9 @@ class SiteConfig:
     mode: str = attrs.field(default="interior", validator=_mode)
     link_host: str = DEFAULT_LINK_HOST
     link_port: int | None = attrs.field(default=None, validator=_port)  # None: accepts no links
+    # Port that accepts links as WebSockets (at transports.WS_PATH), for reverse
+    # proxies and firewalls that pass only HTTP; None: none.
+    ws_port: int | None = attrs.field(default=None, validator=_port)
     # Service sync: a listener here for every routing key offered elsewhere, on
     # service_host and the connector's port, for as long as it is offered.
     service_sync: bool = True

@@ -20,7 +20,6 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
-import ipaddress
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError, ProtocolError, TokenError, TokenExpiredError, TokenForgedError
 from .errors import TokenFormatError, TokenSpentError
+from .router.transports import parse_address
 
 __all__ = [
     "Identity",
@@ -97,7 +97,6 @@ ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 TOKEN_KIND = "fabric-token"
 TOKEN_VERSION = 1
-TOKEN_SCHEMES = ("tls",)  # link transports a token may name (DESIGN.md, Transports)
 MAX_TOKEN_TEXT = 64 * 1024  # characters; a real token is ~1.5 KB, mostly the CA cert
 MAX_TOKEN_ADDRESSES = 16  # a site with more link addresses than this is misconfigured
 TOKEN_SECRET_BYTES = 32  # 256 bits: guessing it is hopeless even without expiry
@@ -111,8 +110,6 @@ GRANTS_VERSION = 1
 _HEX_ID = re.compile(r"[0-9a-f]{%d}" % SITE_ID_LENGTH)
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_PORT = re.compile(r"[0-9]{1,5}")
 
 
 # ---------------------------------------------------------------------------
@@ -592,9 +589,7 @@ def _check_addresses(instance: Any, attribute: attrs.Attribute, value: Any) -> N
     if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_TOKEN_ADDRESSES:
         raise ValueError(f"{attribute.name} must list 1 to {MAX_TOKEN_ADDRESSES} link addresses")
     for address in value:
-        why_not = _why_address_refused(address)
-        if why_not:
-            raise ValueError(f"address {_brief(address)} is not tls://host:port: {why_not}")
+        parse_address(address)  # ValueError saying what is wrong with it
 
 
 def _check_ca_pem(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -753,27 +748,6 @@ def _parse_token(text: str) -> Token:
         raise _Malformed(_one_line(str(error))) from None
 
 
-def _why_address_refused(address: Any) -> str | None:
-    """Why `address` is not `tls://host:port`, or None if it is."""
-    if not isinstance(address, str):
-        return "not text"
-    scheme, sep, rest = address.partition("://")
-    if not sep or scheme not in TOKEN_SCHEMES:
-        return f"the scheme must be one of {', '.join(TOKEN_SCHEMES)}"
-    host, sep, port = rest.rpartition(":")
-    if not sep or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
-        return "no port from 1 to 65535"
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return "bad IPv6 address"
-        return None
-    if not host or len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in host.split(".")):
-        return "bad host name"
-    return None
-
-
 @attrs.frozen
 class IssuedCert:
     """A certificate this site's CA signed when a token was redeemed: whom for, and whether revoked."""
@@ -816,7 +790,7 @@ def new_token(
     than one redemption, a window that is not a positive number of seconds.
     """
     if isinstance(addresses, str):
-        raise TokenError("addresses must be a list of tls://host:port, not one string")
+        raise TokenError("addresses must be a list of link addresses (tls://host:port, ws://host:port/path), not one string")
     if type(redemptions_allowed) is not int or redemptions_allowed < 1:
         raise TokenError(f"a token must allow at least 1 redemption, not {redemptions_allowed!r}")
     if type(expiration_window) not in (int, float) or not 0 < expiration_window < math.inf:

@@ -14,7 +14,7 @@ import os
 import shutil
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -66,7 +66,8 @@ from .router.frames import (
 from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
 from .router.router import Router
 from .router.routes import BALANCED, DISTRIBUTIONS
-from .router.transports import Address, accept_tls, dial, listen_tcp, parse_address, peer_address
+from .router.transports import WS_PATH, Address, WebSocketStream, accept_tls, dial, listen_tcp, parse_address
+from .router.transports import NO_PROXY, parse_proxy, peer_address, proxy_for, transport_of, tune
 
 log = logging.getLogger("fabric.site")
 
@@ -103,6 +104,9 @@ class LinkStatus:
     rtt_ms: float | None
     flows: int
     error: str | None = None  # why the last attempt failed or the link went down
+    transport: str | None = None  # "tls", "ws" or "wss" (outgoing: of the address dialled first)
+    address: str | None = None  # outgoing: the address dialled first (the one that worked last); incoming: the peer's
+    proxy: str | None = None  # outgoing: the forward proxy it goes through, if any (without its password)
 
 
 @attrs.frozen
@@ -174,7 +178,8 @@ class SiteStatus:
     site_id: str
     name: str
     mode: str
-    link_address: str | None
+    link_address: str | None  # tls://host:port, if it accepts links on TCP
+    ws_address: str | None  # ws://host:port/fabric, if it accepts links as WebSockets
     links: tuple[LinkStatus, ...]
     sites: tuple[SiteInfo, ...]
     services: tuple[ServiceStatus, ...]
@@ -233,6 +238,7 @@ class Site:
             sign=functools.partial(sign_record, identity=identity),
         )
         self.link_port: int | None = None
+        self.ws_port: int | None = None
         self._grants = pki.load_grants(self._grants_path)
         self._grants_lock = trio.Lock()
         self._server_context = pki.server_context(identity)
@@ -281,7 +287,9 @@ class Site:
             self._nursery = nursery
             await nursery.start(self.router.run)
             if self.config.link_port is not None:
-                self.link_port = await nursery.start(self._serve_links)
+                self.link_port = await nursery.start(self._serve_links, "link_port")
+            if self.config.ws_port is not None:
+                self.ws_port = await nursery.start(self._serve_links, "ws_port")
             for link in self.config.links:
                 self._start_dialer(link)
             for connector in self.config.connectors:
@@ -302,27 +310,36 @@ class Site:
 
     # -- links: accepting --------------------------------------------------------------
 
-    async def _serve_links(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        port = self.config.link_port
-        listener = await listen_tcp(self.config.link_host, port, what=f"site {self.name}'s link port")
+    async def _serve_links(self, field: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept links on the port config `field` names: "link_port" (TLS) or "ws_port" (TLS in WebSocket)."""
+        port = getattr(self.config, field)
+        websocket = field == "ws_port"
+        what = "WebSocket link port" if websocket else "link port"
+        listener = await listen_tcp(self.config.link_host, port, what=f"site {self.name}'s {what}")
         bound = listener.socket.getsockname()[1]
         if port == 0:
             # Keep the port that was picked: tokens and peers' links point at it,
             # so the next start must listen there again.
-            self._save(attrs.evolve(self.config, link_port=bound))
+            self._save(attrs.evolve(self.config, **{field: bound}))
         task_status.started(bound)
-        await trio.serve_listeners(self._accept_link, [listener])
+        await trio.serve_listeners(functools.partial(self._accept_link, websocket=websocket), [listener])
 
-    async def _accept_link(self, tcp: trio.SocketStream) -> None:
+    async def _accept_link(self, tcp: trio.SocketStream, *, websocket: bool = False) -> None:
         where = peer_address(tcp)
         if self._handshake_slots.value == 0:
             await trio.aclose_forcefully(tcp)  # too many pending handshakes: refuse, cheaply
             return
-        stream = tcp
+        tune(tcp)
+        stream: trio.abc.Stream = tcp
         try:
             async with self._handshake_slots:
                 with trio.fail_after(self.settings.handshake_timeout):
-                    stream = await accept_tls(tcp, self._server_context)
+                    if websocket:
+                        stream = await WebSocketStream.accept(
+                            tcp, path=WS_PATH, keepalive=self.settings.ws_keepalive_interval, peer=where
+                        )
+                        where = stream.peer
+                    stream = await accept_tls(stream, self._server_context)
                     decoder = FrameDecoder()
                     first = await read_frame(stream, decoder)
                     if first.type is FrameType.REDEEM:
@@ -335,7 +352,7 @@ class Site:
             log.warning("link from %s: %s", where, why, extra=logs.event("handshake_timeout", peer=where, reason=why))
         except LinkError as exc:  # ProtocolError and FrameError included
             log.warning("link from %s refused: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
-            if stream is not tcp:  # tell the peer why, inside TLS; never in clear text
+            if isinstance(stream, trio.SSLStream):  # tell the peer why, inside TLS; never in clear text
                 with trio.move_on_after(0.5, shield=True):
                     try:
                         await stream.send_all(goaway_frame(exc.code or Reason.PROTOCOL, str(exc)))
@@ -460,12 +477,12 @@ class Site:
             (link_dir / "ca.pem").read_bytes(), link_dir / "cert.pem", self.identity.key_path
         )
         errors = []
-        for text in config.addresses:
+        for index, text in enumerate(config.addresses):
             try:
                 with trio.fail_after(self.settings.handshake_timeout):
-                    stream = await dial(parse_address(text), context)
+                    stream = await self._dial(text, context, config.proxy)
                     try:
-                        return await self._dial_hello(stream, config)
+                        link = await self._dial_hello(stream, config)
                     except BaseException:
                         await trio.aclose_forcefully(stream)
                         raise
@@ -475,7 +492,26 @@ class Site:
                 if getattr(exc, "code", None) in _FINAL_REFUSALS:
                     raise  # the peer itself refuses this site: another address would say the same
                 errors.append(str(exc))
+            else:
+                if index:
+                    self._dial_first(config.name, text)
+                return link
         raise LinkError("; ".join(errors) or "the link has no addresses")
+
+    async def _dial(self, text: str, context, proxy_setting: str | None) -> trio.SSLStream:
+        """The link's TLS stream to address `text`, through the proxy the setting or the environment names."""
+        address = parse_address(text)
+        proxy = proxy_for(address, proxy_setting)
+        return await dial(address, context, proxy=proxy, ws_keepalive=self.settings.ws_keepalive_interval)
+
+    def _dial_first(self, name: str, text: str) -> None:
+        """Remember that link `name` got through at address `text`: it is tried first from now on."""
+        links = tuple(
+            attrs.evolve(l, addresses=(text, *(a for a in l.addresses if a != text))) if l.name == name else l
+            for l in self.config.links
+        )
+        self._save(attrs.evolve(self.config, links=links))
+        log.info("link %s: reached at %s, which is tried first from now on", name, text, extra=logs.event("link_address", peer=name))
 
     async def _dial_hello(self, stream: trio.SSLStream, config: LinkConfig) -> Link:
         server_id = pki.cert_site_id(stream.getpeercert(binary_form=True))
@@ -524,20 +560,37 @@ class Site:
     # -- tokens --------------------------------------------------------------------------
 
     async def issue_token(
-        self, *, redemptions_allowed: int = 1, expiration_window: float = 900.0, cost: int | None = None
+        self,
+        *,
+        redemptions_allowed: int = 1,
+        expiration_window: float = 900.0,
+        cost: int | None = None,
+        link_urls: Sequence[str] | None = None,
     ) -> pki.Token:
         """A token another site redeems to link to this one (default: one use, 15 minutes).
 
-        Works while the site is stopped too, once its link port is known.
+        The token tells the redeemer where to dial: `link_urls` (say the
+        `wss://` address a reverse proxy exposes for this site's WebSocket
+        port), tried in order; by default this site's own addresses, its TLS
+        link port first. Works while the site is stopped too, once its ports
+        are known.
         """
-        port = self._known_link_port()
-        if port is None:
-            raise FabricError(f"site {self.name} accepts no links: create it with link access to issue tokens")
-        if port == 0:
-            raise FabricError(f"site {self.name} picks its link port at its first start: start it once, then issue tokens")
+        fields = [f for f in ("link_port", "ws_port") if getattr(self.config, f) is not None]
+        if not fields:
+            raise FabricError(
+                f"site {self.name} accepts no links: create it with link access (or a WebSocket port) to issue tokens"
+            )
+        if link_urls:
+            if isinstance(link_urls, str):
+                raise TokenError("link_urls must be a list of link addresses, not one string")
+            addresses = list(link_urls)
+        else:
+            if any(self._known_port(f) == 0 for f in fields):
+                raise FabricError(f"site {self.name} picks its link ports at its first start: start it once, then issue tokens")
+            addresses = self._access_addresses()
         token, grant = pki.new_token(
             self.identity,
-            [self._link_address(port)],
+            addresses,
             now=time.time(),
             redemptions_allowed=redemptions_allowed,
             expiration_window=expiration_window,
@@ -552,12 +605,34 @@ class Site:
         async with self._grants_lock:
             await trio.to_thread.run_sync(pki.save_grants, self._grants_path, self._grants)
 
-    def _link_address(self, port: int) -> str:
-        """Where this site accepts links, as tokens and status give it (IPv6 hosts in brackets)."""
-        return str(Address("tls", self.config.link_host, port))
+    def _access_addresses(self) -> list[str]:
+        """Where this site accepts links, as tokens and status give them: TLS first, then WebSocket."""
+        addresses = []
+        if port := self._known_port("link_port"):
+            addresses.append(str(Address("tls", self.config.link_host, port)))
+        if port := self._known_port("ws_port"):
+            addresses.append(str(Address("ws", self.config.link_host, port, WS_PATH)))
+        return addresses
 
-    async def redeem_token(self, token: pki.Token | str | os.PathLike, *, name: str | None = None, cost: int | None = None) -> str:
-        """Link to the token's issuer; returns the new link's name. The link is kept in the site dir."""
+    async def redeem_token(
+        self,
+        token: pki.Token | str | os.PathLike,
+        *,
+        name: str | None = None,
+        cost: int | None = None,
+        proxy: str | None = None,
+    ) -> str:
+        """Link to the token's issuer; returns the new link's name. The link is kept in the site dir.
+
+        `proxy`: None, the proxy the environment names (HTTPS_PROXY, HTTP_PROXY,
+        NO_PROXY); "none", directly; or "http://[user:password@]host:port".
+        Kept with the link, which dials the same way.
+        """
+        if proxy is not None and proxy != NO_PROXY:
+            try:
+                parse_proxy(proxy)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not isinstance(token, pki.Token):
             token = await trio.to_thread.run_sync(pki.Token.load, Path(token))
         if token.issuer_id == self.site_id:
@@ -577,23 +652,25 @@ class Site:
         request = Redeem(
             token_id=token.token_id, secret=token.secret, name=self.name, csr_pem=csr.decode(), mode=self.config.mode
         )
-        answer = await self._redeem(token, context, request)
+        answer, used = await self._redeem(token, context, request, proxy)
         link_dir = self.site_dir / LINKS_DIR / name
         link_dir.mkdir(parents=True, exist_ok=True)
         (link_dir / "ca.pem").write_text(token.ca_pem)
         (link_dir / "cert.pem").write_text(answer.cert_pem)
-        link = LinkConfig(name=name, peer_id=token.issuer_id, addresses=token.addresses, cost=cost)
+        addresses = (used, *(a for a in token.addresses if a != used))  # the one that worked first
+        link = LinkConfig(name=name, peer_id=token.issuer_id, addresses=addresses, cost=cost, proxy=proxy)
         self._save(attrs.evolve(self.config, links=(*self.config.links, link)))
         if self.running:
             self._start_dialer(link)
         return name
 
-    async def _redeem(self, token: pki.Token, context, request: Redeem) -> RedeemOk:
+    async def _redeem(self, token: pki.Token, context, request: Redeem, proxy: str | None) -> tuple[RedeemOk, str]:
+        """The issuer's answer, and the address that gave it."""
         failures = []
         for text in token.addresses:
             try:
                 with trio.fail_after(REDEEM_TIMEOUT):
-                    stream = await dial(parse_address(text), context)
+                    stream = await self._dial(text, context, proxy)
             except trio.TooSlowError:
                 failures.append(f"{text}: no answer within {REDEEM_TIMEOUT:g} s")
                 continue
@@ -617,7 +694,7 @@ class Site:
                 except FrameError as exc:
                     raise TokenError(f"site {token.issuer_name} answered the redemption badly: {exc}") from None
                 pki.check_issued_cert_untrusted(self.identity, answer.cert_pem, token.ca_pem)
-                return answer
+                return answer, text
             if frame.type is FrameType.GOAWAY:
                 code, text = decode_reason_untrusted(frame.payload)
                 raise _TOKEN_ERRORS.get(code, TokenError)(f"site {token.issuer_name} refused the token: {text}")
@@ -851,9 +928,19 @@ class Site:
         )
         return NetworkStatus(sites=tuple(sorted(sites, key=lambda s: (s.cost is None, s.cost or 0, s.name))), services=services)
 
-    def _known_link_port(self) -> int | None:
-        """The bound link port; for a stopped site, the configured one once it is fixed (not 0)."""
-        return self.link_port if self.running else self.config.link_port
+    @staticmethod
+    def _dial_status(config: LinkConfig) -> dict:
+        """How an outgoing link is dialled, for status: transport, first address, proxy."""
+        try:
+            address = parse_address(config.addresses[0])
+            proxy = proxy_for(address, config.proxy)
+        except ValueError as exc:
+            return {"address": config.addresses[0], "proxy": f"bad proxy setting: {exc}"}
+        return {"transport": address.scheme, "address": str(address), "proxy": None if proxy is None else str(proxy)}
+
+    def _known_port(self, field: str) -> int | None:
+        """The bound "link_port" or "ws_port"; for a stopped site, the configured one (0: not picked yet)."""
+        return getattr(self, field) if self.running else getattr(self.config, field)
 
     def _listener_status(self, config: ListenerConfig, running: TcpListener | None) -> ListenerStatus:
         return ListenerStatus(
@@ -880,11 +967,19 @@ class Site:
             f"no link named {name!r} at site {self.name} (links made with another site's token are changed there)"
         )
 
-    async def update_link(self, name: str, *, cost: int) -> None:
-        """Change an outgoing link's cost; a running site applies it at once, without dropping the link."""
-        link = attrs.evolve(self._outgoing(name), cost=cost)
+    async def update_link(self, name: str, *, cost: int | object = _UNSET, proxy: str | None | object = _UNSET) -> None:
+        """Change an outgoing link's cost or proxy setting (see `redeem_token`).
+
+        A running site applies a cost at once, without dropping the link, and
+        a proxy setting the next time it dials the link.
+        """
+        changes = {k: v for k, v in dict(cost=cost, proxy=proxy).items() if v is not _UNSET}
+        try:
+            link = attrs.evolve(self._outgoing(name), **changes)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"link {name}: {exc}") from None
         self._save(attrs.evolve(self.config, links=tuple(link if l.name == name else l for l in self.config.links)))
-        self.router.set_link_cost(link.peer_id, cost)
+        self.router.set_link_cost(link.peer_id, link.cost)
         await trio.lowlevel.checkpoint()
 
     async def delete_link(self, name: str) -> None:
@@ -954,6 +1049,9 @@ class Site:
                     up=not link.closed,
                     rtt_ms=None if link.rtt is None else round(link.rtt * 1000, 3),
                     flows=link.flow_count,
+                    **(self._dial_status(config) if config else {
+                        "transport": transport_of(link.stream), "address": peer_address(link.stream),
+                    }),
                 )
             )
         for config in self.config.links:
@@ -968,6 +1066,7 @@ class Site:
                         rtt_ms=None,
                         flows=0,
                         error=self._link_errors.get(config.name),
+                        **self._dial_status(config),
                     )
                 )
         sites = []
@@ -1012,11 +1111,13 @@ class Site:
             for key, (port, error) in self._sync_errors.items()
         ]
         connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
+        access = self._access_addresses()
         return SiteStatus(
             site_id=self.site_id,
             name=self.name,
             mode=self.config.mode,
-            link_address=self._link_address(port) if (port := self._known_link_port()) else None,
+            link_address=next((a for a in access if a.startswith("tls:")), None),
+            ws_address=next((a for a in access if a.startswith("ws:")), None),
             links=tuple(sorted(links, key=lambda l: l.name)),
             sites=tuple(sorted(sites, key=lambda s: s.name)),
             services=services,
@@ -1056,6 +1157,7 @@ def create_site(
     *,
     link_host: str = DEFAULT_LINK_HOST,
     link_port: int | None = None,
+    ws_port: int | None = None,
     mode: str = "interior",
     service_sync: bool = True,
     service_host: str = DEFAULT_LISTENER_HOST,
@@ -1070,6 +1172,7 @@ def create_site(
             name=name,
             link_host=link_host,
             link_port=link_port,
+            ws_port=ws_port,
             mode=mode,
             service_sync=service_sync,
             service_host=service_host,
@@ -1111,6 +1214,7 @@ async def open_site(
     site_dir: str | os.PathLike,
     *,
     link_port: int | None | object = _UNSET,
+    ws_port: int | None | object = _UNSET,
     link_host: str | object = _UNSET,
     mode: str | object = _UNSET,
     settings: Settings | object = _UNSET,
@@ -1121,12 +1225,15 @@ async def open_site(
 
     The directory is created with a new identity on first use. `link_port=None`
     (the default for a new site) accepts no links; 0 picks a free port, see
-    `site.link_port`. Arguments given override what the directory's config holds.
+    `site.link_port`. `ws_port` likewise accepts links as WebSockets (at
+    /fabric), for reverse proxies and firewalls that let only HTTP through;
+    see `site.ws_port`. Arguments given override what the directory's config holds.
     """
     overrides = {
         key: value
         for key, value in dict(
             link_port=link_port,
+            ws_port=ws_port,
             link_host=link_host,
             mode=mode,
             settings=settings,

@@ -425,10 +425,13 @@ class Network:
         async with fabric.open_site(name, self.root / name, **options) as site:
             yield site
 
-    async def link(self, dialer: fabric.Site, acceptor: fabric.Site, *, cost: int = 1) -> None:
-        """`dialer` redeems a token of `acceptor` and waits until the link is up both ways."""
+    async def link(self, dialer: fabric.Site, acceptor: fabric.Site, *, cost: int = 1, **token_options) -> None:
+        """`dialer` redeems a token of `acceptor` and waits until the link is up both ways.
+
+        `token_options` go to `issue_token` (say `link_urls=[...]`).
+        """
         with trio.fail_after(SETUP_DEADLINE):
-            token = await acceptor.issue_token(redemptions_allowed=1, expiration_window=60)
+            token = await acceptor.issue_token(redemptions_allowed=1, expiration_window=60, **token_options)
             await dialer.redeem_token(token, cost=cost)
             await dialer.wait_linked(acceptor.site_id)
             await acceptor.wait_linked(dialer.site_id)

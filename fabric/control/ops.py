@@ -67,14 +67,22 @@ async def delete_connector(site: Site, name: str) -> dict:
 
 
 async def issue_token(
-    site: Site, redemptions_allowed: int = 1, expiration_window: float = 900.0, cost: int | None = None
+    site: Site,
+    redemptions_allowed: int = 1,
+    expiration_window: float = 900.0,
+    cost: int | None = None,
+    link_urls: list[str] | None = None,
 ) -> dict:
-    token = await site.issue_token(redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost)
+    token = await site.issue_token(
+        redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost, link_urls=link_urls
+    )
     return {"token": token.dumps(), "expires_at": token.expires_at, "redemptions_allowed": redemptions_allowed}
 
 
-async def redeem_token(site: Site, token: str, name: str | None = None, cost: int | None = None) -> dict:
-    return {"link": await site.redeem_token(Token.loads_untrusted(token), name=name, cost=cost)}
+async def redeem_token(
+    site: Site, token: str, name: str | None = None, cost: int | None = None, proxy: str | None = None
+) -> dict:
+    return {"link": await site.redeem_token(Token.loads_untrusted(token), name=name, cost=cost, proxy=proxy)}
 
 
 async def wait_link(site: Site, name: str) -> dict:
@@ -92,8 +100,9 @@ async def wait_reachable(site: Site, routing_key: str) -> dict:
     return {"providers": sorted(site.router.name_of(p) for p in site.router.providers(routing_key))}
 
 
-async def update_link(site: Site, name: str, cost: int) -> dict:
-    await site.update_link(name, cost=cost)
+async def update_link(site: Site, name: str, **changes: Any) -> dict:
+    """`cost` and/or `proxy` (None: the environment's), as given."""
+    await site.update_link(name, **{k: v for k, v in changes.items() if k in ("cost", "proxy")})
     return {}
 
 

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024  # bytes per read from the link stream
 MAX_DATA = 64 * 1024  # bytes of payload per DATA frame: one TCP read of a client
-GOAWAY_GRACE = 0.5  # seconds to flush a last GOAWAY before the stream is closed
+GOAWAY_GRACE = 0.5  # seconds for the writer to finish its frame and send a last GOAWAY once the link ends
 RTT_SMOOTHING = 0.125  # weight of a new RTT sample (as TCP's SRTT)
 # PONGs whose RTT samples the floor is the least of (one per keepalive
 # interval: 10 s by default). The floor measures the path, not the queues:
@@ -70,12 +70,13 @@ CONTROL_ALLOWANCE = 1024 * 1024
 # TLS write.
 COALESCE_WINDOW = 100e-6
 # Drive an established link's TLS directly (tls_io.DirectTLS) instead of through
-# trio.SSLStream. Measured: redis PING, 1 client, through 2 sites 0.18-0.22x ->
-# 0.31-0.39x socat (A/B, same machine). Off: with it on, the bytes of
-# tests/integration/test_transfer.py::test_half_close_by_server_then_client_keeps_sending
-# come out changed about one run in two (checked 2026-11-21) — it must not be
-# turned on before that is found and fixed.
-DIRECT_TLS = False
+# trio.SSLStream: no writer task hop per frame, whole socket reads decrypted at
+# once. Measured (tools.bench, 2 sites, whole runs alternating off/on, 2 rounds,
+# a loaded 2-core machine): redis PING 1 client 1,973 / 2,585 -> 4,083 / 4,258
+# req/s; iperf3 1 stream 1.01 / 2.27 -> 2.63 / 3.14 Gbit/s (0.26 / 0.55x ->
+# 0.54 / 0.65x socat). Links that are not TLS right over TCP (WebSocket) keep
+# trio.SSLStream.
+DIRECT_TLS = True
 
 
 class LinkHandler(Protocol):
@@ -168,7 +169,8 @@ class Link(trio.abc.AsyncResource):
         self._closed = False
         self._reason: str | None = None
         self._goaway: bytes | None = None
-        self._scope = trio.CancelScope()
+        self._scope = trio.CancelScope()  # the whole link (see run)
+        self._serving = trio.CancelScope()  # its reader and pinger
         # None: the stream is used through its own methods
         self._tls = DirectTLS.take_over(stream) if DIRECT_TLS else None
         self._last_direct = -1.0  # trio time of the last frame written at once by the task that queued it
@@ -200,12 +202,20 @@ class Link(trio.abc.AsyncResource):
     async def run(self, *, task_status: trio.TaskStatus[Link] = trio.TASK_STATUS_IGNORED) -> str:
         """Serve the link until it ends; returns why, as one line."""
         try:
-            with self._scope:
+            with self._scope:  # cancelled from outside, or when the writer's grace is over
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guard, self._reader)
                     nursery.start_soon(self._guard, self._writer)
-                    nursery.start_soon(self._guard, self._pinger)
-                    task_status.started(self)
+                    with self._serving:  # cancelled at once when the link is told to end
+                        async with trio.open_nursery() as serving:
+                            serving.start_soon(self._guard, self._reader)
+                            serving.start_soon(self._guard, self._pinger)
+                            task_status.started(self)
+                    # The link is ending. The writer is never cancelled mid-send (trio
+                    # would mark the TLS stream broken, and the GOAWAY could not follow):
+                    # it stops at a frame boundary, sends the GOAWAY and returns, or
+                    # is cancelled when the grace is over (a peer that does not read).
+                    self._scope.deadline = min(self._scope.deadline, trio.current_time() + GOAWAY_GRACE)
+                    self._out_ready.set()
         finally:
             self._closed = True
             reason = self._reason or "link closed"
@@ -213,7 +223,8 @@ class Link(trio.abc.AsyncResource):
                 flow._on_link_lost(reason)
             self._flows.clear()
             self._drained.set()
-            await self._close_stream()
+            with trio.move_on_after(GOAWAY_GRACE, shield=True):
+                await trio.aclose_forcefully(self.stream)
         return reason
 
     def close(self, code: Reason = Reason.SHUTDOWN, text: str = "site is shutting down") -> None:
@@ -228,7 +239,8 @@ class Link(trio.abc.AsyncResource):
         if self._reason is None:
             self._reason = reason
             self._goaway = goaway
-        self._scope.cancel()
+        self._serving.cancel()
+        self._out_ready.set()  # the writer sends the GOAWAY, then returns (see run)
 
     async def _guard(self, task) -> None:
         try:
@@ -242,19 +254,6 @@ class Link(trio.abc.AsyncResource):
             self._end(f"connection lost: {cause}" if str(cause) else "connection lost")
         except OSError as exc:
             self._end(f"connection lost: {exc.strerror or exc}")
-
-    async def _close_stream(self) -> None:
-        with trio.move_on_after(GOAWAY_GRACE, shield=True):
-            if self._goaway is not None:
-                try:
-                    if self._tls is not None:
-                        self._tls.write_nowait(self._goaway)
-                        await self._tls.flush()
-                    else:
-                        await self.stream.send_all(self._goaway)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
-                    pass  # the peer will notice by the stream ending instead
-        await trio.aclose_forcefully(self.stream)
 
     async def _reader(self) -> None:
         timeout = self.settings.keepalive_timeout
@@ -280,6 +279,8 @@ class Link(trio.abc.AsyncResource):
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
+            if self._reason is not None:
+                break
             chunks, self._out = self._out, []
             data = b"".join(chunks)
             if self._tls is not None:
@@ -291,6 +292,19 @@ class Link(trio.abc.AsyncResource):
                 self._out_bytes -= len(data)
             if self.queued < self.settings.link_write_buffer:
                 self._drained.set()
+        # Told to end, between two frames: what is still queued is dropped (the
+        # flows are reset at both ends anyway), the last frame says why.
+        self._out.clear()
+        self._out_bytes = 0
+        if self._goaway is not None:
+            try:
+                if self._tls is not None:
+                    self._tls.write_nowait(self._goaway)
+                    await self._tls.flush()
+                else:
+                    await self.stream.send_all(self._goaway)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the peer will notice by the stream ending instead
 
     async def _pinger(self) -> None:
         while True:
@@ -574,8 +588,14 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         is not used again until the reader has drained the queue and comes
         back for more (so bytes never overtake each other). A relay attaches
         one; it changes nothing else: credit is granted as the sink takes bytes.
+
+        Bytes that arrived before the sink was attached (DATA right behind
+        OPEN_OK, before the relay started; what an HTTP upgrade left unread)
+        are queued: the sink waits for the reader to take them first, as if
+        it had queued them itself.
         """
         self._sink = sink
+        self._sink_held = bool(self._inbound)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._send_closed:

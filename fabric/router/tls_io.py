@@ -40,21 +40,29 @@ class DirectTLS:
     @classmethod
     def take_over(cls, stream: object) -> DirectTLS | None:
         """Drive an established `trio.SSLStream`'s TLS state from now on; None if it is not one we can."""
-        if not isinstance(stream, trio.SSLStream):
+        # Only TLS right over TCP: a WebSocket link's SSLStream wraps a stream adapter whose
+        # bytes are framed, even if it exposes its socket (for logs): writing there would skip the framing.
+        if not isinstance(stream, trio.SSLStream) or type(stream.transport_stream) is not trio.SocketStream:
             return None
         parts = [getattr(stream, name, None) for name in ("_ssl_object", "_incoming", "_outgoing")]
-        sock = getattr(stream.transport_stream, "socket", None)
-        if any(p is None for p in parts) or sock is None or getattr(stream, "_delayed_outgoing", None) is not None:
+        if any(p is None for p in parts):
             return None
         ssl_object, incoming, outgoing = parts
-        if outgoing.pending:  # something trio has not sent yet: leave the stream to trio
-            return None
+        # A TLS 1.3 server's SSLStream holds back what its handshake left (session
+        # tickets) until its first send: b"" with none (fabric sends none), None once sent.
+        if outgoing.pending or getattr(stream, "_delayed_outgoing", None):
+            return None  # something trio has not sent yet: leave the stream to trio
+        sock = stream.transport_stream.socket
         return cls(ssl_object, incoming, outgoing, sock)
 
     @property
     def pending(self) -> int:
-        """Bytes of ciphertext waiting for the socket to take them (see `flush`)."""
-        return len(self._pending)
+        """Bytes of ciphertext waiting for the socket to take them (see `flush`).
+
+        Counts what a read left in the TLS object's output (a KeyUpdate's answer):
+        the next `write_nowait` sends it, before its own bytes.
+        """
+        return len(self._pending) + self._outgoing.pending
 
     def _fd(self) -> int:
         fd = self._socket.fileno()

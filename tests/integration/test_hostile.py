@@ -444,12 +444,6 @@ async def test_a_certified_peer_that_sends_frames_for_unknown_flows_loses_its_li
     assert creds.site_id not in arena.hub.router.links
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router/link.py: Link._end cancels the link's writer while it may be inside SSLStream.send_all; "
-    "trio then marks the TLS stream broken, so _close_stream cannot send the GOAWAY and the peer sees a "
-    "bare EOF instead of the reason (about half the time here)",
-)
 async def test_the_goaway_that_ends_a_link_for_a_protocol_error_reaches_the_peer(arena):
     """DESIGN.md: a frame for an unknown flow ends the link *with a reason*. Tried 20 times:
     each peer must read the GOAWAY that says why."""

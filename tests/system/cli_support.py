@@ -26,11 +26,17 @@ START_TIMEOUT = "30s"  # for `site status --wait`: a site starts in well under a
 STOP_DEADLINE = 5  # seconds a site may take to exit after SIGTERM (the issue's promise)
 
 
-def fabric(site_dir: Path | None, *args: str, timeout: float = COMMAND_TIMEOUT, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run one `fabric` command to its end; its output as text, whatever its exit code."""
+def fabric(
+    site_dir: Path | None,
+    *args: str,
+    timeout: float = COMMAND_TIMEOUT,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run one `fabric` command to its end; its output as text, whatever its exit code. `env`: added variables."""
     argv = [*FABRIC, *(["--site-dir", str(site_dir)] if site_dir is not None else []), *args]
-    env = {k: v for k, v in os.environ.items() if k != "FABRIC_SITE_DIR"}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd, env=env)
+    environ = {k: v for k, v in os.environ.items() if k != "FABRIC_SITE_DIR"} | (env or {})
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd, env=environ)
 
 
 def describe(result: subprocess.CompletedProcess) -> str:
@@ -66,17 +72,22 @@ def free_port() -> int:
 
 
 class SiteProcess:
-    """`fabric site run` in the background; its log (stderr) in a file beside the site directory."""
+    """`fabric site run` in the background; its log (stderr) in a file beside the site directory.
 
-    def __init__(self, site_dir: Path) -> None:
+    `env`: variables added to its environment; `prefix`: a command it runs
+    under (`ip netns exec NS`).
+    """
+
+    def __init__(self, site_dir: Path, *, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.site_dir = site_dir
         self.log = site_dir.parent / f"{site_dir.name}.log"
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()/kill()
+        self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in stop()/kill(); a restart appends
         self.process = subprocess.Popen(
-            [*FABRIC, "--site-dir", str(site_dir), "site", "run", "--log-level", "debug"],
+            [*prefix, *FABRIC, "--site-dir", str(site_dir), "site", "run", "--log-level", "debug"],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=self._log_file,
+            env={**os.environ, **(env or {})},
         )
 
     def log_tail(self) -> str:

@@ -26,6 +26,7 @@ def test_demo_sends_traffic_through_three_sites_and_exits_0():
     assert "edge -> hub (interior): cost 2 via transit" in out  # the edge reaches the hub only through transit
     assert "bytes intact:  5/5 connections" in out
     assert "demo passed" in out
+    assert "edge redeemed a token of transit naming ws://127.0.0.1:" in out  # the edge's link is a WebSocket
     assert result.stderr == ""
 
 

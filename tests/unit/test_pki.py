@@ -498,7 +498,10 @@ def test_loads_untrusted_on_damaged_tokens(issuer: pki.Identity, data: st.DataOb
         ({"secret": None}, "missing key 'secret'"),
         ({"addresses": "tls://a:1"}, "addresses must be a list"),
         ({"addresses": []}, "1 to 16 link addresses"),
-        ({"addresses": ["http://a:1"]}, "scheme"),
+        ({"addresses": ["http://a:1"]}, "must start with one of: tls://, ws://, wss://"),
+        ({"addresses": ["tls://a:1/fabric"]}, "a tls:// address has no path"),
+        ({"addresses": ["ws://a:1/a path"]}, "the path has characters"),
+        ({"addresses": ["wss://a:0/fabric"]}, "port"),
         ({"addresses": ["tls://a"]}, "port"),
         ({"addresses": ["tls://a:0"]}, "port"),
         ({"addresses": ["tls://a:99999"]}, "port"),
@@ -582,7 +585,7 @@ def test_new_token_makes_a_matching_grant(alpha: pki.Identity) -> None:
         (["tls://127.0.0.1:4433"], {"cost": 0}, "cost"),
         ("tls://127.0.0.1:4433", {}, "not one string"),
         ([], {}, "link addresses"),
-        (["127.0.0.1:4433"], {}, "scheme"),
+        (["127.0.0.1:4433"], {}, "must start with one of"),
     ],
 )
 def test_new_token_refuses_bad_requests(alpha: pki.Identity, addresses: Any, kwargs: dict[str, Any], why: str) -> None:

@@ -72,6 +72,8 @@ TARGETS = (
     # Rates: fabric-2 / fabric-3 is the time per request of 3 sites over that of 2.
     Target("PING, 1 client: time per request 3 sites / 2 <= 1.6", "ping-1", "fabric-2", "fabric-3", at_most=1.6),
     Target("memory per idle flow < 64 KiB", "idle-flows", "fabric-2", at_most=64),
+    # Issue 6: a WebSocket link against a TLS link, both 2 sites, same run.
+    Target("bulk, 1 stream: fabric-ws / fabric-2 >= 0.7", "iperf3-P1", "fabric-ws", "fabric-2", at_least=0.7),
     # Issue 7: the HTTP listener against the TCP listener of the same two sites, nginx behind both.
     Target("HTTP, 50 clients: HTTP listener / TCP listener >= 0.8", "http-50", "fabric-2-http", "fabric-2", at_least=0.8),
     Target("HTTP, 50 clients: p99 HTTP listener / TCP listener <= 1.5", "http-50-p99", "fabric-2-http", "fabric-2", at_most=1.5),
@@ -156,7 +158,7 @@ def setup(
         http = frozenset(name for name in targets if SERVERS[name].http)
         for name, port in relays.haproxy(targets, http).items():
             ports[name, "haproxy"] = port
-    if names & {"fabric-2", "fabric-3", "fabric-2-http"} and targets:
+    if names & {"fabric-2", "fabric-3", "fabric-ws", "fabric-2-http"} and targets:
         network = FabricNetwork(background, workdir)
         network.start()
         for name, target in targets.items():

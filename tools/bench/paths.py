@@ -11,6 +11,7 @@ say) is one more row and one more `open` method.
 | haproxy  | `haproxy` one hop, its defaults (one thread per core); mode tcp, or mode http for an HTTP server |
 | fabric-2 | a listener at site a, a TLS link a -> b, the connector at b                 |
 | fabric-3 | the listener at a, links a -> b <- c, the connector at c (b is the transit) |
+| fabric-ws | a listener at site w, a WebSocket link w -> b (ws://, TLS inside), the connector at b |
 | fabric-2-http | as fabric-2, with an HTTP listener (`--protocol http`): HTTP servers only |
 
 The fabric sites are real processes, `fabric site run`, set up only through
@@ -19,6 +20,7 @@ the `fabric` command, as a user would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,7 @@ PATHS = (
     PathKind("haproxy", True, ("haproxy",), "haproxy one hop (mode tcp; mode http for an HTTP server)"),
     PathKind("fabric-2", False, (), "2 sites, one TLS link"),
     PathKind("fabric-3", False, (), "3 sites, one transit"),
+    PathKind("fabric-ws", False, (), "2 sites, one WebSocket link"),
     PathKind("fabric-2-http", False, (), "2 sites, one TLS link, HTTP listener"),
 )
 
@@ -102,13 +105,14 @@ class Relays:
 
 
 class FabricNetwork:
-    """Sites a, b, c as `fabric site run` processes: a and c link to b; listeners at a; connectors at b and c.
+    """Sites a, b, c, w as `fabric site run` processes: a, c and w link to b; connectors at b and c.
 
-    Routing key `NAME-2` has its connector at b (one link from a), `NAME-3` at
-    c (through b). Service sync is off: all three sites share one host.
+    Routing key `NAME-2` has its connector at b, with listeners at a (one TLS
+    link) and at w (one WebSocket link); `NAME-3` at c, with a listener at a
+    (through b). Service sync is off: all four sites share one host.
     """
 
-    SITES = ("a", "b", "c")
+    SITES = ("a", "b", "c", "w")
 
     def __init__(self, background: Background, workdir: Path) -> None:
         self._background = background
@@ -125,9 +129,9 @@ class FabricNetwork:
 
     def start(self) -> None:
         self.root.mkdir()
-        self.fabric("b", "site", "create", "b", "--link-access", "--link-port", "0", "--no-service-sync")
-        self.fabric("a", "site", "create", "a", "--no-service-sync")
-        self.fabric("c", "site", "create", "c", "--no-service-sync")
+        self.fabric("b", "site", "create", "b", "--link-access", "--link-port", "0", "--ws-port", "0", "--no-service-sync")
+        for site in ("a", "c", "w"):
+            self.fabric(site, "site", "create", site, "--no-service-sync")
         for site in self.SITES:
             process = self._background.start(
                 f"site-{site}", [*FABRIC, "--site-dir", str(self.root / site), "site", "run"]
@@ -139,24 +143,25 @@ class FabricNetwork:
             except BenchError:
                 self._background.check(f"site-{site}")
                 raise
-        for site in ("a", "c"):
+        status = json.loads(self.fabric("b", "site", "status", "-o", "json"))
+        for site, address in (("a", status["link_address"]), ("c", status["link_address"]), ("w", status["ws_address"])):
             token = self.root / f"{site}.token"
-            self.fabric("b", "token", "issue", str(token))
+            self.fabric("b", "token", "issue", str(token), "--link-url", address)
             self.fabric(site, "token", "redeem", str(token), "--wait", "--timeout", "30s")
 
     def expose(self, name: str, target: int, *, http: bool = False) -> dict[str, int]:
-        """Connectors for the target at b and c, listeners for both at a; path name -> listener port.
+        """Connectors for the target at b and c; listeners at a (both) and w (`NAME-2`); path name -> listener port.
 
         With `http`, the connectors say so, and a second listener at a for
         `NAME-2` (`NAME-2h`) has `--protocol http`: path fabric-2-http.
         """
-        ports = {}
         protocol = ["--protocol", "http"] if http else []
-        for path, site in (("fabric-2", "b"), ("fabric-3", "c")):
-            key = f"{name}-{path[-1]}"
+        for key, site in ((f"{name}-2", "b"), (f"{name}-3", "c")):
             self.fabric(site, "connector", "create", key, str(target), "--host", "127.0.0.1", *protocol)
+        ports = {}
+        for path, site, key in (("fabric-2", "a", f"{name}-2"), ("fabric-3", "a", f"{name}-3"), ("fabric-ws", "w", f"{name}-2")):
             port = free_port()
-            self.fabric("a", "listener", "create", key, str(port), "--wait", "--timeout", "30s")
+            self.fabric(site, "listener", "create", key, str(port), "--wait", "--timeout", "30s")
             ports[path] = port
         if http:
             port = free_port()

@@ -63,11 +63,11 @@ http {{
 SERVERS = {
     server.name: server
     for server in (
-        Server("iperf3", ("iperf3",), lambda port: ["iperf3", "--server", "--bind", "127.0.0.1", "--port", str(port)]),
+        Server("iperf3", ("iperf3",), lambda port, _: ["iperf3", "--server", "--bind", "127.0.0.1", "--port", str(port)]),
         Server(
             "redis",
             ("redis-server",),
-            lambda port: [
+            lambda port, _: [
                 "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--maxclients", "10000", "--protected-mode", "no",
             ],
