@@ -36,6 +36,7 @@ GiB = 1 << 30
 MEMORY_BOUND = 64 << 20  # bytes the sites may grow by while a gigabyte goes through
 TARGET = Path(__file__).with_name("http_target.py")
 READY_DEADLINE = 10  # seconds for nginx or the target to listen
+STOP_GRACE = 5  # seconds nginx or the target may take to stop after SIGTERM
 
 
 def require(*programs: str) -> None:
@@ -93,9 +94,13 @@ http {{
 
 
 async def _kill_at_end(proc: trio.Process) -> None:
+    """SIGTERM first: nginx's master then stops its workers (killed, it leaves them running, orphaned)."""
     try:
         await trio.sleep_forever()
     finally:
+        proc.terminate()
+        with trio.move_on_after(STOP_GRACE, shield=True):
+            await proc.wait()
         proc.kill()
 
 
