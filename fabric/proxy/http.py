@@ -2,14 +2,14 @@
 
 A TCP listener carries a client's connection to one provider for its whole
 life: one keep-alive client then sticks to one provider. An HTTP listener
-parses the client's requests (h11) and, for each one, picks a provider (the
-same `balanced` / `closest` choice as flows) and sends the request over a
-flow to it. The flow carries HTTP/1.1 itself: at the provider it is a plain
-connection to the target (an HTTP connector is a TCP connector that says
-`http` in gossip), so a flow is a keep-alive connection to the target, and
-idle flows are kept per provider (`IDLE_FLOWS`, `IDLE_TIMEOUT`) for the next
-requests: no OPEN round trip per request, and the target keeps its
-connections.
+reads the client's requests (http1.py: llhttp, strict) and, for each one,
+picks a provider (the same `balanced` / `closest` choice as flows) and sends
+the request over a flow to it. The flow carries HTTP/1.1 itself: at the
+provider it is a plain connection to the target (an HTTP connector is a TCP
+connector that says `http` in gossip), so a flow is a keep-alive connection
+to the target, and idle flows are kept per provider (`IDLE_FLOWS`,
+`IDLE_TIMEOUT`) for the next requests: no OPEN round trip per request, and
+the target keeps its connections.
 
 Bodies stream both ways under flow control (nothing is buffered whole);
 chunked bodies are re-framed, HEAD and 1xx (`Expect: 100-continue`) pass
@@ -21,31 +21,54 @@ Failures become answers: 503 when no reachable site offers the key, 502
 when the providers' targets refuse or fail before answering (a request that
 is safe to repeat, with no body byte sent yet, is first retried on another
 provider or a fresh flow), 400 for a malformed request, 431 for a head over
-MAX_HEAD bytes. Each listener counts requests by method and status class,
-bytes and latency (`HttpStats`).
+MAX_HEAD bytes, 501 for a transfer coding other than chunked, 505 for a
+version other than HTTP/1.0 and 1.1, 405 for CONNECT. Each listener counts
+requests by method and status class, bytes and latency (`HttpStats`).
+
+What a request costs is kept small, because it is paid per request and not
+per connection: a head is parsed once (llhttp) and written once, by hand; a
+request without a body and its answer take no task of their own and one
+write each way; reads and writes of the client's socket do not go through
+the scheduler when they need not wait (`SocketEnd`).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import http
 import logging
 import math
-from collections.abc import Iterable
 
 import attrs
-import h11
 import trio
 
 from ..errors import FlowError
 from ..router.frames import Reason
 from ..router.relay import End, SocketEnd, relay
 from ..router.router import Tries
+from .http1 import (
+    CHUNKED,
+    END,
+    LAST_CHUNK,
+    MAX_HEAD,
+    NEED_DATA,
+    REQUEST,
+    RESPONSE,
+    UNTIL_CLOSE,
+    Head,
+    HttpError,
+    Reader,
+    chunk,
+    write_head,
+)
 from .tcp import TcpListener
+
+__all__ = ["HttpListener", "HttpStats", "MAX_HEAD"]
 
 log = logging.getLogger("fabric.proxy.http")
 
-CHUNK = 64 * 1024  # bytes per read from a client or a flow
-MAX_HEAD = 32 * 1024  # bytes of request line + headers; past it: 431
+CHUNK = 64 * 1024  # bytes per read from a client or a flow, and of answer bytes gathered before a write
 IDLE_FLOWS = 128  # idle flows kept per provider by one listener: enough for as many clients at once
 IDLE_TIMEOUT = 30.0  # seconds an idle flow is kept (targets close theirs after 60-75 s)
 LINGER = 1.0  # seconds to drain a client's unread bytes after the last answer, before closing
@@ -56,7 +79,16 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
+# Headers the listener writes itself from what came (and its own part).
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"via"})
+# The lengths of those names: a header of another length needs no lower() to be passed on.
+_SPECIAL_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP | FORWARDING)
+# What a Connection header usually says, which names no other header to drop.
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds
+_BUCKETS_S = tuple(bound / 1000 for bound in LATENCY_BUCKETS_MS)
+_FLOW_FAILURES = (FlowError, trio.BrokenResourceError, trio.ClosedResourceError)
+_SOCKET_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 @attrs.frozen
@@ -75,22 +107,22 @@ class HttpStats:
     p99_ms: float | None = None
 
 
-@attrs.define
 class _Metrics:
-    requests: int = 0
-    active: int = 0
-    methods: collections.Counter[str] = attrs.Factory(collections.Counter)
-    statuses: collections.Counter[str] = attrs.Factory(collections.Counter)
-    errors: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    buckets: list[int] = attrs.Factory(lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    """Counters bumped per request: plain attributes and lists, turned into HttpStats only when asked."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.active = 0
+        self.methods: collections.Counter[bytes] = collections.Counter()
+        self.statuses = [0] * 6  # by status // 100 (0: none of 1xx-5xx)
+        self.errors = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
 
     def answered(self, status: int, seconds: float) -> None:
-        self.statuses[f"{status // 100}xx"] += 1
-        ms = seconds * 1000
-        index = next((i for i, bound in enumerate(LATENCY_BUCKETS_MS) if ms <= bound), len(LATENCY_BUCKETS_MS))
-        self.buckets[index] += 1
+        self.statuses[status // 100 if 100 <= status < 600 else 0] += 1
+        self.buckets[bisect.bisect_left(_BUCKETS_S, seconds)] += 1  # the first bound >= seconds
 
     def _quantile(self, q: float) -> float | None:
         total = sum(self.buckets)
@@ -108,8 +140,8 @@ class _Metrics:
         return HttpStats(
             requests=self.requests,
             active=self.active,
-            methods=dict(self.methods),
-            statuses=dict(sorted(self.statuses.items())),
+            methods={method.decode("ascii", "replace"): n for method, n in self.methods.items()},
+            statuses={f"{i}xx": n for i, n in enumerate(self.statuses) if n and i},
             errors=self.errors,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
@@ -126,97 +158,103 @@ class _Broken(Exception):
     moved, so the request may be tried again where its method allows.
     """
 
-    def __init__(self, text: str, *, repeatable: bool = False, head_lost: bool = False) -> None:
+    def __init__(self, text: str, *, repeatable: bool = False, head_lost: bool = False, status: int | None = None) -> None:
         super().__init__(text)
         self.repeatable = repeatable
-        self.head_lost = head_lost  # even the request head never reached a flow: any method may be tried again
+        self.head_lost = head_lost  # even the request never wholly reached a flow: any method may be tried again
+        self.status = status  # the client's fault: the answer it gets, if none has begun (never tried again)
 
 
-class _Peer:
-    """One HTTP connection, as h11 sees it, over a byte stream: the client's, or a flow to a provider.
+class _Client:
+    """A client's connection: its socket, its requests as read, and the answer bytes waiting to be written."""
 
-    What is sent waits in `_out` until a flush: an answer's head, body and end
-    usually leave in one write (one system call, one DATA frame), not three.
-    """
+    __slots__ = ("end", "reader", "out", "out_bytes", "started", "answering", "forwarding")
 
-    def __init__(self, stream, role) -> None:
-        self.stream = stream
-        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD)
-        self.started = 0.0  # when its current request began (a client's)
-        self._out: list[bytes] = []
-        self._out_bytes = 0
+    def __init__(self, stream: trio.SocketStream, ip: str) -> None:
+        self.end = SocketEnd(stream, "client")
+        self.reader = Reader(REQUEST)
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.started = 0.0  # when its current request began
+        self.answering = False  # a final answer's head went out for the current request
+        address = ip.encode()
+        node = b'"[' + address + b']"' if b":" in address else address
+        self.forwarding = (address, b"for=" + node + b";proto=http")  # its parts of X-Forwarded-For, Forwarded
 
-    async def send(self, event, *, flush: bool = False) -> None:
-        """Queue an event's bytes; write them all out with `flush`, at a message's end, or past CHUNK."""
-        data = self.conn.send(event)
-        if data:
-            self._out.append(data)
-            self._out_bytes += len(data)
-        if flush or self._out_bytes >= CHUNK or isinstance(event, h11.EndOfMessage):
-            await self.flush()
+    async def receive(self) -> None:
+        """Read what the client sent next into the reader (b"" at its EOF)."""
+        try:
+            data = await self.end.receive_some(CHUNK)
+        except _SOCKET_FAILURES as exc:
+            raise _Broken(f"client connection lost: {exc}") from None
+        self.reader.receive_data_untrusted(data)
 
     async def flush(self) -> None:
-        if self._out:
-            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-            self._out.clear()
-            self._out_bytes = 0
-            await self.stream.send_all(data)
-
-    async def next_event(self, *, before_waiting: _Peer | None = None):
-        """The next event; when it needs bytes from the network, `before_waiting`'s queued bytes go first."""
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if before_waiting is not None:
-                await before_waiting.flush()
-            self.conn.receive_data(await self.stream.receive_some(CHUNK))
+        if self.out:
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+            self.out.clear()
+            self.out_bytes = 0
+            try:
+                await self.end.send_all(data)
+            except _SOCKET_FAILURES as exc:
+                raise _Broken(f"client connection lost: {exc}") from None
 
 
 @attrs.define(eq=False)
 class _Upstream:
     """A flow to a provider, speaking HTTP/1.1 to its target; kept between requests while both ends allow."""
 
-    peer: _Peer
+    end: End
     provider: str
     hop: str | None
+    reader: Reader = attrs.Factory(lambda: Reader(RESPONSE))
     fresh: bool = True  # has carried no request yet
     idle_since: float = 0.0
 
-    @property
-    def end(self) -> End:
-        return self.peer.stream
 
-    def reusable(self) -> bool:
-        return self.peer.conn.our_state is h11.DONE and self.peer.conn.their_state is h11.DONE
+class _Exchange:
+    """One request's progress over one upstream, for deciding what may be tried again."""
 
+    __slots__ = ("body_sent", "body_done", "answered")
 
-def _headers(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False) -> list[tuple[bytes, bytes]]:
-    """Headers minus the hop-by-hop ones, and minus those the Connection header names."""
-    headers = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }
-    drop = (HOP_BY_HOP | named) - ({b"upgrade"} if keep_upgrade else set())
-    return [(name, value) for name, value in headers if name not in drop]
+    def __init__(self) -> None:
+        self.body_sent = False
+        self.body_done = False
+        self.answered: int | None = None  # the final answer's status, once its head went to the client
 
 
-def _value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    values = [v for n, v in headers if n == name]
-    return b", ".join(values) if values else None
+async def _send(end: End, data: bytes) -> None:
+    """All of `data` to a flow (or a local target's socket): at once while credit and buffers allow."""
+    taken = end.send_nowait(data)  # type: ignore[attr-defined]  # FlowEnd and SocketEnd both have it
+    if taken < len(data):
+        await end.send_all(data[taken:])
 
 
-def _head_size(request: h11.Request) -> int:
-    """Bytes of the request line and headers, as sent (give or take whitespace)."""
-    return len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in request.headers)
-
-
-def _wants_upgrade(request: h11.Request) -> bool:
-    connection = _value(request.headers, b"connection") or b""
-    return _value(request.headers, b"upgrade") is not None and b"upgrade" in connection.lower()
+def _filtered(
+    headers: list[tuple[bytes, bytes]], keep_upgrade: bool
+) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
+    """The headers to pass on: not the hop-by-hop ones, nor those a Connection header lists (RFC 9110,
+    7.6.1), nor the forwarding ones, which come back apart (name -> their values joined) to be extended."""
+    drop = HOP_BY_HOP - {b"upgrade"} if keep_upgrade else HOP_BY_HOP
+    kept = []
+    special: dict[bytes, bytes] = {}
+    named = None
+    for header in headers:
+        if len(header[0]) in _SPECIAL_LENGTHS:  # a header of another length is none of them: no lower()
+            lower = header[0].lower()
+            if lower == b"connection":
+                named = header[1] if named is None else named + b"," + header[1]
+            if lower in drop:
+                continue
+            if lower in FORWARDING:
+                special[lower] = special[lower] + b", " + header[1] if lower in special else header[1]
+                continue
+        kept.append(header)
+    if named is not None:
+        tokens = {token.strip().lower() for token in named.split(b",")} - _CONNECTION_OPTIONS
+        if tokens:
+            kept = [header for header in kept if header[0].lower() not in tokens]
+    return kept, special
 
 
 class _Pool:
@@ -228,6 +266,8 @@ class _Pool:
 
     def take(self, provider: str) -> _Upstream | None:
         idle = self._idle.get(provider)
+        if not idle:
+            return None
         now = trio.current_time()
         while idle:
             upstream = idle.pop()
@@ -239,7 +279,6 @@ class _Pool:
         return None
 
     def put(self, upstream: _Upstream) -> None:
-        upstream.peer.conn.start_next_cycle()
         upstream.idle_since = trio.current_time()
         upstream.fresh = False
         idle = self._idle[upstream.provider]
@@ -268,7 +307,7 @@ async def _close_gracefully(stream: trio.SocketStream) -> None:
             await stream.send_eof()
             while await stream.receive_some(CHUNK):
                 pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except _SOCKET_FAILURES:
             pass
     await trio.aclose_forcefully(stream)
 
@@ -294,20 +333,21 @@ class HttpListener(TcpListener):
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
-            peer = stream.socket.getpeername()[0]
+            peer = stream.socket.getpeername()
         except OSError:
-            peer = "unknown"
+            peer = None
+        ip = peer[0] if isinstance(peer, tuple) else "unknown"  # (a unix socket's peer is a path, often "")
         self.connections += 1
-        client = _Peer(stream, h11.SERVER)
+        client = _Client(stream, ip)
         clean = False
         try:
-            while await self._request(client, peer):
-                client.conn.start_next_cycle()
+            while await self._request(client):
+                pass
             clean = True
         except _Broken as exc:
-            log.debug("listener %s: client %s: %s", self.config.name, peer, exc)
+            log.debug("listener %s: client %s: %s", self.config.name, ip, exc)
         except Exception:
-            log.exception("listener %s: connection from %s failed", self.config.name, peer)
+            log.exception("listener %s: connection from %s failed", self.config.name, ip)
         finally:
             self.connections -= 1
             if stream.socket.fileno() == -1:
@@ -315,71 +355,113 @@ class HttpListener(TcpListener):
             elif clean:
                 await _close_gracefully(stream)
             else:
-                SocketEnd(stream, "client").abort(Reason.UNSPECIFIED, "connection ended")
+                client.end.abort(Reason.UNSPECIFIED, "connection ended")
 
-    async def _request(self, client: _Peer, peer: str) -> bool:
+    async def _request(self, client: _Client) -> bool:
         """Serve the client's next request; whether the connection may carry another."""
-        try:
-            event = await client.next_event()
-        except h11.RemoteProtocolError as exc:
-            client.started = trio.current_time()
-            self._metrics.requests += 1
-            status = exc.error_status_hint
-            return await self._answer(client, status, "request head too large" if status == 431 else f"bad request: {exc}")
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _Broken(f"connection lost: {exc}") from None
-        if isinstance(event, h11.ConnectionClosed):
-            return False
-        assert isinstance(event, h11.Request), event
-        if _head_size(event) > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
-            client.started = trio.current_time()
-            self._metrics.requests += 1
-            return await self._answer(client, 431, "request head too large")
+        reader = client.reader
         metrics = self._metrics
-        metrics.requests += 1
-        metrics.active += 1
-        metrics.methods[event.method.decode("ascii", "replace")] += 1
-        client.started = trio.current_time()
         try:
-            reusable = await self._route(client, event, peer)
+            while (head := reader.next_event()) is NEED_DATA:
+                if reader.eof:
+                    return False
+                await client.receive()
+        except HttpError as exc:
+            client.started = trio.current_time()
+            metrics.requests += 1
+            return await self._answer(client, exc.status, "request head too large" if exc.status == 431 else str(exc))
+        assert type(head) is Head, head
+        client.started = trio.current_time()
+        client.answering = False
+        metrics.requests += 1
+        metrics.methods[head.method] += 1
+        if head.method == b"CONNECT":
+            return await self._answer(client, 405, "CONNECT is not served by an HTTP listener")
+        metrics.active += 1
+        try:
+            return await self._route(client, head)
         except _Broken:
             metrics.errors += 1
             raise
         finally:
             metrics.active -= 1
-        return reusable and client.conn.our_state is h11.DONE and client.conn.their_state is h11.DONE
 
-    def _upstream_request(self, request: h11.Request, peer: str) -> h11.Request:
-        upgrade = _wants_upgrade(request)
-        headers = _headers(request.headers, keep_upgrade=upgrade)
-        if upgrade:
+    def _upstream_head(self, head: Head, client: _Client) -> bytes:
+        """The request head as it goes to the target: hop-by-hop headers out, forwarding headers in."""
+        headers, seen = _filtered(head.headers, head.upgrade)
+        if head.upgrade:
             headers.append((b"connection", b"upgrade"))
-        if (_value(request.headers, b"transfer-encoding") or b"").lower().endswith(b"chunked"):
-            headers.append((b"transfer-encoding", b"chunked"))  # h11 frames the chunks again
-        forwarded_for = _value(request.headers, b"x-forwarded-for")
-        ip = peer.encode()
-        headers = [(n, v) for n, v in headers if n not in (b"x-forwarded-for", b"forwarded", b"via")]
-        headers.append((b"x-forwarded-for", forwarded_for + b", " + ip if forwarded_for else ip))
-        if _value(request.headers, b"x-forwarded-proto") is None:
-            headers.append((b"x-forwarded-proto", b"http"))
-        node = b'"[' + ip + b']"' if b":" in ip else ip
-        forwarded = _value(request.headers, b"forwarded")
-        this = b"for=" + node + b";proto=http"
-        headers.append((b"forwarded", forwarded + b", " + this if forwarded else this))
-        via = _value(request.headers, b"via")
-        headers.append((b"via", via + b", " + self._via if via else self._via))
-        return h11.Request(method=request.method, target=request.target, headers=headers)
+        if head.framing is CHUNKED:
+            headers.append((b"transfer-encoding", b"chunked"))  # the chunks are framed again
+        ip, forwarded = client.forwarding
+        prior = seen.get(b"x-forwarded-for")
+        headers.append((b"x-forwarded-for", prior + b", " + ip if prior else ip))
+        headers.append((b"x-forwarded-proto", seen.get(b"x-forwarded-proto", b"http")))
+        prior = seen.get(b"forwarded")
+        headers.append((b"forwarded", prior + b", " + forwarded if prior else forwarded))
+        prior = seen.get(b"via")
+        headers.append((b"via", prior + b", " + self._via if prior else self._via))
+        if head.version == b"1.0" and not any(len(name) == 4 and name.lower() == b"host" for name, _ in headers):
+            # Without a Host, HTTP/1.1 is malformed (a target answers 400): it goes on as it came, in HTTP/1.0.
+            return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), headers)
+        return write_head(b"%s %s HTTP/1.1" % (head.method, head.target), headers)
 
-    def _answered(self, client: _Peer, status: int) -> None:
+    def _client_head(self, head: Head, request: Head, close: bool) -> tuple[bytes, bool, bool]:
+        """The answer's head as it goes to the client; whether its body is chunked, and whether the
+        connection closes after it (a body with no length, to an HTTP/1.0 client, ends with it)."""
+        headers, seen = _filtered(head.headers, head.status == 101)
+        headers.extend((name, value) for name, value in seen.items() if name != b"via")  # X-Forwarded-* and
+        via = seen.get(b"via")  # Forwarded in an answer are the target's business: passed on
+        chunked = False
+        if head.framing is CHUNKED or head.framing is UNTIL_CLOSE:
+            if request.version == b"1.1":
+                headers.append((b"transfer-encoding", b"chunked"))
+                chunked = True
+            else:
+                close = True
+        headers.append((b"via", via + b", " + self._via if via else self._via))
+        if head.status == 101:
+            headers.append((b"connection", b"upgrade"))
+        elif close and head.status >= 200:
+            headers.append((b"connection", b"close"))
+        return write_head(b"HTTP/1.1 %d %s" % (head.status, head.reason), headers), chunked, close
+
+    def _answered(self, client: _Client, status: int) -> None:
         """Count the answer before its last byte goes, so that whoever sees the answer sees it counted."""
         self._metrics.answered(status, trio.current_time() - client.started)
 
-    async def _route(self, client: _Peer, request: h11.Request, peer: str) -> bool:
+    def _take_body(self, client: _Client, head: Head, out: list[bytes], exchange: _Exchange) -> bool:
+        """The request body bytes already read, framed for the target, onto `out`; whether the body is all there.
+
+        Raises HttpError for a malformed body.
+        """
+        reader = client.reader
+        chunked = head.framing is CHUNKED
+        while reader.has_events():
+            event = reader.next_event()
+            if event is END:
+                if chunked:
+                    out.append(LAST_CHUNK)
+                exchange.body_done = True
+                return True
+            assert type(event) is bytes, event
+            self._metrics.bytes_in += len(event)
+            out.append(chunk(event) if chunked else event)
+        return False
+
+    async def _route(self, client: _Client, head: Head) -> bool:
         """Carry one request to a provider and its answer back; whether the client may send another."""
         router, key = self._router, self.config.routing_key
-        forward = self._upstream_request(request, peer)
-        retryable = request.method in IDEMPOTENT
-        tries = Tries()
+        exchange = _Exchange()
+        first = [self._upstream_head(head, client)]
+        try:
+            self._take_body(client, head, first, exchange)
+        except HttpError as exc:
+            return await self._answer(client, exc.status, f"bad request body: {exc}")
+        payload = b"".join(first) if len(first) > 1 else first[0]
+        exchange.body_sent = len(first) > 1  # once it went
+        retryable = head.method in IDEMPOTENT
+        tries: Tries | None = None
         refused: set[str] = set()
         failure = "no answer"
         while True:
@@ -390,6 +472,7 @@ class HttpListener(TcpListener):
                 return await self._answer(client, 502, failure)
             upstream = self._pool.take(provider)
             if upstream is None:
+                tries = tries or Tries()
                 if not tries.left():
                     return await self._answer(client, 502, failure)
                 try:
@@ -398,11 +481,13 @@ class HttpListener(TcpListener):
                     refused.add(provider)
                     failure = str(exc)
                     continue
-                upstream = _Upstream(_Peer(end, h11.CLIENT), provider, hop)
+                upstream = _Upstream(end, provider, hop)
             router.outstanding[provider] += 1
             try:
-                return await self._exchange(client, upstream, forward)
+                return await self._exchange(client, head, upstream, payload, exchange)
             except _Broken as exc:
+                if exc.status is not None and not client.answering:
+                    return await self._answer(client, exc.status, str(exc))
                 if not exc.repeatable:
                     raise
                 failure = f"site {router.name_of(provider)}: {exc}"
@@ -414,57 +499,27 @@ class HttpListener(TcpListener):
             finally:
                 router.outstanding[provider] -= 1
 
-    async def _exchange(self, client: _Peer, upstream: _Upstream, request: h11.Request) -> bool:
+    async def _exchange(self, client: _Client, head: Head, upstream: _Upstream, payload: bytes, exchange: _Exchange) -> bool:
         """One request and its answer over `upstream`; raises _Broken if it breaks."""
-        body = {"sent": False, "done": False}
-        answered: list[int] = []
-
-        def broken(what: str, exc: BaseException) -> _Broken:
-            return _Broken(f"{what}: {exc}", repeatable=not answered and not body["sent"])
-
-        async def pump_body() -> None:
-            """The request's body, client -> upstream, as it arrives."""
-            while True:
-                try:
-                    event = await client.next_event(before_waiting=upstream.peer)
-                except h11.RemoteProtocolError as exc:
-                    raise broken("client sent a malformed body", exc) from None
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise broken("client connection lost", exc) from None
-                if isinstance(event, h11.Data):
-                    self._metrics.bytes_in += len(event.data)
-                    body["sent"] = True
-                elif isinstance(event, h11.EndOfMessage):
-                    event = h11.EndOfMessage()  # trailers are not forwarded
-                else:
-                    raise broken("client", RuntimeError(f"unexpected {type(event).__name__} in a request body"))
-                try:
-                    await upstream.peer.send(event)
-                except (FlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise broken("upstream lost", exc) from None
-                if isinstance(event, h11.EndOfMessage):
-                    body["done"] = True
-                    return
-
+        upstream.reader.expect_response(head.method)
         try:
-            await upstream.peer.send(request)
-        except (FlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await _send(upstream.end, payload)
+        except _FLOW_FAILURES as exc:
             self._pool.discard(upstream)
             raise _Broken(f"upstream lost: {exc}", repeatable=True, head_lost=True) from None
-        reusable = True
+        close = not head.keep_alive
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump_body)
-                status = await self._relay_answer(client, upstream, answered, broken)
-                if status == 101:
-                    nursery.cancel_scope.cancel()
-                elif not body["done"]:
-                    # Answered before the whole body came: neither connection can carry another request.
-                    reusable = False
+            if exchange.body_done:
+                status, close = await self._relay_answer(client, head, upstream, exchange, close)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_body, client, head, upstream, exchange)
+                    status, close = await self._relay_answer(client, head, upstream, exchange, close)
+                    # Answered before the whole body came (or switched protocols): stop reading it.
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             self._pool.discard(upstream)
-            broke, rest = group.split(_Broken)
+            broke, _ = group.split(_Broken)
             if broke is not None:
                 raise broke.exceptions[0] from None
             raise
@@ -474,77 +529,109 @@ class HttpListener(TcpListener):
         if status == 101:
             await self._tunnel(client, upstream)
             return False
-        if reusable and upstream.reusable():
+        if client.reader.switched:
+            client.reader.resume()  # an upgrade asked for and not granted: the connection stays HTTP
+        if exchange.body_done and upstream.reader.reusable():
             self._pool.put(upstream)
         else:
             self._pool.discard(upstream)
-        return reusable
+        return exchange.body_done and not close
 
-    async def _relay_answer(self, client: _Peer, upstream: _Upstream, answered: list[int], broken) -> int:
-        """The upstream's answer, head and body, to the client; its status."""
+    async def _pump_body(self, client: _Client, head: Head, upstream: _Upstream, exchange: _Exchange) -> None:
+        """The rest of the request's body, client -> upstream, as it arrives."""
+
+        while True:
+            out: list[bytes] = []
+            try:
+                done = self._take_body(client, head, out, exchange)
+            except HttpError as exc:
+                # The client's fault: trying again elsewhere would fail the same way.
+                raise _Broken(f"client sent a malformed body: {exc}", status=exc.status) from None
+            if out:
+                try:
+                    await _send(upstream.end, b"".join(out))
+                except _FLOW_FAILURES as exc:
+                    raise self._broken_answer(exchange, exc, "upstream lost") from None
+                exchange.body_sent = True
+            if done:
+                return
+            await client.receive()  # the client gone: nothing to answer, nothing to try again
+
+    async def _relay_answer(
+        self, client: _Client, request: Head, upstream: _Upstream, exchange: _Exchange, close: bool
+    ) -> tuple[int, bool]:
+        """The upstream's answer, head and body, to the client; its status, and whether the client's connection closes."""
+        reader = upstream.reader
+        metrics = self._metrics
+        out = client.out
+        status = 0
+        chunked = False
         while True:
             try:
-                event = await upstream.peer.next_event(before_waiting=client)
-            except (h11.RemoteProtocolError, FlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise broken("the target's answer broke off", exc) from None
-            if isinstance(event, h11.ConnectionClosed):
-                raise broken("the target's answer broke off", EOFError("connection closed"))
-            try:
-                if isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101:
-                        answered.append(101)
-                        self._answered(client, 101)
-                        headers = _headers(event.headers, keep_upgrade=True) + [(b"connection", b"upgrade")]
-                        await client.send(
-                            h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason), flush=True
-                        )
-                        return 101
-                    headers = _headers(event.headers)
-                    await client.send(
-                        h11.InformationalResponse(status_code=event.status_code, headers=headers, reason=event.reason),
-                        flush=True,
-                    )
-                elif isinstance(event, h11.Response):
-                    answered.append(event.status_code)
-                    headers = _headers(event.headers)
-                    if (_value(event.headers, b"transfer-encoding") or b"").lower().endswith(b"chunked"):
-                        headers.append((b"transfer-encoding", b"chunked"))
-                    via = _value(event.headers, b"via")
-                    headers = [(n, v) for n, v in headers if n != b"via"]
-                    headers.append((b"via", via + b", " + self._via if via else self._via))
-                    await client.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
-                elif isinstance(event, h11.Data):
-                    self._metrics.bytes_out += len(event.data)
-                    await client.send(event)
-                elif isinstance(event, h11.EndOfMessage):
-                    self._answered(client, answered[-1])
-                    await client.send(h11.EndOfMessage())
-                    return answered[-1]
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _Broken(f"client connection lost: {exc}") from None
+                event = reader.next_event()
+            except HttpError as exc:
+                raise self._broken_answer(exchange, exc) from None
+            if event is NEED_DATA:
+                if reader.eof:
+                    raise self._broken_answer(exchange, EOFError("connection closed"))
+                if out:
+                    await client.flush()
+                try:
+                    data = await upstream.end.receive_some(CHUNK)
+                except _FLOW_FAILURES as exc:
+                    raise self._broken_answer(exchange, exc) from None
+                reader.receive_data_untrusted(data)
+            elif type(event) is bytes:
+                metrics.bytes_out += len(event)
+                out.append(chunk(event) if chunked else event)
+                client.out_bytes += len(event)
+                if client.out_bytes >= CHUNK:
+                    await client.flush()
+            elif event is END:
+                if status < 200:
+                    continue  # a 1xx: the final answer follows
+                if chunked:
+                    out.append(LAST_CHUNK)
+                self._answered(client, status)
+                await client.flush()
+                return status, close
+            else:
+                status = event.status
+                data, chunked, close = self._client_head(event, request, close)
+                out.append(data)
+                if status == 101:
+                    exchange.answered = 101
+                    self._answered(client, 101)
+                    await client.flush()
+                    return 101, True
+                if status < 200:
+                    await client.flush()  # the client may wait for it (100 Continue) before it sends more
+                else:
+                    exchange.answered = status
+                    client.answering = True
 
-    async def _tunnel(self, client: _Peer, upstream: _Upstream) -> None:
+    def _broken_answer(self, exchange: _Exchange, exc: BaseException, what: str = "the target's answer broke off") -> _Broken:
+        return _Broken(f"{what}: {exc}", repeatable=exchange.answered is None and not exchange.body_sent)
+
+    async def _tunnel(self, client: _Client, upstream: _Upstream) -> None:
         """After 101: bytes both ways, as they are, until both ends close."""
-        client_rest, _ = client.conn.trailing_data
-        upstream_rest, _ = upstream.peer.conn.trailing_data
-        client_end = SocketEnd(client.stream, "client")
         try:
-            if client_rest:
-                await upstream.end.send_all(bytes(client_rest))
-            if upstream_rest:
-                await client_end.send_all(bytes(upstream_rest))
-            await relay(client_end, upstream.end)
-        except (FlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if client.reader.trailing:
+                await upstream.end.send_all(client.reader.trailing)
+            if upstream.reader.trailing:
+                await client.end.send_all(upstream.reader.trailing)
+            await relay(client.end, upstream.end)
+        except _FLOW_FAILURES as exc:
             log.debug("listener %s: tunnel ended: %s", self.config.name, exc)
         finally:
             self._router.release(upstream.hop)
 
-    async def _answer(self, client: _Peer, status: int, text: str) -> bool:
+    async def _answer(self, client: _Client, status: int, text: str) -> bool:
         """A short answer of the listener's own; False: the connection closes after it."""
         (log.info if status >= 500 else log.debug)("listener %s: %d %s", self.config.name, status, text)
-        body = f"{status} {text}\n".encode()
-        if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if client.answering:
             raise _Broken(f"cannot answer {status} mid-response: {text}")
+        body = f"{status} {text}\n".encode()
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
@@ -552,10 +639,8 @@ class HttpListener(TcpListener):
             (b"via", self._via),
         ]
         self._answered(client, status)
-        try:
-            await client.send(h11.Response(status_code=status, headers=headers))
-            await client.send(h11.Data(data=body))
-            await client.send(h11.EndOfMessage())
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError) as exc:
-            raise _Broken(f"client connection lost: {exc}") from None
+        client.answering = True
+        client.out.append(write_head(b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()), headers))
+        client.out.append(body)
+        await client.flush()
         return False

@@ -36,6 +36,7 @@ GiB = 1 << 30
 MEMORY_BOUND = 64 << 20  # bytes the sites may grow by while a gigabyte goes through
 TARGET = Path(__file__).with_name("http_target.py")
 READY_DEADLINE = 10  # seconds for nginx or the target to listen
+STOP_GRACE = 5  # seconds nginx or the target may take to stop after SIGTERM
 
 
 def require(*programs: str) -> None:
@@ -93,9 +94,13 @@ http {{
 
 
 async def _kill_at_end(proc: trio.Process) -> None:
+    """SIGTERM first: nginx's master then stops its workers (killed, it leaves them running, orphaned)."""
     try:
         await trio.sleep_forever()
     finally:
+        proc.terminate()
+        with trio.move_on_after(STOP_GRACE, shield=True):
+            await proc.wait()
         proc.kill()
 
 
@@ -356,3 +361,32 @@ async def test_failures_become_http_answers_and_the_listener_goes_on(network, ng
             stats = {l.name: l.http for l in a.status().listeners}
             assert stats["web"].statuses == {"2xx": 4, "4xx": 2} and stats["web"].requests == 6
             assert stats["nobody"].statuses == {"5xx": 1} and stats["down"].statuses == {"5xx": 1}
+
+
+async def test_pipelined_requests_http_1_0_and_what_could_smuggle_a_request(network, nginx):
+    port, log = await nginx("one")
+    with trio.fail_after(DEADLINE):
+        async with serving(network, [port]) as (a, listen, _):
+            # Two requests in one write: two answers, in order, on the one connection.
+            two = await raw_request(
+                listen, b"GET /id HTTP/1.1\r\nHost: x\r\n\r\nGET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert two.count(b"HTTP/1.1 200 ") == 2 and two.index(b"\r\n\r\none") < two.index(b"index of one"), two
+            # HTTP/1.0, with and without Host: answered, then closed.
+            for request in (b"GET /id HTTP/1.0\r\nHost: x\r\n\r\n", b"GET /id HTTP/1.0\r\n\r\n"):
+                answer = await raw_request(listen, request)
+                assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\none"), answer
+            # What could smuggle a second request past a proxy is refused, and the second never reaches nginx.
+            served = len(log.read_text().splitlines())
+            smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+            for headers, body, status in (
+                (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n", b"400"),
+                (b"Content-Length: 5\r\nContent-Length: 40\r\n", b"hello", b"400"),
+                (b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n", b"501"),
+                (b"Transfer-Encoding: chunked\r\n", b"5 \r\nhello\r\n0\r\n\r\n", b"400"),
+            ):
+                answer = await raw_request(listen, b"POST /id HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + body + smuggled)
+                assert answer.startswith(b"HTTP/1.1 " + status + b" ") and answer.count(b"HTTP/1.1") == 1, answer
+            connect = await raw_request(listen, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            assert connect.startswith(b"HTTP/1.1 405 "), connect
+            assert b"/smuggled" not in log.read_text().encode() and len(log.read_text().splitlines()) == served

@@ -19,6 +19,7 @@ random mutations of the seeds: much weaker, but bounded in time the same way.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import subprocess
@@ -96,7 +97,7 @@ def _reproduce(target: str, path: Path) -> int:
     return 0
 
 
-TARGET_NAMES = ("frames", "payloads", "hello", "gossip", "records", "token", "csr", "cert", "link")
+TARGET_NAMES = ("frames", "payloads", "hello", "gossip", "records", "token", "csr", "cert", "link", "http", "http-listener")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     engine = args.engine
     if engine == "atheris":
-        try:
-            import atheris  # noqa: F401
-        except ImportError as exc:
-            print(f"atheris is not installed ({exc}); `pip install atheris`, or use --engine random", file=sys.stderr)
+        if importlib.util.find_spec("atheris") is None:
+            print("atheris is not installed; `pip install atheris`, or use --engine random", file=sys.stderr)
             return 2
     share = args.seconds / len(chosen)
     found = []

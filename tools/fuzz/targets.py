@@ -16,12 +16,15 @@ tools.fuzz`) and under Hypothesis in the test suite (tests/unit/test_fuzz.py).
 | csr      | sign_csr (what the issuer does with a REDEEM's CSR)          | TokenError           |
 | cert     | cert_site_id, cert_serial, check_issued_cert_untrusted, verify_signature_untrusted | ProtocolError / TokenError / none |
 | link     | Link._dispatch of any frame sequence on an established link  | ProtocolError (or the link's own end) |
+| http     | http1.Reader of requests, fed in chunks                      | HttpError (400, 431, 501, 505) |
+| http-listener | an HTTP listener's client connection (a socket pair), a target answering 200 | none: it answers (200, or 400, 405, 431, 501, 505 with `connection: close`) or closes |
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 import tempfile
 from collections.abc import Callable
@@ -35,6 +38,7 @@ from fabric.config import Settings
 from fabric.errors import FrameError, LinkError, ProtocolError, TokenError, TokenFormatError
 from fabric.gossip import engine as gossip_engine
 from fabric.gossip.records import SiteRecord, decode_records_untrusted, sign_record
+from fabric.proxy import http1
 from fabric.router import link as link_module
 from fabric.router.frames import (
     Frame,
@@ -228,6 +232,185 @@ async def _dispatch_all(dialer: bool, sequence: list[Frame]) -> None:
     assert link.flow_count <= settings.max_flows_per_link
 
 
+# -- the HTTP front -------------------------------------------------------------------------------
+
+HTTP_ERROR_STATUSES = frozenset({400, 431, 501, 505})  # what http1.HttpError may say
+# What an HTTP listener may answer a client with when its one provider's target answers every request 200.
+LISTENER_STATUSES = frozenset({200, 405}) | HTTP_ERROR_STATUSES
+HTTP_DEADLINE = 10  # seconds for one input through the listener: a hang is a finding
+
+
+def http(data: bytes) -> None:
+    """The first byte picks a chunk size; the rest is fed to a request Reader in chunks of that size.
+
+    Events come in order (a Head, its body bytes, END; again), a head past
+    MAX_HEAD is refused, and what the reader holds stays bounded."""
+    if not data:
+        return
+    step, data = data[0] + 1, data[1:]
+    reader = http1.Reader(http1.REQUEST)
+    in_message = False
+    try:
+        for pos in range(0, len(data) + 1, step):
+            reader.receive_data_untrusted(data[pos : pos + step])  # the last piece is b"": the client's EOF
+            while (event := reader.next_event()) is not http1.NEED_DATA:
+                if isinstance(event, http1.Head):
+                    assert not in_message, "a head inside a message"
+                    assert event.method and event.version in (b"1.0", b"1.1")
+                    assert event.framing in (http1.NO_BODY, http1.LENGTH, http1.CHUNKED)
+                    in_message = True
+                elif event is http1.END:
+                    assert in_message, "END outside a message"
+                    in_message = False
+                else:
+                    assert isinstance(event, bytes) and in_message, "body bytes outside a message"
+            if reader.switched:
+                return
+            assert reader._idle <= http1.MAX_HEAD + step, "more than a head and a read held"
+    except http1.HttpError as exc:
+        assert exc.status in HTTP_ERROR_STATUSES, exc.status
+
+
+class _FakeTarget:
+    """A flow to a target that answers every request it reads with 200 "ok" (it reads them with a Reader too)."""
+
+    def __init__(self) -> None:
+        self._requests = http1.Reader(http1.REQUEST)
+        self._inbound: list[bytes] = []
+        self._arrived = trio.Event()
+        self.closed = False
+
+    def send_nowait(self, data: bytes) -> int:
+        self._requests.receive_data_untrusted(bytes(data))
+        try:
+            while (event := self._requests.next_event()) is not http1.NEED_DATA:
+                if isinstance(event, http1.Head):
+                    # (to HEAD: a length of 0, so that the answers parse without knowing what was asked)
+                    self._answer = b"0\r\n\r\n" if event.method == b"HEAD" else b"2\r\n\r\nok"
+                elif event is http1.END:
+                    self._inbound.append(b"HTTP/1.1 200 OK\r\ncontent-length: " + self._answer)
+                    self._arrived.set()
+        except http1.HttpError as exc:  # the listener wrote a request its own reader refuses: a finding
+            raise AssertionError(f"the listener forwarded a malformed request: {exc}") from None
+        return len(data)
+
+    async def send_all(self, data: bytes) -> None:
+        self.send_nowait(data)
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while not self._inbound:
+            if self.closed:
+                return b""
+            await self._arrived.wait()
+            self._arrived = trio.Event()
+        return self._inbound.pop(0)
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def abort(self, code, text: str) -> None:
+        self.closed = True
+        self._arrived.set()
+
+    async def aclose(self) -> None:
+        self.abort(None, "closed")
+        await trio.lowlevel.checkpoint()
+
+
+class _FakeRouter:
+    """What an HTTP listener asks of its router, with one provider whose flows are `_FakeTarget`s."""
+
+    name = "fuzz"
+
+    def __init__(self) -> None:
+        import collections
+
+        self.outstanding: collections.Counter[str] = collections.Counter()
+
+    def choose_provider(self, key, distribution, exclude=()):
+        return None if "p" in exclude else "p"
+
+    def providers(self, key):
+        return ["p"]
+
+    async def open_to(self, provider, key, tries):
+        tries.take()
+        await trio.lowlevel.checkpoint()
+        return _FakeTarget(), None
+
+    def release(self, hop) -> None:
+        pass
+
+    def name_of(self, site) -> str:
+        return site
+
+
+class _Failures(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def http_listener(data: bytes) -> None:
+    """The first byte picks a chunk size; the rest goes, in chunks of that size, to an HTTP listener's
+    client handler over a socket pair, and the client half-closes. The listener must answer each
+    request it read with a status it may give, and end the connection; it never logs a failure."""
+    if not data:
+        return
+    step, data = data[0] + 1, data[1:]
+    failures = _Failures()
+    logger = logging.getLogger("fabric.proxy.http")
+    logger.addHandler(failures)
+    try:
+        answer = trio.run(_through_listener, data, step)
+    finally:
+        logger.removeHandler(failures)
+    assert not failures.records, failures.records[0].getMessage()
+    responses = http1.Reader(http1.RESPONSE)
+    responses.receive_data_untrusted(answer)
+    responses.receive_data_untrusted(b"")
+    closed = False
+    try:
+        while (event := responses.next_event()) is not http1.NEED_DATA:
+            if isinstance(event, http1.Head):
+                assert not closed, "an answer after one that closed the connection"
+                assert event.status in LISTENER_STATUSES, event
+                closed = event.get(b"connection") == b"close"
+                assert closed or event.status == 200, f"{event.status} without connection: close"
+    except http1.HttpError as exc:
+        raise AssertionError(f"the listener's answer does not parse: {exc}: {answer[:200]!r}") from None
+
+
+async def _through_listener(data: bytes, step: int) -> bytes:
+    from fabric.config import ListenerConfig
+    from fabric.proxy.http import HttpListener
+
+    listener = HttpListener(ListenerConfig(name="web", routing_key="web", port=0, protocol="http"), _FakeRouter())
+    ours, theirs = trio.socket.socketpair()  # no network; the listener reads and writes it as a client's socket
+    client = trio.SocketStream(ours)
+    answer = bytearray()
+    with trio.fail_after(HTTP_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener._serve, trio.SocketStream(theirs))
+            try:
+                for pos in range(0, len(data), step):
+                    await client.send_all(data[pos : pos + step])
+                await client.send_eof()
+            except trio.BrokenResourceError:
+                pass  # the listener answered and closed before taking it all
+            try:
+                while chunk := await client.receive_some(65536):
+                    answer += chunk
+            except trio.BrokenResourceError:
+                pass  # it reset the connection: allowed, after what it answered
+            await client.aclose()
+    return bytes(answer)
+
+
 TARGETS: dict[str, Target] = {
     "frames": frames,
     "payloads": payloads,
@@ -238,6 +421,8 @@ TARGETS: dict[str, Target] = {
     "csr": csr,
     "cert": cert,
     "link": link,
+    "http": http,
+    "http-listener": http_listener,
 }
 
 
@@ -289,7 +474,20 @@ def seeds(target: str) -> list[bytes]:
         return [pki.pem_to_der(cert_pem), cert_pem]
     if target == "link":
         return [b"\x00" + frame_stream[len(encode_frame(FrameType.HELLO, 0, encode_message(hello_msg))) :]]
+    if target in ("http", "http-listener"):
+        return [bytes([size]) + request for size in (255, 6) for request in HTTP_SEEDS]
     return []
+
+
+HTTP_SEEDS = (
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\nHEAD /b HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"PUT /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.0\r\nX-Forwarded-For: 10.0.0.1\r\nVia: 1.1 y\r\n\r\n",
+)
 
 
 def seed_corpus(target: str) -> list[bytes]:
