@@ -8,7 +8,9 @@ and connectors, report status.
 
 from __future__ import annotations
 
+import collections
 import functools
+import ipaddress
 import logging
 import os
 import shutil
@@ -71,7 +73,12 @@ from .router.transports import NO_PROXY, parse_proxy, peer_address, proxy_for, t
 
 log = logging.getLogger("fabric.site")
 
-MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the link port
+MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the link ports, in all
+# Of those, from one IP address (IPv6: one /64), so that one host flooding the
+# link port cannot take every slot: the other sites still link meanwhile.
+# Behind a reverse proxy every WebSocket link comes from the proxy's address.
+MAX_PENDING_PER_SOURCE = 16
+REFUSALS_LOG_INTERVAL = 10.0  # seconds: at most one line per this long about refused connections
 REDEEM_TIMEOUT = 10.0  # seconds for a whole redemption, dial included
 _UNSET = object()
 _TOKEN_ERRORS = {
@@ -81,6 +88,20 @@ _TOKEN_ERRORS = {
 }
 # Refusals of a link that no redial can change, with what the user can do.
 _LISTENERS = {"tcp": TcpListener, "http": HttpListener}  # listener class by protocol
+
+
+def _source_of(tcp: trio.SocketStream) -> str:
+    """Who a connection counts against for handshake slots: its IP address, or an IPv6 address's /64."""
+    try:
+        host = tcp.socket.getpeername()[0]
+    except OSError:
+        return "unknown"
+    address = ipaddress.ip_address(host)
+    if address.version == 4:
+        return host
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{host}/64", strict=False))
 
 
 def _check_protocol(protocol: str) -> None:
@@ -242,7 +263,9 @@ class Site:
         self._grants = pki.load_grants(self._grants_path)
         self._grants_lock = trio.Lock()
         self._server_context = pki.server_context(identity)
-        self._handshake_slots = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self._pending_handshakes: collections.Counter[str] = collections.Counter()  # source -> how many
+        self._refused_handshakes = 0  # since the last line about them
+        self._refusals_logged_at = -REFUSALS_LOG_INTERVAL
         self._listeners: dict[str, TcpListener] = {}
         self._listener_errors: dict[str, str] = {}
         self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
@@ -326,13 +349,17 @@ class Site:
 
     async def _accept_link(self, tcp: trio.SocketStream, *, websocket: bool = False) -> None:
         where = peer_address(tcp)
-        if self._handshake_slots.value == 0:
-            await trio.aclose_forcefully(tcp)  # too many pending handshakes: refuse, cheaply
+        source = _source_of(tcp)
+        pending = self._pending_handshakes
+        if pending.total() >= MAX_PENDING_HANDSHAKES or pending[source] >= MAX_PENDING_PER_SOURCE:
+            self._refuse_handshake(source)
+            await trio.aclose_forcefully(tcp)
             return
         tune(tcp)
         stream: trio.abc.Stream = tcp
+        pending[source] += 1
         try:
-            async with self._handshake_slots:
+            try:
                 with trio.fail_after(self.settings.handshake_timeout):
                     if websocket:
                         stream = await WebSocketStream.accept(
@@ -346,6 +373,10 @@ class Site:
                         await self._answer_redeem(stream, first.payload, where)
                         return
                     link = await self._accept_hello(stream, decoder, first)
+            finally:
+                pending[source] -= 1
+                if not pending[source]:
+                    del pending[source]
             await self._serve_link(link, f"link from {link.peer.name} ({where})", f"{link.peer.name} ({where})")
         except trio.TooSlowError:
             why = f"handshake did not finish within {self.settings.handshake_timeout:g} s"
@@ -374,6 +405,26 @@ class Site:
             )
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _refuse_handshake(self, source: str) -> None:
+        """Count a connection refused for want of a handshake slot; say so now and then, not per connection."""
+        self._refused_handshakes += 1
+        now = trio.current_time()
+        if now - self._refusals_logged_at < REFUSALS_LOG_INTERVAL:
+            return
+        pending = self._pending_handshakes
+        why = (
+            f"{pending[source]} handshakes from {source} already pending (at most {MAX_PENDING_PER_SOURCE} per source)"
+            if pending[source] >= MAX_PENDING_PER_SOURCE
+            else f"{pending.total()} handshakes already pending (at most {MAX_PENDING_HANDSHAKES})"
+        )
+        log.warning(
+            "link port: refused %d connection(s) since the last such line, the latest from %s: %s",
+            self._refused_handshakes, source, why,
+            extra=logs.event("handshakes_refused", peer=source, reason=why),
+        )
+        self._refused_handshakes = 0
+        self._refusals_logged_at = now
 
     async def _accept_hello(self, stream: trio.SSLStream, decoder: FrameDecoder, first) -> Link:
         der = stream.getpeercert(binary_form=True)

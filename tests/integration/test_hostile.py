@@ -14,8 +14,9 @@ connection, no certificate, a self-made CA); this file extends them.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import hashlib
+import logging
+import re
 import struct
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from fabric.router.frames import (
 )
 from fabric.router.link import make_hello, read_frame
 from fabric.router.transports import Address, dial
-from fabric.site import MAX_PENDING_HANDSHAKES
+from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, _source_of
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 2.0  # seconds; short, so held connections are freed within the test
@@ -306,18 +307,18 @@ def caplog(caplog):
 # -- no handshake at all, or one that never finishes --------------------------------------------
 
 
-async def hold_open(port: int) -> tuple[int, float]:
-    """Connect, send nothing; (our port, seconds the site kept the connection before closing it).
+async def hold_open(port: int, source: str) -> tuple[tuple[str, int], float]:
+    """Connect from `source`, send nothing; (our address, seconds the site kept the connection).
 
     Timed from the connection being made. With thousands of SYNs at once some
     are made twice (the kernel retransmits after 1 s), which is not the site
     holding them: which connections the site held is read from its log.
     """
     try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
     except OSError:
-        return 0, 0.0  # refused at connect (the backlog was full): freed all the same
-    ours = stream.socket.getsockname()[1]
+        return (source, 0), 0.0  # refused at connect (the backlog was full): freed all the same
+    ours = stream.socket.getsockname()[:2]
     started = trio.current_time()
     async with stream:
         try:
@@ -328,41 +329,107 @@ async def hold_open(port: int) -> tuple[int, float]:
     return ours, trio.current_time() - started
 
 
-async def test_thousands_of_silent_connections_hold_at_most_the_handshake_slots_and_are_all_freed(arena, caplog):
-    """2000 TCP connections that send nothing: the hub holds at most MAX_PENDING_HANDSHAKES of
-    them at a time, each until the handshake deadline, and closes the others at once; its link
-    carries traffic meanwhile, and afterwards a new site links as usual."""
+async def silent_flood(port: int, sources: list[str], count: int) -> dict[tuple[str, int], float]:
+    """`count` silent connections, spread over `sources` in turn; how long each was held."""
+    held: dict[tuple[str, int], float] = {}
+
+    async def one(source: str) -> None:
+        ours, seconds = await hold_open(port, source)
+        held[ours] = seconds
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, sources[i % len(sources)])
+    return held
+
+
+def held_to_the_deadline(caplog, held) -> list[float]:
+    """When the hub logged each of `held` timing out, sorted: each held a slot for the whole deadline."""
+    times = []
+    for record in caplog.records:
+        found = re.match(r"link from ([\d.]+):(\d+): handshake did not finish", record.getMessage())
+        if found and (found[1], int(found[2])) in held:
+            times.append(record.created)
+    return sorted(times)
+
+
+def most_held_at_once(timed_out: list[float], limit: int) -> None:
+    """Any `limit` + 1 deadlines closer together than the deadline would mean `limit` + 1 held at once."""
+    closest = min((timed_out[i + limit] - timed_out[i] for i in range(len(timed_out) - limit)), default=None)
+    assert closest is None or closest > HANDSHAKE_TIMEOUT * 0.8, f"{limit + 1} held within {closest:.2f} s"
+
+
+@pytest.mark.parametrize(
+    "peer, source",
+    [
+        (("10.1.2.3", 4711), "10.1.2.3"),
+        (("::ffff:10.1.2.3", 4711, 0, 0), "10.1.2.3"),  # IPv4 on a dual-stack socket: the same host
+        (("2001:db8:1:2:aaaa::1", 4711, 0, 0), "2001:db8:1:2::/64"),  # one IPv6 host holds a /64
+        (("2001:db8:1:2:bbbb::9", 4711, 0, 0), "2001:db8:1:2::/64"),
+    ],
+)
+def test_handshake_slots_are_counted_per_ipv4_address_or_ipv6_64(peer, source):
+    class Socket:
+        def getpeername(self):
+            return peer
+
+    assert _source_of(attrs.make_class("Tcp", ["socket"])(Socket())) == source
+
+
+async def test_thousands_of_silent_connections_from_one_host_take_its_share_of_slots_and_other_sites_still_link(
+    arena, caplog
+):
+    """2000 TCP connections from one address that send nothing: the hub holds at most
+    MAX_PENDING_PER_SOURCE of them at a time, each until the handshake deadline, closes the
+    others at once and says so in a line now and then, not per connection. Meanwhile its link
+    carries traffic and a new site (another address) links as usual."""
     count = 2000
-    held: dict[int, float] = {}
+    late_linked = trio.Event()
 
-    async def flood() -> None:
-        async def one() -> None:
-            ours, seconds = await hold_open(arena.hub.link_port)
-            held[ours] = seconds
+    async def flood_and_link() -> dict:
+        held: dict = {}
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(count):
-                nursery.start_soon(one)
+        async def flood() -> None:
+            held.update(await silent_flood(arena.hub.link_port, ["127.0.0.2"], count))
 
-    await arena.under_attack(flood)
+        async def link_meanwhile() -> None:
+            while arena.hub._pending_handshakes["127.0.0.2"] < MAX_PENDING_PER_SOURCE:
+                await trio.sleep(0.01)
+            async with arena.network.site("late") as late:
+                await arena.network.link(late, arena.hub)
+            assert arena.hub._pending_handshakes["127.0.0.2"] == MAX_PENDING_PER_SOURCE  # still flooded
+            late_linked.set()
+
+        await concurrently(flood, link_meanwhile)
+        return held
+
+    held = await arena.under_attack(flood_and_link)
+    assert late_linked.is_set()
     assert len(held) >= count - 1 and max(held.values()) < HANDSHAKE_TIMEOUT + 15
 
-    # The connections the hub held to the deadline each left one line in its log, at its deadline.
-    timed_out = sorted(
-        r.created
-        for r in caplog.records
-        if "handshake did not finish" in r.getMessage()
-        and int(r.getMessage().partition("127.0.0.1:")[2].partition(":")[0]) in held
-    )
-    assert 0 < len(timed_out) < count / 2  # most were refused at once, not left to time out
-    # Each held one occupied a slot for the whole deadline before its line, so any 129 lines
-    # closer together than the deadline would mean 129 held at once.
-    window = MAX_PENDING_HANDSHAKES
-    closest = min((timed_out[i + window] - timed_out[i] for i in range(len(timed_out) - window)), default=None)
-    assert closest is None or closest > HANDSHAKE_TIMEOUT * 0.8, f"{window + 1} held within {closest:.2f} s"
-    assert arena.hub._handshake_slots.value == MAX_PENDING_HANDSHAKES  # every slot was given back
+    timed_out = held_to_the_deadline(caplog, held)
+    assert 0 < len(timed_out) < count / 10  # most were refused at once, not left to time out
+    most_held_at_once(timed_out, MAX_PENDING_PER_SOURCE)
+    refusals = [r.getMessage() for r in caplog.records if "link port: refused" in r.getMessage()]
+    assert refusals and len(refusals) < count / 10, refusals  # now and then, not per connection
+    assert f"16 handshakes from 127.0.0.2 already pending (at most {MAX_PENDING_PER_SOURCE} per source)" in refusals[0]
+    assert not arena.hub._pending_handshakes  # every slot was given back
 
-    # A new site links now: nothing of the flood is left in the way.
+
+async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_handshake_slots(arena, caplog):
+    """2000 silent connections from 200 addresses, 10 each (under the per-source limit): the hub
+    holds at most MAX_PENDING_HANDSHAKES at a time, frees them all, and a new site links after."""
+    count = 2000
+    sources = [f"127.0.1.{i}" for i in range(1, 201)]
+    held = await arena.under_attack(lambda: silent_flood(arena.hub.link_port, sources, count))
+    assert len(held) >= count - 1 and max(held.values()) < HANDSHAKE_TIMEOUT + 15
+
+    timed_out = held_to_the_deadline(caplog, held)
+    assert MAX_PENDING_HANDSHAKES <= len(timed_out) < count / 2
+    most_held_at_once(timed_out, MAX_PENDING_HANDSHAKES)
+    assert any(f"already pending (at most {MAX_PENDING_HANDSHAKES})" in r.getMessage() for r in caplog.records)
+    assert not arena.hub._pending_handshakes  # every slot was given back
+
     with trio.fail_after(ATTACK_DEADLINE):
         async with arena.network.site("late") as late:
             await arena.network.link(late, arena.hub)
