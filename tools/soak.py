@@ -1,6 +1,6 @@
 """Soak: a 4-site network under mixed traffic with links cut and restored, watched for growth.
 
-    python -m tools.soak [--seconds 1800] [--interval 10] [--cut-every 4] [--idle 40] [--seed N] [--json PATH]
+    python -m tools.soak [--seconds 1800] [--interval 10] [--cut-every 4] [--seed N] [--json PATH]
 
 Four sites run in this process (a, b, c, d), linked in a ring with one
 diagonal (a-b, b-c, c-d, d-a, a-c), every link through a relay here that
@@ -10,11 +10,8 @@ ways) offered at c and d as `bulk`; an echo server offered at b and c as
 
 - bulk: 3 clients in a loop, each exchange 32 KiB - 1 MiB each way, checked;
 - short: 4 clients in a loop, a new connection per 1-16 KiB echo round trip;
-- idle: 40 connections (`--idle N`) held open, each sending one small echo
-  per interval (opened again when a cut resets them). `--idle 10000` makes
-  it a soak of ten thousand connections: it raises the process's file
-  descriptor limit to fit (four per connection) and the sites' flows per
-  link (`max_flows_per_link`) so that one link can carry them all.
+- idle: 40 connections held open, each sending one small echo per interval
+  (opened again when a cut resets them).
 
 Every `--cut-every` seconds (about) one link's relay is cut for 1-4 s,
 either silently (bytes stop, connections held: keepalive must notice) or by
@@ -56,7 +53,6 @@ import trio
 
 import fabric
 from tools.bench.chaos import Relay, abort, echo
-from tools.bench.common import raise_fd_limit
 
 HEADER = struct.Struct("!QQ")  # hash exchange: upload size, download size
 DIGEST = 32
@@ -67,8 +63,7 @@ DRAIN_DEADLINE = 30.0  # seconds, once traffic stops, for flows to drain and lin
 LINKS = (("a", "b"), ("b", "c"), ("c", "d"), ("d", "a"), ("a", "c"))  # (dialer, acceptor)
 BULK_CLIENTS = 3
 SHORT_CLIENTS = 4
-IDLE_CONNECTIONS = 40  # default of --idle
-FDS_PER_IDLE = 4  # an idle connection holds a client, its listener's, the connector's and the echo server's socket
+IDLE_CONNECTIONS = 40
 # Growth: the second half's median may exceed the first half's maximum by this factor plus this much.
 GROWTH = {"rss_mb": (1.10, 24.0), "tasks": (1.5, 150), "fds": (1.5, 60), "flows": (1.5, 60)}
 FD_SLACK = 16  # fds after the drain may exceed those before the load by this much (relay connections in flux)
@@ -366,9 +361,7 @@ class Soak:
         return row
 
     async def setup(self, nursery: trio.Nursery) -> dict[str, int]:
-        settings = fabric.Settings(
-            reconnect_min=0.2, reconnect_max=2.0, max_flows_per_link=max(fabric.Settings().max_flows_per_link, 2 * self.args.idle)
-        )
+        settings = fabric.Settings(reconnect_min=0.2, reconnect_max=2.0)
         for name in "abcd":
             self.sites[name] = await nursery.start(self._run_site, name, settings)
         for dialer, acceptor in LINKS:
@@ -462,7 +455,7 @@ class Soak:
                     load.start_soon(self.bulk_client, ports["bulk@a"])
                 for _ in range(SHORT_CLIENTS):
                     load.start_soon(self.short_client, [ports["echo@a"], ports["echo@d"]])
-                for i in range(self.args.idle):
+                for i in range(IDLE_CONNECTIONS):
                     load.start_soon(self.idle_client, ports["echo@a"] if i % 2 else ports["echo@d"])
                 load.start_soon(self.chaos)
                 deadline = self.started + self.args.seconds
@@ -534,15 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
     parser.add_argument("--cut-every", type=float, default=4.0, help="seconds between link cuts, about (default 4)")
     parser.add_argument("--seed", type=int, default=None, help="for the cuts and the traffic (default: random)")
-    parser.add_argument(
-        "--idle", type=int, default=IDLE_CONNECTIONS, help=f"idle connections held open (default {IDLE_CONNECTIONS})"
-    )
     parser.add_argument("--json", type=Path, help="also write the samples and the verdict here")
     parser.add_argument("--log", type=Path, help="write the sites' log lines (INFO and up) here")
     args = parser.parse_args(argv)
-    if args.idle < 0:
-        parser.error("--idle must be 0 or more")
-    raise_fd_limit(FDS_PER_IDLE * args.idle + 1024, what=f"soak: {args.idle} idle connections")
     if args.seed is None:
         args.seed = random.randrange(2**32)
     print(f"soak: seed {args.seed}")
