@@ -42,7 +42,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import struct
 import sys
 import tempfile
@@ -53,6 +52,7 @@ import trio
 
 import fabric
 from tools.bench.chaos import Relay, abort, echo
+from tools.bench.common import growth, open_fds, rss_mb
 
 HEADER = struct.Struct("!QQ")  # hash exchange: upload size, download size
 DIGEST = 32
@@ -290,18 +290,6 @@ async def short_connection(port: int, rng: random.Random) -> None:
 # -- the soak ------------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def trio_tasks() -> int:
     count, stack = 0, [trio.lowlevel.current_root_task()]
     while stack:
@@ -485,7 +473,7 @@ class Soak:
             failures.append(f"{o.hung} client(s) hung past {CLIENT_TIMEOUT:g} s")
         if o.done == 0:
             failures.append("no client completed")
-        failures += growth(self.samples)
+        failures += growth(self.samples, GROWTH)
         for line in o.notes:
             print(f"  {line}")
         verdict = "PASS" if not failures else "FAIL: " + "; ".join(failures)
@@ -500,25 +488,6 @@ class Soak:
             "cuts": self.cuts,
             "samples": self.samples,
         }
-
-
-def growth(samples: list[dict]) -> list[str]:
-    """Growth of any sampled quantity: the second half's median past the first half's maximum (with margins).
-
-    The first sample is left out (the load is still ramping up).
-    """
-    steady = samples[1:]
-    if len(steady) < 4:
-        return []
-    half = len(steady) // 2
-    first, second = steady[:half], steady[half:]
-    found = []
-    for key, (factor, slack) in GROWTH.items():
-        ceiling = max(s[key] for s in first) * factor + slack
-        median = statistics.median(s[key] for s in second)
-        if median > ceiling:
-            found.append(f"{key} grew: median {median:g} in the second half, first half at most {ceiling / factor - slack / factor:g}")
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

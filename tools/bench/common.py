@@ -1,9 +1,12 @@
-"""What every benchmark here does the same way: file-descriptor headroom, and how a run ends."""
+"""What every benchmark here does the same way: file-descriptor headroom, a process's memory and
+descriptors, growth over a run, and how a run ends."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,3 +38,38 @@ def finish(summary: dict, path: Path) -> int:
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"results written to {path}")
     return 0 if summary["pass"] else 1
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (this one by default), MB, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int | str = "self") -> int:
+    """File descriptors a process (this one by default) holds open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def growth(samples: list[dict], limits: dict[str, tuple[float, float]]) -> list[str]:
+    """Growth of any sampled quantity: the second half's median past the first half's maximum (with margins).
+
+    `limits`: sample key -> (factor, slack): the second half's median may be
+    up to the first half's maximum times factor plus slack. The first sample
+    is left out (the load is still ramping up).
+    """
+    steady = samples[1:]
+    if len(steady) < 4:
+        return []
+    half = len(steady) // 2
+    first, second = steady[:half], steady[half:]
+    found = []
+    for key, (factor, slack) in limits.items():
+        ceiling = max(s[key] for s in first) * factor + slack
+        median = statistics.median(s[key] for s in second)
+        if median > ceiling:
+            found.append(f"{key} grew: median {median:g} in the second half, first half at most {ceiling / factor - slack / factor:g}")
+    return found

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import attrs
+import yaml
 
 from .programs import Background, BenchError, free_port
 
@@ -114,10 +115,11 @@ class FabricNetwork:
 
     SITES = ("a", "b", "c", "w")
 
-    def __init__(self, background: Background, workdir: Path) -> None:
+    def __init__(self, background: Background, workdir: Path, *, settings: dict | None = None) -> None:
         self._background = background
         self.root = workdir / "sites"
         self.pids: dict[str, int] = {}
+        self._settings = settings or {}  # site.yaml `settings` to change at every site (names as there)
 
     def fabric(self, site: str, *args: str) -> str:
         """Run one `fabric` command at a site; its stdout. BenchError with its stderr if it fails."""
@@ -132,6 +134,12 @@ class FabricNetwork:
         self.fabric("b", "site", "create", "b", "--link-access", "--link-port", "0", "--ws-port", "0", "--no-service-sync")
         for site in ("a", "c", "w"):
             self.fabric(site, "site", "create", site, "--no-service-sync")
+        if self._settings:
+            for site in self.SITES:
+                config_file = self.root / site / "site.yaml"
+                config = yaml.safe_load(config_file.read_text())
+                config["settings"].update(self._settings)
+                config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         for site in self.SITES:
             process = self._background.start(
                 f"site-{site}", [*FABRIC, "--site-dir", str(self.root / site), "site", "run"]
