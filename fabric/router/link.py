@@ -263,7 +263,7 @@ class Link(trio.abc.AsyncResource):
             while True:
                 if self._tls is not None:
                     data = await self._tls.receive(RECEIVE_SIZE)
-                    if self._tls.pending:  # reading made TLS output (a key update): the writer sends it
+                    if self._tls.pending:  # reading made output (a key update, a WebSocket pong): the writer sends it
                         self._out_ready.set()
                 else:
                     data = await receive_batch(self.stream, RECEIVE_SIZE)

@@ -13,9 +13,18 @@ a send cancelled half-way breaks it for good. Here:
   waiting, and keeps the rest for `flush`: a frame can go out from whichever
   task queues it, with no task switch, and a cancelled `flush` loses nothing.
 
-`take_over` returns None for anything but a `trio.SSLStream` it knows how to
-drive (memory streams in tests, a newer trio): the link then uses the stream
-as it is.
+On a WebSocket link (ws://) the TLS bytes travel in the binary messages of
+a `transports.WebSocketStream` under the SSLStream: its sans-I/O framing
+(`wrap`, `unwrap_untrusted`: the same websockets protocol object, so what
+it had already parsed is not lost) sits here between the TLS object and the
+socket, both ways. Pings are answered (the pong waits in `pending`, like a
+KeyUpdate's answer), the WebSocket's own keepalive ping goes out with the
+data, a close frame ends the stream as the end of the connection does, and
+a malformed frame or a text message is a `trio.BrokenResourceError`.
+
+`take_over` returns None for anything it does not know how to drive: memory
+streams in tests, a wss:// link (its WebSocket runs over a second TLS), a
+newer trio. The link then uses the stream as it is.
 """
 
 from __future__ import annotations
@@ -25,24 +34,35 @@ import ssl
 
 import trio
 
+from .transports import WebSocketStream
+
 RECEIVE_SIZE = 256 * 1024  # bytes per read of the socket: up to ~16 TLS records
 
 
 class DirectTLS:
-    def __init__(self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, sock) -> None:
+    def __init__(
+        self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, sock, ws: WebSocketStream | None
+    ) -> None:
         self._ssl = ssl_object
         self._incoming = incoming
         self._outgoing = outgoing
         self._socket = sock  # the trio socket under the SSLStream (closed by whoever closes the stream)
+        self._ws = ws  # the WebSocket framing between the TLS bytes and the socket, if any
         self._pending = memoryview(b"")  # ciphertext not yet written to the socket
         self._empty = False  # the last read emptied the socket
 
     @classmethod
     def take_over(cls, stream: object) -> DirectTLS | None:
         """Drive an established `trio.SSLStream`'s TLS state from now on; None if it is not one we can."""
-        # Only TLS right over TCP: a WebSocket link's SSLStream wraps a stream adapter whose
-        # bytes are framed, even if it exposes its socket (for logs): writing there would skip the framing.
-        if not isinstance(stream, trio.SSLStream) or type(stream.transport_stream) is not trio.SocketStream:
+        if not isinstance(stream, trio.SSLStream):
+            return None
+        below = stream.transport_stream
+        ws = below if type(below) is WebSocketStream else None
+        if ws is not None:
+            below = ws.transport
+        # Only a TCP socket right under it (or under its WebSocket): any other stream adapter
+        # frames or encrypts its bytes, even if it exposes its socket (for logs).
+        if type(below) is not trio.SocketStream:
             return None
         parts = [getattr(stream, name, None) for name in ("_ssl_object", "_incoming", "_outgoing")]
         if any(p is None for p in parts):
@@ -52,15 +72,17 @@ class DirectTLS:
         # tickets) until its first send: b"" with none (fabric sends none), None once sent.
         if outgoing.pending or getattr(stream, "_delayed_outgoing", None):
             return None  # something trio has not sent yet: leave the stream to trio
-        sock = stream.transport_stream.socket
-        return cls(ssl_object, incoming, outgoing, sock)
+        if ws is not None:  # payloads the WebSocket received that the SSLStream has not asked for yet
+            for payload in ws.take_received():
+                incoming.write(payload)
+        return cls(ssl_object, incoming, outgoing, below.socket, ws)
 
     @property
     def pending(self) -> int:
         """Bytes of ciphertext waiting for the socket to take them (see `flush`).
 
-        Counts what a read left in the TLS object's output (a KeyUpdate's answer):
-        the next `write_nowait` sends it, before its own bytes.
+        Counts what a read left to send (a KeyUpdate's answer in the TLS object's
+        output, a WebSocket pong): the next `write_nowait` sends it, before its own bytes.
         """
         return len(self._pending) + self._outgoing.pending
 
@@ -108,7 +130,14 @@ class DirectTLS:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"connection lost: {exc.strerror or exc}") from exc
             self._empty = len(data) < RECEIVE_SIZE
-            if data:
+            if self._ws is not None:
+                payloads, reply = self._ws.unwrap_untrusted(data)
+                for payload in payloads:
+                    self._incoming.write(payload)
+                self._queue(reply)  # a pong, the answer to a close: the writer sends it (see `pending`)
+                if self._ws.eof:
+                    self._incoming.write_eof()
+            elif data:
                 self._incoming.write(data)
             else:
                 self._incoming.write_eof()  # the next read says how: close_notify first, or not
@@ -123,9 +152,14 @@ class DirectTLS:
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
         out = self._outgoing.read()
+        if out and self._ws is not None:
+            out = self._ws.wrap(out)
+        self._queue(out)
+        self._send_pending()
+
+    def _queue(self, out: bytes) -> None:
         if out:
             self._pending = memoryview(bytes(self._pending) + out) if self._pending else memoryview(out)
-        self._send_pending()
 
     def _send_pending(self) -> None:
         while self._pending:
