@@ -209,6 +209,16 @@ async def test_a_ping_is_answered_with_a_pong_the_next_write_sends(contexts):
         assert await raw.receive_some(100) == b"\x8a\x0dare you there"  # FIN, PONG, no mask, 13 bytes: the ping's
 
 
+async def test_the_websocket_keepalive_ping_goes_out_with_the_data(contexts):
+    with trio.fail_after(5):
+        server, client = await link_streams(contexts, "ws", keepalive=0.0)  # a ping before every message
+        direct = DirectTLS.take_over(client)
+        direct.write_nowait(b"hello")
+        raw = server.transport_stream.transport
+        received = await raw.receive_some(1000)
+        assert received.startswith(b"\x89\x80") and received[6] == 0x82  # a masked, empty PING; then the data
+
+
 async def test_a_close_frame_after_the_peers_close_notify_is_the_end_of_the_stream(contexts):
     with trio.fail_after(5):
         server, client = await websocket_link(contexts)
