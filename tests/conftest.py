@@ -36,7 +36,6 @@ import pytest
 import trio
 
 import fabric
-from fabric.router.transports import WebSocketStream, parse_address
 
 SETUP_DEADLINE = 20  # seconds to open sites, link them and see routes; ~0.1 s on loopback
 CHUNK = 64 * 1024  # bytes per read and per write of the test clients and servers
@@ -86,26 +85,6 @@ class Reader:
         extra = len(self._buffer) or len(await self.stream.receive_some(CHUNK))
         if extra:
             raise AssertionError(f"{extra} unexpected byte(s) after the end of the exchange")
-
-
-async def websocket_pair(
-    transports: tuple[trio.abc.Stream, trio.abc.Stream], keepalive: float = 25.0
-) -> tuple[WebSocketStream, WebSocketStream]:
-    """(client, server): a WebSocket handshaken over `transports` (client's, server's)."""
-    results: dict[str, WebSocketStream] = {}
-
-    async def server() -> None:
-        results["server"] = await WebSocketStream.accept(transports[1], path="/fabric", keepalive=keepalive, peer="test")
-
-    async def client() -> None:
-        results["client"] = await WebSocketStream.connect(
-            transports[0], parse_address("ws://hub:80/fabric"), keepalive=keepalive
-        )
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server)
-        nursery.start_soon(client)
-    return results["client"], results["server"]
 
 
 async def send_random(stream: trio.abc.SendStream, size: int, digest: hashlib._Hash, rng: random.Random) -> None:

@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
-from conftest import websocket_pair
 from fabric import pki
 from fabric.config import Settings
 from fabric.router.frames import FrameDecoder
 from fabric.router.link import Link, make_hello
 from fabric.router.tls_io import DirectTLS
+from websocket_support import websocket_pair
 
 
 @pytest.fixture(scope="module")

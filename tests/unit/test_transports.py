@@ -8,10 +8,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import websocket_pair
 from fabric.errors import LinkError
 from fabric.router import transports
 from fabric.router.transports import Address, Proxy, WebSocketStream, parse_address, parse_proxy, proxy_for
+from websocket_support import websocket_pair
 
 
 @pytest.mark.parametrize(
