@@ -58,10 +58,11 @@ RTT_WINDOW = 10
 # Samples before the floor is trusted: the first PONGs come back while both
 # sites are busy with handshakes, and one slow sample would be the floor.
 RTT_MIN_SAMPLES = 3
-# Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL...) that may queue
-# past `link_write_buffer`. Data waits for the writer; control frames cannot
-# (the reader must never block), so a peer that sends but never reads would
-# grow the queue forever: past this allowance the link is ended instead.
+# Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL..., and a WebSocket
+# link's pongs) that may queue past `link_write_buffer`. Data waits for the
+# writer; control frames cannot (the reader must never block), so a peer that
+# sends but never reads would grow the queue forever: past this allowance the
+# link is ended instead.
 CONTROL_ALLOWANCE = 1024 * 1024
 # Seconds after a frame was written at once (by the task that queued it) during
 # which the next frames are left to the writer task instead, which writes all
@@ -172,7 +173,8 @@ class Link(trio.abc.AsyncResource):
         self._scope = trio.CancelScope()  # the whole link (see run)
         self._serving = trio.CancelScope()  # its reader and pinger
         # None: the stream is used through its own methods
-        self._tls = DirectTLS.take_over(stream) if DIRECT_TLS else None
+        max_pending = settings.link_write_buffer + CONTROL_ALLOWANCE
+        self._tls = DirectTLS.take_over(stream, max_pending=max_pending) if DIRECT_TLS else None
         self._last_direct = -1.0  # trio time of the last frame written at once by the task that queued it
 
     def __repr__(self) -> str:

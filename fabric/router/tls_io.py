@@ -41,19 +41,32 @@ RECEIVE_SIZE = 256 * 1024  # bytes per read of the socket: up to ~16 TLS records
 
 class DirectTLS:
     def __init__(
-        self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, sock, ws: WebSocketStream | None
+        self,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        sock,
+        ws: WebSocketStream | None,
+        max_pending: int,
     ) -> None:
         self._ssl = ssl_object
         self._incoming = incoming
         self._outgoing = outgoing
         self._socket = sock  # the trio socket under the SSLStream (closed by whoever closes the stream)
         self._ws = ws  # the WebSocket framing between the TLS bytes and the socket, if any
+        self._max_pending = max_pending  # bytes (see take_over)
         self._pending = memoryview(b"")  # ciphertext not yet written to the socket
         self._empty = False  # the last read emptied the socket
 
     @classmethod
-    def take_over(cls, stream: object) -> DirectTLS | None:
-        """Drive an established `trio.SSLStream`'s TLS state from now on; None if it is not one we can."""
+    def take_over(cls, stream: object, *, max_pending: int) -> DirectTLS | None:
+        """Drive an established `trio.SSLStream`'s TLS state from now on; None if it is not one we can.
+
+        `max_pending`: bytes that may wait for the socket (see `pending`) while
+        `receive` reads on: past it, what reading makes us answer (pongs,
+        KeyUpdates) is piling up for a peer that does not read, and
+        `receive` raises BrokenResourceError instead.
+        """
         if not isinstance(stream, trio.SSLStream):
             return None
         below = stream.transport_stream
@@ -75,7 +88,7 @@ class DirectTLS:
         if ws is not None:  # payloads the WebSocket received that the SSLStream has not asked for yet
             for payload in ws.take_received():
                 incoming.write(payload)
-        return cls(ssl_object, incoming, outgoing, below.socket, ws)
+        return cls(ssl_object, incoming, outgoing, below.socket, ws, max_pending)
 
     @property
     def pending(self) -> int:
@@ -141,6 +154,8 @@ class DirectTLS:
                 self._incoming.write(data)
             else:
                 self._incoming.write_eof()  # the next read says how: close_notify first, or not
+            if self.pending > self._max_pending:  # answers to a peer that keeps asking and never reads
+                raise trio.BrokenResourceError(f"peer is not reading: {self.pending} bytes are queued for it")
 
     # -- sending (any task, synchronously; `flush` in one task at a time) --------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -16,9 +18,14 @@ from websockets.frames import Frame, Opcode
 from fabric import pki
 from fabric.config import Settings
 from fabric.router.frames import FrameDecoder
-from fabric.router.link import Link, make_hello
-from fabric.router.tls_io import DirectTLS
+from fabric.router.link import CONTROL_ALLOWANCE, Link, make_hello
+from fabric.router.tls_io import RECEIVE_SIZE, DirectTLS
 from websocket_support import websocket_pair
+
+
+SETTINGS = Settings()
+take_over = functools.partial(DirectTLS.take_over, max_pending=SETTINGS.link_write_buffer)
+HELLO = make_hello("b", "b", "interior", 1, SETTINGS, 1)  # a Link's own HELLO and its peer's: only logs read them
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +83,20 @@ class Framed(trio.abc.Stream):
 
 
 async def test_direct_tls_takes_over_tls_on_a_socket_or_in_a_websocket_on_one_and_nothing_else(contexts):
-    assert DirectTLS.take_over(trio.testing.memory_stream_pair()[0]) is None
+    assert take_over(trio.testing.memory_stream_pair()[0]) is None
     with trio.fail_after(5):
         memory = await tls_pair(contexts, trio.testing.memory_stream_pair())
-        assert DirectTLS.take_over(memory[0]) is None and DirectTLS.take_over(memory[1]) is None
+        assert take_over(memory[0]) is None and take_over(memory[1]) is None
         framed = await tls_pair(contexts, tuple(map(Framed, socket_pair())))
-        assert DirectTLS.take_over(framed[0]) is None
+        assert take_over(framed[0]) is None
         # wss: the WebSocket runs over a second TLS, which DirectTLS does not drive
         outer = await tls_pair(contexts, socket_pair())
         client_ws, server_ws = await websocket_pair((outer[1], outer[0]))
         wss = await tls_pair(contexts, (server_ws, client_ws))
-        assert DirectTLS.take_over(wss[0]) is None and DirectTLS.take_over(wss[1]) is None
+        assert take_over(wss[0]) is None and take_over(wss[1]) is None
         for kind in ("tls", "ws"):
             streams = await link_streams(contexts, kind)
-            assert all(isinstance(DirectTLS.take_over(stream), DirectTLS) for stream in streams), kind
+            assert all(isinstance(take_over(stream), DirectTLS) for stream in streams), kind
 
 
 @pytest.mark.parametrize("kind", ["tls", "ws"])
@@ -97,7 +104,7 @@ async def test_direct_tls_carries_bytes_both_ways_intact_through_small_socket_bu
     """Each end: one task reading, another writing, on one TLS object; the sockets take a few KiB at a time."""
     size = 4 * 1024 * 1024
     with trio.fail_after(20):
-        ends = [DirectTLS.take_over(stream) for stream in await link_streams(contexts, kind, buffer=4096)]
+        ends = [take_over(stream) for stream in await link_streams(contexts, kind, buffer=4096)]
         sent = [hashlib.sha256(), hashlib.sha256()]
         received = [hashlib.sha256(), hashlib.sha256()]
 
@@ -130,7 +137,7 @@ class End:
 
     def __init__(self, stream: trio.SSLStream, direct: bool) -> None:
         self.stream = stream
-        self.tls = DirectTLS.take_over(stream) if direct else None
+        self.tls = take_over(stream) if direct else None
         assert direct == (self.tls is not None)
 
     async def send_all(self, data: bytes) -> None:
@@ -193,7 +200,7 @@ def test_bytes_cross_a_direct_websocket_link_intact_whatever_the_message_and_rea
 async def websocket_link(contexts) -> tuple[DirectTLS, trio.SSLStream]:
     """The server end of a ws link, taken over, and the client's SSLStream."""
     server, client = await link_streams(contexts, "ws")
-    return DirectTLS.take_over(server), client
+    return take_over(server), client
 
 
 async def test_a_ping_is_answered_with_a_pong_the_next_write_sends(contexts):
@@ -212,7 +219,7 @@ async def test_a_ping_is_answered_with_a_pong_the_next_write_sends(contexts):
 async def test_the_websocket_keepalive_ping_goes_out_with_the_data(contexts):
     with trio.fail_after(5):
         server, client = await link_streams(contexts, "ws", keepalive=0.0)  # a ping before every message
-        direct = DirectTLS.take_over(client)
+        direct = take_over(client)
         direct.write_nowait(b"hello")
         raw = server.transport_stream.transport
         received = await raw.receive_some(1000)
@@ -247,11 +254,32 @@ async def test_a_close_frame_without_the_peers_close_notify_breaks_the_stream(co
 async def test_a_bad_frame_ends_the_link_saying_what_was_wrong(contexts, frame, why):
     with trio.fail_after(5):
         server, client = await link_streams(contexts, "ws")
-        hello = make_hello("b", "b", "interior", 1, Settings(), 1)
-        link = Link(server, FrameDecoder(), local=hello, peer=hello, dialer=False, handler=None, cost=1, settings=Settings())
+        link = Link(server, FrameDecoder(), local=HELLO, peer=HELLO, dialer=False, handler=None, cost=1, settings=SETTINGS)
         assert link._tls is not None  # the direct path, not trio's streams
         await client.transport_stream.transport.send_all(frame)
         assert await link.run() == f"connection lost: {why}"
+
+
+async def test_a_peer_that_pings_but_never_reads_ends_the_link_before_its_pongs_pile_up(contexts):
+    """The pongs count against the link's allowance for control frames, checked as they are queued."""
+    with trio.fail_after(10):
+        server, client = await link_streams(contexts, "ws", buffer=4096)
+        link = Link(server, FrameDecoder(), local=HELLO, peer=HELLO, dialer=False, handler=None, cost=1, settings=SETTINGS)
+        raw = client.transport_stream.transport
+        pings = Frame(Opcode.PING, b"x" * 125).serialize(mask=True) * 1000
+
+        async def flood() -> None:
+            with contextlib.suppress(trio.BrokenResourceError):  # until the link closes the connection
+                while True:
+                    await raw.send_all(pings)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            reason = await link.run()
+            nursery.cancel_scope.cancel()
+    queued = int(reason.removeprefix("connection lost: peer is not reading: ").removesuffix(" bytes are queued for it"))
+    # at most one socket read's worth of pongs past the limit (not a keepalive interval's)
+    assert SETTINGS.link_write_buffer + CONTROL_ALLOWANCE < queued <= SETTINGS.link_write_buffer + CONTROL_ALLOWANCE + RECEIVE_SIZE
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
