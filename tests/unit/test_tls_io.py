@@ -216,6 +216,23 @@ async def test_a_ping_is_answered_with_a_pong_the_next_write_sends(contexts):
         assert await raw.receive_some(100) == b"\x8a\x0dare you there"  # FIN, PONG, no mask, 13 bytes: the ping's
 
 
+async def test_a_message_in_fragments_with_a_ping_among_them_comes_through(contexts):
+    """As a proxy between the sites may send it (RFC 6455 lets it fragment, and pings may come between fragments)."""
+    with trio.fail_after(5):
+        server, client = await websocket_link(contexts)
+        client._ssl_object.write(b"hello, fragments")  # the client's TLS record, by hand (trio's SSLStream keeps them there)
+        record = client._outgoing.read()
+        frames = [
+            Frame(Opcode.BINARY, record[:10], fin=False),
+            Frame(Opcode.CONT, record[10:20], fin=False),
+            Frame(Opcode.PING, b"!"),
+            Frame(Opcode.CONT, record[20:], fin=True),
+        ]
+        await client.transport_stream.transport.send_all(b"".join(frame.serialize(mask=True) for frame in frames))
+        assert await server.receive(100) == b"hello, fragments"
+        assert server.pending == 3  # the pong
+
+
 async def test_the_websocket_keepalive_ping_goes_out_with_the_data(contexts):
     with trio.fail_after(5):
         server, client = await link_streams(contexts, "ws", keepalive=0.0)  # a ping before every message
