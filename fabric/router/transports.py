@@ -387,11 +387,12 @@ class WebSocketStream(trio.abc.Stream):
         return b"".join(self._ws.data_to_send())
 
     def unwrap_untrusted(self, data: bytes) -> tuple[list[bytes], bytes]:
-        """Bytes from the wire (b"": its end) -> the link bytes they complete, and the bytes to send back (pongs, the answer to a close).
+        """Bytes from the wire (b"": its end) -> the link bytes they complete, and what to send back.
 
-        `eof` is True from the peer's close frame or the end of the
-        connection on. BrokenResourceError for what a link cannot carry:
-        text messages, malformed frames.
+        What to send back: pongs, the answer to a close. `eof` is True from
+        the peer's close frame or the end of the connection on.
+        BrokenResourceError for what a link cannot carry: text messages,
+        malformed frames.
         """
         if data:
             self._ws.receive_data(data)
