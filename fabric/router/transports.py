@@ -19,7 +19,7 @@ driven in line by `WebSocketStream`: no reader task per connection (as
 trio-websocket has), no whole-message reassembly (a link is a byte stream;
 frames are passed on as they come), and its C masking (RFC 6455 makes
 clients mask every byte they send): 1.4 us per 64 KiB here, against 83 us
-for wsproto's, which halved a link's throughput. Once a ws:// link is up,
+for wsproto's, which halved a link's throughput. Once a link is up,
 `tls_io.DirectTLS` does its framing on the socket itself, with the same
 protocol object (`WebSocketStream.wrap`, `unwrap_untrusted`).
 """
@@ -299,7 +299,7 @@ class WebSocketStream(trio.abc.Stream):
 
     The framing itself is done without I/O by `wrap` and `unwrap_untrusted`,
     which an established link's `tls_io.DirectTLS` calls on the socket
-    directly (ws://), instead of this stream's methods.
+    directly, instead of this stream's methods.
     """
 
     def __init__(self, transport: trio.abc.Stream, protocol: ws_protocol.Protocol, *, keepalive: float, peer: str) -> None:
@@ -412,10 +412,10 @@ class WebSocketStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"WebSocket protocol error: {self._ws.parser_exc}")
         return payloads, b"".join(self._ws.data_to_send())
 
-    def take_received(self) -> list[bytes]:
-        """The payloads received and not yet read, which the caller takes over (see tls_io.DirectTLS)."""
+    def take_received(self) -> tuple[list[bytes], bytes]:
+        """The payloads received and not read yet, which the caller takes over (tls_io.DirectTLS); nothing to send back."""
         taken, self._pending = self._pending, []
-        return taken
+        return taken, b""
 
     # -- trio.abc.Stream
 

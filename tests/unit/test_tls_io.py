@@ -54,12 +54,19 @@ def socket_pair(buffer: int | None = None) -> tuple[trio.SocketStream, trio.Sock
 
 
 async def link_streams(contexts, kind: str, *, buffer: int | None = None, keepalive: float = 25.0):
-    """(server, client) SSLStreams of a link over a socket pair: TLS right on it ("tls") or inside a WebSocket ("ws")."""
+    """(server, client) SSLStreams of a link over a socket pair.
+
+    The link's TLS right on it ("tls"), inside a WebSocket ("ws"), or inside
+    a WebSocket inside a TLS of its own ("wss", the outer TLS with fabric's
+    certificates too: only its being TLS matters here).
+    """
     server_side, client_side = socket_pair(buffer)
-    if kind == "ws":
-        client_ws, server_ws = await websocket_pair((client_side, server_side), keepalive)
-        return await tls_pair(contexts, (server_ws, client_ws))
-    return await tls_pair(contexts, (server_side, client_side))
+    if kind == "tls":
+        return await tls_pair(contexts, (server_side, client_side))
+    if kind == "wss":
+        server_side, client_side = await tls_pair(contexts, (server_side, client_side))
+    client_ws, server_ws = await websocket_pair((client_side, server_side), keepalive)
+    return await tls_pair(contexts, (server_ws, client_ws))
 
 
 class Framed(trio.abc.Stream):
@@ -89,17 +96,15 @@ async def test_direct_tls_takes_over_tls_on_a_socket_or_in_a_websocket_on_one_an
         assert take_over(memory[0]) is None and take_over(memory[1]) is None
         framed = await tls_pair(contexts, tuple(map(Framed, socket_pair())))
         assert take_over(framed[0]) is None
-        # wss: the WebSocket runs over a second TLS, which DirectTLS does not drive
-        outer = await tls_pair(contexts, socket_pair())
-        client_ws, server_ws = await websocket_pair((outer[1], outer[0]))
-        wss = await tls_pair(contexts, (server_ws, client_ws))
-        assert take_over(wss[0]) is None and take_over(wss[1]) is None
-        for kind in ("tls", "ws"):
+        client_ws, server_ws = await websocket_pair(tuple(map(Framed, socket_pair())))
+        framed_ws = await tls_pair(contexts, (server_ws, client_ws))
+        assert take_over(framed_ws[0]) is None
+        for kind in ("tls", "ws", "wss"):
             streams = await link_streams(contexts, kind)
             assert all(isinstance(take_over(stream), DirectTLS) for stream in streams), kind
 
 
-@pytest.mark.parametrize("kind", ["tls", "ws"])
+@pytest.mark.parametrize("kind", ["tls", "ws", "wss"])
 async def test_direct_tls_carries_bytes_both_ways_intact_through_small_socket_buffers(contexts, kind):
     """Each end: one task reading, another writing, on one TLS object; the sockets take a few KiB at a time."""
     size = 4 * 1024 * 1024
@@ -163,15 +168,16 @@ class End:
     max_bytes=st.integers(1, 300_000),
     direct=st.sampled_from([(True, True), (True, False), (False, True)]),
     keepalive=st.sampled_from([0.0, 25.0]),
+    kind=st.sampled_from(["ws", "wss"]),
 )
 def test_bytes_cross_a_direct_websocket_link_intact_whatever_the_message_and_read_sizes(
-    contexts, up, down, max_bytes, direct, keepalive
+    contexts, up, down, max_bytes, direct, keepalive, kind
 ) -> None:
     """Also against an end that is not direct; keepalive 0: a ping with every write, answered by the other end."""
 
     async def main() -> None:
         with trio.fail_after(20):
-            streams = await link_streams(contexts, "ws", keepalive=keepalive)
+            streams = await link_streams(contexts, kind, keepalive=keepalive)
             server, client = End(streams[0], direct[0]), End(streams[1], direct[1])
             results = {}
 
@@ -195,6 +201,22 @@ def test_bytes_cross_a_direct_websocket_link_intact_whatever_the_message_and_rea
             assert results == {"up": b"".join(up), "down": b"".join(down)}
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("kind", ["tls", "ws", "wss"])
+async def test_bytes_received_before_the_take_over_and_not_read_yet_come_first(contexts, kind):
+    """Whatever each layer under the SSLStream had buffered: the WebSocket's payloads, the outer TLS's records."""
+    data = os.urandom(3 * 1024 * 1024)
+    with trio.fail_after(10):
+        server, client = await link_streams(contexts, kind)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, data)
+            received = bytearray(await server.receive_some(1000))  # a little through trio's streams
+            direct = take_over(server)
+            assert direct is not None
+            while len(received) < len(data):
+                received += await direct.receive(256 * 1024)
+    assert received == data
 
 
 async def websocket_link(contexts) -> tuple[DirectTLS, trio.SSLStream]:
