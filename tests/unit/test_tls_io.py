@@ -283,6 +283,29 @@ async def test_a_close_frame_without_the_peers_close_notify_breaks_the_stream(co
 
 
 @pytest.mark.parametrize(
+    ("how", "why"),
+    [
+        ("close", "TLS error"),  # a close frame, close_notify of the WebSocket's TLS: the link's TLS was cut short
+        ("cut", "TLS error"),  # the socket closed under the WebSocket's TLS
+        ("close_notify", "WebSocket protocol error: unexpected end of stream"),  # the WebSocket's TLS, no close frame
+    ],
+)
+async def test_the_end_of_a_wss_connection_breaks_a_direct_dialler_saying_which_layer(contexts, how, why):
+    with trio.fail_after(5):
+        server, client = await link_streams(contexts, "wss")
+        dialler = take_over(client)
+        server_ws = server.transport_stream
+        if how == "close":
+            await server_ws.aclose()
+        elif how == "cut":
+            await server_ws.transport.transport_stream.aclose()
+        else:
+            await server_ws.transport.aclose()
+        with pytest.raises(trio.BrokenResourceError, match=why):
+            await dialler.receive(100)
+
+
+@pytest.mark.parametrize(
     ("frame", "why"),
     [
         (b"\x82\x05hello", "WebSocket protocol error: incorrect masking"),  # a client must mask
