@@ -76,7 +76,7 @@ COALESCE_WINDOW = 100e-6
 # a loaded 2-core machine): redis PING 1 client 1,973 / 2,585 -> 4,083 / 4,258
 # req/s; iperf3 1 stream 1.01 / 2.27 -> 2.63 / 3.14 Gbit/s (0.26 / 0.55x ->
 # 0.54 / 0.65x socat). WebSocket links too (the framing between the TLS and
-# the socket): iperf3 1 stream 0.61-0.70x -> 0.70-0.91x a TLS link's.
+# the socket): iperf3 1 stream 0.61-0.70x -> 0.70-0.99x a TLS link's.
 DIRECT_TLS = True
 
 
