@@ -58,10 +58,11 @@ RTT_WINDOW = 10
 # Samples before the floor is trusted: the first PONGs come back while both
 # sites are busy with handshakes, and one slow sample would be the floor.
 RTT_MIN_SAMPLES = 3
-# Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL...) that may queue
-# past `link_write_buffer`. Data waits for the writer; control frames cannot
-# (the reader must never block), so a peer that sends but never reads would
-# grow the queue forever: past this allowance the link is ended instead.
+# Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL..., and a WebSocket
+# link's pongs) that may queue past `link_write_buffer`. Data waits for the
+# writer; control frames cannot (the reader must never block), so a peer that
+# sends but never reads would grow the queue forever: past this allowance the
+# link is ended instead.
 CONTROL_ALLOWANCE = 1024 * 1024
 # Seconds after a frame was written at once (by the task that queued it) during
 # which the next frames are left to the writer task instead, which writes all
@@ -74,8 +75,8 @@ COALESCE_WINDOW = 100e-6
 # once. Measured (tools.bench, 2 sites, whole runs alternating off/on, 2 rounds,
 # a loaded 2-core machine): redis PING 1 client 1,973 / 2,585 -> 4,083 / 4,258
 # req/s; iperf3 1 stream 1.01 / 2.27 -> 2.63 / 3.14 Gbit/s (0.26 / 0.55x ->
-# 0.54 / 0.65x socat). Links that are not TLS right over TCP (WebSocket) keep
-# trio.SSLStream.
+# 0.54 / 0.65x socat). WebSocket links too (the framing between the TLS and
+# the socket): iperf3 1 stream 0.61-0.70x -> 0.70-0.99x a TLS link's.
 DIRECT_TLS = True
 
 
@@ -172,7 +173,8 @@ class Link(trio.abc.AsyncResource):
         self._scope = trio.CancelScope()  # the whole link (see run)
         self._serving = trio.CancelScope()  # its reader and pinger
         # None: the stream is used through its own methods
-        self._tls = DirectTLS.take_over(stream) if DIRECT_TLS else None
+        max_pending = settings.link_write_buffer + CONTROL_ALLOWANCE
+        self._tls = DirectTLS.take_over(stream, max_pending=max_pending) if DIRECT_TLS else None
         self._last_direct = -1.0  # trio time of the last frame written at once by the task that queued it
 
     def __repr__(self) -> str:
@@ -263,7 +265,7 @@ class Link(trio.abc.AsyncResource):
             while True:
                 if self._tls is not None:
                     data = await self._tls.receive(RECEIVE_SIZE)
-                    if self._tls.pending:  # reading made TLS output (a key update): the writer sends it
+                    if self._tls.pending:  # reading made output (a key update, a WebSocket pong): the writer sends it
                         self._out_ready.set()
                 else:
                     data = await receive_batch(self.stream, RECEIVE_SIZE)

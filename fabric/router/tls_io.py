@@ -13,9 +13,20 @@ a send cancelled half-way breaks it for good. Here:
   waiting, and keeps the rest for `flush`: a frame can go out from whichever
   task queues it, with no task switch, and a cancelled `flush` loses nothing.
 
-`take_over` returns None for anything but a `trio.SSLStream` it knows how to
-drive (memory streams in tests, a newer trio): the link then uses the stream
-as it is.
+On a WebSocket link the TLS bytes travel in the binary messages of a
+`transports.WebSocketStream` under the SSLStream: its sans-I/O framing
+(`wrap`, `unwrap_untrusted`: the same websockets protocol object, so what
+it had already parsed is not lost) sits here between the TLS object and the
+socket, both ways; for a wss:// dialler, with the WebSocket's own TLS (the
+SSLStream under it, which a reverse proxy ends) under the framing. Pings
+are answered (the pong waits in `pending`, like a KeyUpdate's answer), the
+WebSocket's own keepalive ping goes out with the data, a close frame ends
+the stream as the end of the connection does, and a malformed frame or a
+text message is a `trio.BrokenResourceError`.
+
+`take_over` returns None for anything it does not know how to drive: memory
+streams in tests, stream adapters it does not know, a newer trio. The link
+then uses the stream as it is.
 """
 
 from __future__ import annotations
@@ -25,42 +36,169 @@ import ssl
 
 import trio
 
+from .transports import WebSocketStream
+
 RECEIVE_SIZE = 256 * 1024  # bytes per read of the socket: up to ~16 TLS records
 
 
+def _read_records(ssl_object: ssl.SSLObject, max_bytes: int) -> tuple[list[bytes], bool]:
+    """The plaintext of the TLS records already received, up to `max_bytes`, and whether close_notify came.
+
+    An error behind some plaintext is left for the next call (which raises
+    it); BrokenResourceError when there is none before it.
+    """
+    parts: list[bytes] = []
+    total = 0
+    while total < max_bytes:
+        try:
+            chunk = ssl_object.read(max_bytes - total)
+        except ssl.SSLWantReadError:
+            break
+        except ssl.SSLError as exc:
+            if parts:
+                break
+            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+        if not chunk:
+            return parts, True
+        parts.append(chunk)
+        total += len(chunk)
+    return parts, False
+
+
+def _tls_state(stream: trio.SSLStream) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None:
+    """An established SSLStream's TLS object and its two BIOs; None if trio still holds something back."""
+    parts = [getattr(stream, name, None) for name in ("_ssl_object", "_incoming", "_outgoing")]
+    if any(p is None for p in parts):
+        return None  # a trio that keeps them elsewhere
+    ssl_object, incoming, outgoing = parts
+    # A TLS 1.3 server's SSLStream holds back what its handshake left (session
+    # tickets) until its first send: b"" with none (fabric sends none), None once sent.
+    if outgoing.pending or getattr(stream, "_delayed_outgoing", None):
+        return None  # something trio has not sent yet: leave the stream to trio
+    return ssl_object, incoming, outgoing
+
+
+class _WebSocketOverTLS:
+    """A wss:// WebSocket's framing together with the TLS under it, as one framing (see `WebSocketStream.wrap`).
+
+    That outer TLS is the dialler's own, to the reverse proxy in front of
+    the hub, which ends it; the link's TLS travels inside, end to end.
+    """
+
+    def __init__(
+        self, ws: WebSocketStream, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> None:
+        self._ws = ws
+        self._ssl = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+
+    @property
+    def eof(self) -> bool:
+        return self._ws.eof
+
+    def wrap(self, data: bytes) -> bytes:
+        return self._encrypt(self._ws.wrap(data))
+
+    def _encrypt(self, data: bytes) -> bytes:
+        """`data` as records, after whatever the TLS object had to send (a KeyUpdate's answer)."""
+        try:
+            if data:
+                self._ssl.write(data)
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(f"TLS error (WebSocket's): {exc}") from exc
+        return self._outgoing.read()
+
+    def unwrap_untrusted(self, data: bytes) -> tuple[list[bytes], bytes]:
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+        return self._unwrap_buffered()
+
+    def _unwrap_buffered(self) -> tuple[list[bytes], bytes]:
+        payloads: list[bytes] = []
+        replies: list[bytes] = []
+        while True:
+            parts, closed = _read_records(self._ssl, RECEIVE_SIZE)
+            if parts:
+                more, reply = self._ws.unwrap_untrusted(b"".join(parts))
+                payloads += more
+                replies.append(reply)
+            if closed:  # the outer TLS ended: the end of the WebSocket's connection
+                more, reply = self._ws.unwrap_untrusted(b"")
+                payloads += more
+                replies.append(reply)
+            if closed or not parts:
+                return payloads, self._encrypt(b"".join(replies))
+
+    def take_received(self) -> tuple[list[bytes], bytes]:
+        """What the WebSocket had received, then what the TLS under it had: see `WebSocketStream.take_received`."""
+        payloads, reply = self._ws.take_received()
+        more, more_reply = self._unwrap_buffered()
+        return payloads + more, self._encrypt(reply) + more_reply
+
+
 class DirectTLS:
-    def __init__(self, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, sock) -> None:
+    def __init__(
+        self,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        sock,
+        framing: WebSocketStream | _WebSocketOverTLS | None,
+        max_pending: int,
+    ) -> None:
         self._ssl = ssl_object
         self._incoming = incoming
         self._outgoing = outgoing
         self._socket = sock  # the trio socket under the SSLStream (closed by whoever closes the stream)
+        self._framing = framing  # between the TLS bytes and the socket, if any: a WebSocket's (wss: and its TLS)
+        self._max_pending = max_pending  # bytes (see take_over)
         self._pending = memoryview(b"")  # ciphertext not yet written to the socket
         self._empty = False  # the last read emptied the socket
 
     @classmethod
-    def take_over(cls, stream: object) -> DirectTLS | None:
-        """Drive an established `trio.SSLStream`'s TLS state from now on; None if it is not one we can."""
-        # Only TLS right over TCP: a WebSocket link's SSLStream wraps a stream adapter whose
-        # bytes are framed, even if it exposes its socket (for logs): writing there would skip the framing.
-        if not isinstance(stream, trio.SSLStream) or type(stream.transport_stream) is not trio.SocketStream:
+    def take_over(cls, stream: object, *, max_pending: int) -> DirectTLS | None:
+        """Drive an established `trio.SSLStream`'s TLS state from now on; None if it is not one we can.
+
+        `max_pending`: bytes that may wait for the socket (see `pending`) while
+        `receive` reads on: past it, what reading makes us answer (pongs,
+        KeyUpdates) is piling up for a peer that does not read, and
+        `receive` raises BrokenResourceError instead.
+        """
+        if not isinstance(stream, trio.SSLStream):
             return None
-        parts = [getattr(stream, name, None) for name in ("_ssl_object", "_incoming", "_outgoing")]
-        if any(p is None for p in parts):
+        below = stream.transport_stream
+        framing: WebSocketStream | _WebSocketOverTLS | None = None
+        if type(below) is WebSocketStream:
+            framing, below = below, below.transport
+            if type(below) is trio.SSLStream:  # wss
+                outer = _tls_state(below)
+                if outer is None:
+                    return None
+                framing, below = _WebSocketOverTLS(framing, *outer), below.transport_stream
+        # Only a TCP socket under it all: any other stream adapter frames or
+        # encrypts its bytes, even if it exposes its socket (for logs).
+        if type(below) is not trio.SocketStream:
             return None
-        ssl_object, incoming, outgoing = parts
-        # A TLS 1.3 server's SSLStream holds back what its handshake left (session
-        # tickets) until its first send: b"" with none (fabric sends none), None once sent.
-        if outgoing.pending or getattr(stream, "_delayed_outgoing", None):
-            return None  # something trio has not sent yet: leave the stream to trio
-        sock = stream.transport_stream.socket
-        return cls(ssl_object, incoming, outgoing, sock)
+        state = _tls_state(stream)
+        if state is None:
+            return None
+        direct = cls(*state, below.socket, framing, max_pending)
+        if framing is not None:  # what the layers under the SSLStream received that it has not asked for yet
+            payloads, reply = framing.take_received()
+            for payload in payloads:
+                direct._incoming.write(payload)
+            direct._queue(reply)
+        return direct
 
     @property
     def pending(self) -> int:
         """Bytes of ciphertext waiting for the socket to take them (see `flush`).
 
-        Counts what a read left in the TLS object's output (a KeyUpdate's answer):
-        the next `write_nowait` sends it, before its own bytes.
+        Counts what a read left to send (a KeyUpdate's answer in the TLS object's
+        output, a WebSocket pong): the next `write_nowait` sends it, before its own bytes.
         """
         return len(self._pending) + self._outgoing.pending
 
@@ -76,23 +214,7 @@ class DirectTLS:
         """Plaintext, as much as is already here up to `max_bytes`; b"" when the peer closed TLS cleanly."""
         waited = False
         while True:
-            parts: list[bytes] = []
-            total = 0
-            closed = False
-            while total < max_bytes:
-                try:
-                    chunk = self._ssl.read(max_bytes - total)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLError as exc:
-                    if parts:
-                        break  # hand over what came before it; the next call raises
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-                if not chunk:
-                    closed = True  # close_notify: b"" now, or at the next call
-                    break
-                parts.append(chunk)
-                total += len(chunk)
+            parts, closed = _read_records(self._ssl, max_bytes)  # closed: b"" now, or at the next call
             if parts or closed:
                 if not waited:
                     await trio.lowlevel.checkpoint()  # a busy link must not starve the other tasks
@@ -108,10 +230,19 @@ class DirectTLS:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"connection lost: {exc.strerror or exc}") from exc
             self._empty = len(data) < RECEIVE_SIZE
-            if data:
+            if self._framing is not None:
+                payloads, reply = self._framing.unwrap_untrusted(data)
+                for payload in payloads:
+                    self._incoming.write(payload)
+                self._queue(reply)  # a pong, the answer to a close: the writer sends it (see `pending`)
+                if self._framing.eof:
+                    self._incoming.write_eof()
+            elif data:
                 self._incoming.write(data)
             else:
                 self._incoming.write_eof()  # the next read says how: close_notify first, or not
+            if self.pending > self._max_pending:  # answers to a peer that keeps asking and never reads
+                raise trio.BrokenResourceError(f"peer is not reading: {self.pending} bytes are queued for it")
 
     # -- sending (any task, synchronously; `flush` in one task at a time) --------------------------
 
@@ -123,9 +254,14 @@ class DirectTLS:
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
         out = self._outgoing.read()
+        if out and self._framing is not None:
+            out = self._framing.wrap(out)
+        self._queue(out)
+        self._send_pending()
+
+    def _queue(self, out: bytes) -> None:
         if out:
             self._pending = memoryview(bytes(self._pending) + out) if self._pending else memoryview(out)
-        self._send_pending()
 
     def _send_pending(self) -> None:
         while self._pending:

@@ -19,7 +19,9 @@ driven in line by `WebSocketStream`: no reader task per connection (as
 trio-websocket has), no whole-message reassembly (a link is a byte stream;
 frames are passed on as they come), and its C masking (RFC 6455 makes
 clients mask every byte they send): 1.4 us per 64 KiB here, against 83 us
-for wsproto's, which halved a link's throughput.
+for wsproto's, which halved a link's throughput. Once a link is up,
+`tls_io.DirectTLS` does its framing on the socket itself, with the same
+protocol object (`WebSocketStream.wrap`, `unwrap_untrusted`).
 """
 
 from __future__ import annotations
@@ -294,6 +296,10 @@ class WebSocketStream(trio.abc.Stream):
     and closes; sends a ping of its own with the data at most every
     `keepalive` seconds (the link's PINGs make sure there is data), for
     proxies that drop WebSockets they think idle.
+
+    The framing itself is done without I/O by `wrap` and `unwrap_untrusted`,
+    which an established link's `tls_io.DirectTLS` calls on the socket
+    directly, instead of this stream's methods.
     """
 
     def __init__(self, transport: trio.abc.Stream, protocol: ws_protocol.Protocol, *, keepalive: float, peer: str) -> None:
@@ -304,7 +310,7 @@ class WebSocketStream(trio.abc.Stream):
         self._last_ping = trio.current_time()
         self._send_lock = trio.Lock()  # the sender and the receiver (answering pings and closes) both write
         self._pending: list[bytes] = []  # received payloads not yet returned, in order
-        self._eof = False
+        self.eof = False  # the peer's close frame, or the end of the connection, has come
 
     @classmethod
     async def connect(cls, transport: trio.abc.Stream, address: Address, *, keepalive: float) -> WebSocketStream:
@@ -365,7 +371,10 @@ class WebSocketStream(trio.abc.Stream):
             peer = f"{forwarded.split(',')[0].strip()[:100]} via {peer}"
         return cls(transport, ws, keepalive=keepalive, peer=peer)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    # -- the framing, without I/O: used by the methods below, and by tls_io.DirectTLS on the socket itself
+
+    def wrap(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The bytes on the wire that carry `data`: binary messages, after a keepalive ping when one is due."""
         if self._ws.state is not ws_protocol.State.OPEN:
             raise trio.BrokenResourceError("the WebSocket is closed")
         now = trio.current_time()
@@ -375,11 +384,45 @@ class WebSocketStream(trio.abc.Stream):
         view = memoryview(data)
         for start in range(0, len(view), MESSAGE_SIZE):
             self._ws.send_binary(view[start : start + MESSAGE_SIZE])
-        await self._flush()
+        return b"".join(self._ws.data_to_send())
 
-    async def _flush(self) -> None:
-        """Send what the protocol has queued (our messages, pongs, close frames)."""
-        out = b"".join(self._ws.data_to_send())
+    def unwrap_untrusted(self, data: bytes) -> tuple[list[bytes], bytes]:
+        """Bytes from the wire (b"": its end) -> the link bytes they complete, and what to send back.
+
+        What to send back: pongs, the answer to a close. `eof` is True from
+        the peer's close frame or the end of the connection on.
+        BrokenResourceError for what a link cannot carry: text messages,
+        malformed frames.
+        """
+        if data:
+            self._ws.receive_data(data)
+        else:
+            self._ws.receive_eof()
+            self.eof = True
+        payloads = []
+        for event in self._ws.events_received():
+            if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
+                if event.data:
+                    payloads.append(event.data)
+            elif event.opcode is Opcode.TEXT:
+                raise trio.BrokenResourceError("the peer sent WebSocket text; a link carries binary messages only")
+            elif event.opcode is Opcode.CLOSE:
+                self.eof = True
+        if self._ws.parser_exc is not None:
+            raise trio.BrokenResourceError(f"WebSocket protocol error: {self._ws.parser_exc}")
+        return payloads, b"".join(self._ws.data_to_send())
+
+    def take_received(self) -> tuple[list[bytes], bytes]:
+        """The payloads received and not read yet, which the caller takes over (tls_io.DirectTLS); nothing to send back."""
+        taken, self._pending = self._pending, []
+        return taken, b""
+
+    # -- trio.abc.Stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._send(self.wrap(data))
+
+    async def _send(self, out: bytes) -> None:
         if out:
             async with self._send_lock:
                 await self.transport.send_all(out)
@@ -389,27 +432,14 @@ class WebSocketStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The payload received so far (at most `max_bytes`); trio.SSLStream asks without a limit and takes it all."""
-        while not self._pending and not self._eof:
+        while not self._pending and not self.eof:
             data = await receive_batch(self.transport, RECEIVE_SIZE)  # the outer TLS's records, for wss
-            if data:
-                self._ws.receive_data(data)
-            else:
-                self._ws.receive_eof()
-                self._eof = True
-            for event in self._ws.events_received():
-                if event.opcode in (Opcode.BINARY, Opcode.CONT):
-                    if event.data:
-                        self._pending.append(event.data)
-                elif event.opcode is Opcode.TEXT:
-                    raise trio.BrokenResourceError("the peer sent WebSocket text; a link carries binary messages only")
-                elif event.opcode is Opcode.CLOSE:
-                    self._eof = True
+            payloads, reply = self.unwrap_untrusted(data)
+            self._pending.extend(payloads)
             try:
-                await self._flush()  # pongs, the answer to a close
+                await self._send(reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the next read finds out
-            if self._ws.parser_exc is not None:
-                raise trio.BrokenResourceError(f"WebSocket protocol error: {self._ws.parser_exc}")
         if not self._pending:
             return b""
         if max_bytes is None:  # no copy when one frame came, as with large messages
@@ -428,7 +458,7 @@ class WebSocketStream(trio.abc.Stream):
             if self._ws.state is ws_protocol.State.OPEN:
                 self._ws.send_close(1000)
                 with trio.move_on_after(0.5):
-                    await self._flush()
+                    await self._send(b"".join(self._ws.data_to_send()))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from conftest import SETUP_DEADLINE, Chain, closed_port
+from fabric.router.tls_io import DirectTLS
 
 MiB = 1024 * 1024
 
@@ -38,6 +39,12 @@ async def test_links_are_websockets_and_status_says_so(ws_chain):
         ("c", "ws", "incoming"),
     }
     assert ws_chain.b.status().link_address is None
+
+
+async def test_websocket_links_are_driven_directly_on_their_sockets(ws_chain):
+    """tls_io.DirectTLS at both ends of each ws:// link: not trio's SSLStream over a WebSocketStream."""
+    for site, peer in ((ws_chain.a, ws_chain.b), (ws_chain.b, ws_chain.a), (ws_chain.b, ws_chain.c)):
+        assert isinstance(site.router.links[peer.site_id]._tls, DirectTLS), (site.name, peer.name)
 
 
 @pytest.mark.parametrize(

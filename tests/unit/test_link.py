@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import socket
 
 import pytest
 import trio
@@ -16,7 +13,6 @@ from fabric.config import Settings
 from fabric.gossip.records import sign_record
 from fabric.router.frames import FrameDecoder, FrameType, encode_frame, encode_u64
 from fabric.router.link import CONTROL_ALLOWANCE, FlowEnd, Link, make_hello
-from fabric.router.tls_io import DirectTLS
 from fabric.router.router import Router
 
 SETTINGS = Settings()
@@ -194,82 +190,3 @@ async def test_a_links_rtt_floor_is_advertised_only_when_it_moves_and_latency_co
             assert advertised() == (0.001 if latency_cost else None)
             assert ra.routes[rb.site_id].cost == 1
             nursery.cancel_scope.cancel()
-
-
-async def tls_pair(tmp_path, transports) -> tuple[trio.SSLStream, trio.SSLStream]:
-    """Two ends of one TLS 1.3 connection (fabric's contexts) over `transports`, handshaken."""
-    site_dir = tmp_path / "tls"
-    identity = pki.load_identity(site_dir) if site_dir.exists() else pki.create_identity(site_dir, "tls")
-    server = trio.SSLStream(transports[0], pki.server_context(identity), server_side=True)
-    client = trio.SSLStream(transports[1], pki.client_context(identity.ca_cert_pem), server_hostname=None)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.do_handshake)
-        nursery.start_soon(client.do_handshake)
-    return server, client
-
-
-async def test_direct_tls_is_only_for_tls_right_over_a_tcp_socket(tmp_path):
-    class Framed(trio.abc.Stream):  # say, a WebSocket adapter that shows its socket (for logs)
-        def __init__(self, sock) -> None:
-            self.inner = trio.SocketStream(sock)
-            self.socket = sock
-
-        async def send_all(self, data) -> None:
-            await self.inner.send_all(data)
-
-        async def wait_send_all_might_not_block(self) -> None:
-            await self.inner.wait_send_all_might_not_block()
-
-        async def receive_some(self, max_bytes=None) -> bytes:
-            return await self.inner.receive_some(max_bytes)
-
-        async def aclose(self) -> None:
-            await self.inner.aclose()
-
-    assert DirectTLS.take_over(trio.testing.memory_stream_pair()[0]) is None
-    with trio.fail_after(5):
-        memory = await tls_pair(tmp_path, trio.testing.memory_stream_pair())
-        assert DirectTLS.take_over(memory[0]) is None and DirectTLS.take_over(memory[1]) is None
-        a, b = trio.socket.socketpair()
-        framed = await tls_pair(tmp_path, (Framed(a), Framed(b)))
-        assert DirectTLS.take_over(framed[0]) is None
-        a, b = trio.socket.socketpair()
-        direct = await tls_pair(tmp_path, (trio.SocketStream(a), trio.SocketStream(b)))
-        assert isinstance(DirectTLS.take_over(direct[0]), DirectTLS)
-
-
-async def test_direct_tls_carries_bytes_both_ways_intact_through_small_socket_buffers(tmp_path):
-    """Each end: one task reading, another writing, on one TLS object; the sockets take a few KiB at a time."""
-    a, b = trio.socket.socketpair()
-    for sock in (a, b):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    size = 4 * 1024 * 1024
-    with trio.fail_after(20):
-        streams = await tls_pair(tmp_path, (trio.SocketStream(a), trio.SocketStream(b)))
-        ends = [DirectTLS.take_over(stream) for stream in streams]
-        sent = [hashlib.sha256(), hashlib.sha256()]
-        received = [hashlib.sha256(), hashlib.sha256()]
-
-        async def write(i: int) -> None:
-            left = size
-            while left:
-                chunk = os.urandom(min(left, 100_000 + i))  # records end in the middle of writes
-                sent[i].update(chunk)
-                ends[i].write_nowait(chunk)
-                left -= len(chunk)
-                await ends[i].flush()
-
-        async def read(i: int) -> None:
-            left = size
-            while left:
-                data = await ends[i].receive(256 * 1024)
-                assert data, f"end {i} saw the stream end with {left} bytes missing"
-                received[i].update(data)
-                left -= len(data)
-
-        async with trio.open_nursery() as nursery:
-            for i in (0, 1):
-                nursery.start_soon(write, i)
-                nursery.start_soon(read, i)
-    assert received[1].digest() == sent[0].digest() and received[0].digest() == sent[1].digest()

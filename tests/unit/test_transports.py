@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fabric.errors import LinkError
 from fabric.router import transports
 from fabric.router.transports import Address, Proxy, WebSocketStream, parse_address, parse_proxy, proxy_for
+from websocket_support import websocket_pair
 
 
 @pytest.mark.parametrize(
@@ -112,24 +113,6 @@ def test_a_malformed_proxy_in_the_environment_is_named_as_such() -> None:
 # -- the WebSocket stream -------------------------------------------------------------
 
 
-async def websocket_pair(keepalive: float = 25.0) -> tuple[WebSocketStream, WebSocketStream]:
-    client_side, server_side = trio.testing.memory_stream_pair()
-    results: dict[str, WebSocketStream] = {}
-
-    async def server() -> None:
-        results["server"] = await WebSocketStream.accept(server_side, path="/fabric", keepalive=keepalive, peer="test")
-
-    async def client() -> None:
-        results["client"] = await WebSocketStream.connect(
-            client_side, parse_address("ws://hub:80/fabric"), keepalive=keepalive
-        )
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server)
-        nursery.start_soon(client)
-    return results["client"], results["server"]
-
-
 async def receive_exactly(stream: trio.abc.ReceiveStream, size: int, max_bytes: int) -> bytes:
     received = bytearray()
     while len(received) < size:
@@ -148,7 +131,7 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, size: int, max_bytes: 
 )
 def test_bytes_cross_a_websocket_intact_both_ways_whatever_the_message_sizes(up, down, max_bytes, keepalive) -> None:
     async def main() -> None:
-        client, server = await websocket_pair(keepalive)
+        client, server = await websocket_pair(trio.testing.memory_stream_pair(), keepalive)
         results = {}
 
         async def send(stream, chunks):
@@ -216,7 +199,7 @@ async def test_a_plain_http_request_gets_400_and_a_line_saying_what_the_port_is_
 @given(garbage=st.binary(min_size=1, max_size=300))
 def test_malformed_websocket_frames_break_the_stream_and_nothing_else(garbage: bytes) -> None:
     async def main() -> None:
-        client, server = await websocket_pair()
+        client, server = await websocket_pair(trio.testing.memory_stream_pair())
         await client.transport.send_all(garbage)  # raw bytes, not frames
         await client.transport.aclose()
         with trio.fail_after(5):
