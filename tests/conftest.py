@@ -479,3 +479,13 @@ async def chain(network: Network) -> AsyncIterator[Chain]:
         await network.link(a, b)
         await network.link(c, b)
         yield Chain(a, b, c)
+
+
+@pytest.fixture
+async def ws_chain(network: Network) -> AsyncIterator[Chain]:
+    """A - B - C with both links WebSockets into B's ws port (B has no TLS link port at all)."""
+    async with network.site("a") as a, network.site("b", ws_port=0) as b, network.site("c") as c:
+        ws_url = b.status().ws_address
+        await network.link(a, b, link_urls=[ws_url])
+        await network.link(c, b, link_urls=[ws_url])
+        yield Chain(a, b, c)

@@ -7,28 +7,18 @@ tested with the real programs in tests/system/test_ws_proxies.py.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
-from conftest import SETUP_DEADLINE, Chain, closed_port
 from fabric.router.tls_io import DirectTLS
 
 MiB = 1024 * 1024
+SETUP_DEADLINE = 20  # seconds to open sites and link them; ~0.1 s on loopback
 
 
 def ws_url(site) -> str:
     return site.status().ws_address
-
-
-@pytest.fixture
-async def ws_chain(network) -> AsyncIterator[Chain]:
-    """A - B - C with both links WebSockets into B's ws port (B has no TLS link port at all)."""
-    async with network.site("a") as a, network.site("b", ws_port=0) as b, network.site("c") as c:
-        await network.link(a, b, link_urls=[ws_url(b)])
-        await network.link(c, b, link_urls=[ws_url(b)])
-        yield Chain(a, b, c)
 
 
 async def test_links_are_websockets_and_status_says_so(ws_chain):
@@ -71,8 +61,8 @@ async def test_200_concurrent_connections_over_websocket_links(ws_chain, hash_se
     assert hash_server.verified == 200
 
 
-async def test_the_redeemer_tries_the_token_addresses_in_order_and_dials_the_one_that_worked_first(network):
-    dead = f"tls://127.0.0.1:{closed_port()}"
+async def test_the_redeemer_tries_the_token_addresses_in_order_and_dials_the_one_that_worked_first(network, tcp):
+    dead = f"tls://127.0.0.1:{tcp.closed_port()}"
     async with network.site("hub", ws_port=0) as hub:
         async with network.site("edge") as edge:
             await network.link(edge, hub, link_urls=[dead, ws_url(hub)])
@@ -84,13 +74,13 @@ async def test_the_redeemer_tries_the_token_addresses_in_order_and_dials_the_one
             assert edge.status().links[0].address == ws_url(hub)
 
 
-async def test_a_link_that_dials_a_dead_address_first_moves_the_live_one_first(network):
+async def test_a_link_that_dials_a_dead_address_first_moves_the_live_one_first(network, tcp):
     async with network.site("hub", ws_port=0, link_port=0) as hub, network.site("edge") as edge:
         await network.link(edge, hub, link_urls=[ws_url(hub)])
         (link,) = edge.config.links
         await edge.delete_link(link.name)
         # A link whose first address went away, as when the hub moved behind a proxy.
-        dead = f"ws://127.0.0.1:{closed_port()}/fabric"
+        dead = f"ws://127.0.0.1:{tcp.closed_port()}/fabric"
         await network.link(edge, hub, link_urls=[dead, hub.status().link_address])
         assert edge.config.links[0].addresses[0] == hub.status().link_address
 
