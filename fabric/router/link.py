@@ -553,15 +553,20 @@ class FlowEnd(trio.abc.HalfCloseableStream):
     # -- stream interface ------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        # A call that waited has been through the scheduler (a cancel point and a schedule
+        # point): only one that did not wait takes a checkpoint of its own, at the end.
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while not self._inbound:
             self._sink_held = False  # the reader has sent all it took: the sink may deliver again
             if self._error is not None:
                 raise self._error
             if self._recv_closed:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return b""
             await self._changed.wait()
+            waited = True
         if self._error is not None:
             raise self._error
         chunk = self._inbound.popleft()
@@ -569,7 +574,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             self._inbound.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
         self._consume(len(chunk))
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return chunk
 
     def _consume(self, n: int) -> None:
