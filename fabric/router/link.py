@@ -478,6 +478,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._error: FlowReset | FlowRefused | None = None
         # Where DATA goes straight from the link's reader, while nothing is queued (see attach_sink).
         self._sink: Callable[[bytes], int] | None = None
+        self._sink_eof: Callable[[], None] | None = None  # told of the peer's CLOSE once the sink has had every byte
         self._on_failed: Callable[[FlowReset | FlowRefused], None] | None = None
         self._sink_held = False  # bytes were queued for the reader of this flow: the sink waits for it to catch up
         self._changed = trio.Event()
@@ -585,7 +586,12 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             self._recv_limit = self._consumed + self._window
             self.link.send_frame(FrameType.CREDIT, self.flow_id, encode_u64(self._recv_limit))
 
-    def attach_sink(self, sink: Callable[[bytes], int] | None) -> None:
+    @property
+    def quiet(self) -> bool:
+        """Nothing is queued for `receive_some`, and the flow has neither ended this way nor failed."""
+        return not self._inbound and not self._recv_closed and self._error is None
+
+    def attach_sink(self, sink: Callable[[bytes], int] | None, at_eof: Callable[[], None] | None = None) -> None:
         """Deliver DATA to `sink` from the link's reader, with no task switch, while nothing is queued.
 
         `sink(payload)` takes what it can at once, never blocking, and returns
@@ -599,8 +605,15 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         OPEN_OK, before the relay started; what an HTTP upgrade left unread)
         are queued: the sink waits for the reader to take them first, as if
         it had queued them itself.
+
+        `at_eof()`, if given, is called from the reader when the peer's CLOSE
+        comes while the sink has had every byte (nothing queued): a sink
+        that is the only reader of the flow (an HTTP listener's answers)
+        learns of the end as it learns of the bytes. A relay gives none: its
+        pump meets the EOF in `receive_some`. (A failure is `on_failure`'s.)
         """
         self._sink = sink
+        self._sink_eof = at_eof
         self._sink_held = bool(self._inbound)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -699,6 +712,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._recv_closed = True
         self._maybe_forget()
         self._wake()
+        if self._sink_eof is not None and not self._sink_held and not self._inbound:
+            self._sink_eof()
 
     def _on_reset(self, code: int, text: str) -> None:
         self._fail(FlowReset(code, text))

@@ -273,3 +273,48 @@ async def test_direct_tls_carries_bytes_both_ways_intact_through_small_socket_bu
                 nursery.start_soon(write, i)
                 nursery.start_soon(read, i)
     assert received[1].digest() == sent[0].digest() and received[0].digest() == sent[1].digest()
+
+
+async def test_a_sink_is_told_of_the_eof_once_it_has_had_every_byte():
+    """An HTTP listener's sink is the only reader of its flow: it learns of the peer's CLOSE as it learns of
+    DATA. While bytes are queued for `receive_some` (the sink took only part), the end is theirs to meet."""
+    link, _ = link_pair("A", "B", _Quiet(), _Quiet())
+    taken, ends = bytearray(), []
+
+    def sink(data: bytes) -> int:
+        taken.extend(data)
+        return len(data)
+
+    flow = FlowEnd(link, 2, "flow", opener=False)
+    assert flow.quiet
+    flow.attach_sink(sink, lambda: ends.append("eof"))
+    flow._on_data(b"answer")
+    flow._on_close()
+    assert (bytes(taken), ends, flow.quiet) == (b"answer", ["eof"], False)
+
+    held = FlowEnd(link, 4, "held", opener=False)
+    held.attach_sink(lambda data: 2, lambda: ends.append("held eof"))  # takes 2 bytes of each
+    held._on_data(b"answer")
+    held._on_close()
+    assert ends == ["eof"] and not held.quiet
+    with trio.fail_after(5):
+        assert await held.receive_some() == b"swer"
+        assert await held.receive_some() == b""
+
+
+async def test_a_cancelled_receive_from_a_socket_leaves_its_bytes_for_the_next():
+    """An HTTP listener's client task is cancelled (by a sink giving an answer back) while it waits for the
+    next request: a receive cancelled at its checkpoint must not have read what it cannot return."""
+    from fabric.router.relay import SocketEnd
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        end = SocketEnd(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), "client")
+        theirs.sendall(b"GET / HTTP/1.1\r\n")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await end.receive_some()
+        assert scope.cancelled_caught
+        with trio.fail_after(5):
+            assert await end.receive_some() == b"GET / HTTP/1.1\r\n"
