@@ -29,7 +29,11 @@ What a request costs is kept small, because it is paid per request and not
 per connection: a head is parsed once (llhttp) and written once, by hand; a
 request without a body and its answer take no task of their own and one
 write each way; reads and writes of the client's socket do not go through
-the scheduler when they need not wait (`SocketEnd`).
+the scheduler when they need not wait (`SocketEnd`); and the answer is read
+and written to the client by the flow's sink, from the link's reader, as a
+TCP relay's is, so that a request wakes the client's task once, not twice
+(the answer is given back to that task for anything out of the ordinary:
+see `_answer_in_sink`).
 """
 
 from __future__ import annotations
