@@ -29,7 +29,11 @@ What a request costs is kept small, because it is paid per request and not
 per connection: a head is parsed once (llhttp) and written once, by hand; a
 request without a body and its answer take no task of their own and one
 write each way; reads and writes of the client's socket do not go through
-the scheduler when they need not wait (`SocketEnd`).
+the scheduler when they need not wait (`SocketEnd`); and the answer is read
+and written to the client by the flow's sink, from the link's reader, as a
+TCP relay's is, so that a request wakes the client's task once, not twice
+(the answer is given back to that task for anything out of the ordinary:
+see `_answer_in_sink`).
 """
 
 from __future__ import annotations
@@ -88,6 +92,11 @@ _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds
 _BUCKETS_S = tuple(bound / 1000 for bound in LATENCY_BUCKETS_MS)
 _FLOW_FAILURES = (FlowError, trio.BrokenResourceError, trio.ClosedResourceError)
+# What reading an answer needs next (HttpListener._take_answer).
+_MORE = "more"  # bytes from the upstream
+_FLUSH = "flush"  # the bytes gathered written to the client, before going on
+_DONE = "done"  # the answer is whole (its last bytes wait to be written)
+_SWITCHED = "switched"  # 101: the connection is a tunnel from now on
 _SOCKET_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -168,7 +177,7 @@ class _Broken(Exception):
 class _Client:
     """A client's connection: its socket, its requests as read, and the answer bytes waiting to be written."""
 
-    __slots__ = ("end", "reader", "out", "out_bytes", "started", "answering", "forwarding")
+    __slots__ = ("end", "reader", "out", "out_bytes", "started", "answering", "forwarding", "exchange", "interrupt", "keep")
 
     def __init__(self, stream: trio.SocketStream, ip: str) -> None:
         self.end = SocketEnd(stream, "client")
@@ -177,6 +186,9 @@ class _Client:
         self.out_bytes = 0
         self.started = 0.0  # when its current request began
         self.answering = False  # a final answer's head went out for the current request
+        self.exchange: _Exchange | None = None  # the request whose answer a flow's sink is writing (_answer_in_sink)
+        self.interrupt = trio.CancelScope()  # what that sink cancels to give the answer back to the client's task
+        self.keep = True  # the last answer a sink wrote leaves the connection open
         address = ip.encode()
         node = b'"[' + address + b']"' if b":" in address else address
         self.forwarding = (address, b"for=" + node + b";proto=http")  # its parts of X-Forwarded-For, Forwarded
@@ -199,6 +211,21 @@ class _Client:
             except _SOCKET_FAILURES as exc:
                 raise _Broken(f"client connection lost: {exc}") from None
 
+    def flush_nowait(self) -> bool:
+        """Write what the socket takes now of the answer bytes waiting; whether all went (an error: not all)."""
+        out = self.out
+        if not out:
+            return True
+        data = b"".join(out) if len(out) > 1 else out[0]
+        taken = self.end.send_nowait(data)
+        out.clear()
+        if taken < len(data):
+            out.append(data[taken:])
+            self.out_bytes = len(data) - taken
+            return False
+        self.out_bytes = 0
+        return True
+
 
 @attrs.define(eq=False)
 class _Upstream:
@@ -213,14 +240,28 @@ class _Upstream:
 
 
 class _Exchange:
-    """One request's progress over one upstream, for deciding what may be tried again."""
+    """One request: what goes to the target, the tries so far, and its progress over the current upstream."""
 
-    __slots__ = ("body_sent", "body_done", "answered")
+    __slots__ = (
+        "head", "payload", "body_sent", "body_done", "answered", "status", "chunked", "close", "whole",
+        "tries", "refused", "failure", "upstream", "done",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, head: Head) -> None:
+        self.head = head
+        self.payload = b""  # the request's head and the body bytes read with it, as they go to the target
         self.body_sent = False
         self.body_done = False
         self.answered: int | None = None  # the final answer's status, once its head went to the client
+        self.status = 0  # of the answer being read (a 1xx until the final one comes)
+        self.chunked = False  # the answer's body goes to the client chunked
+        self.close = not head.keep_alive  # the client's connection closes after the answer
+        self.whole = False  # the answer is all read (or it was a 101)
+        self.tries: Tries | None = None  # new flows opened for it (made at the first)
+        self.refused: set[str] = set()  # providers that cannot serve it
+        self.failure = "no answer"  # why the last try failed
+        self.upstream: _Upstream | None = None  # while a sink writes its answer
+        self.done: trio.Event | None = None  # set when that sink is done, if the client's task waits for it
 
 
 async def _send(end: End, data: bytes) -> None:
@@ -341,8 +382,20 @@ class HttpListener(TcpListener):
         client = _Client(stream, ip)
         clean = False
         try:
-            while await self._request(client):
-                pass
+            while True:
+                with client.interrupt:
+                    while await self._request(client):
+                        pass
+                    break
+                # A flow's sink wrote an answer after which the connection closes, or gave back the
+                # one it was writing: the client's task finishes that one.
+                client.interrupt = trio.CancelScope()
+                if client.exchange is None:
+                    break
+                exchange, upstream = client.exchange, client.exchange.upstream
+                client.exchange = exchange.upstream = None
+                if not await self._counted(client, exchange, upstream):
+                    break
             clean = True
         except _Broken as exc:
             log.debug("listener %s: client %s: %s", self.config.name, ip, exc)
@@ -350,6 +403,8 @@ class HttpListener(TcpListener):
             log.exception("listener %s: connection from %s failed", self.config.name, ip)
         finally:
             self.connections -= 1
+            if client.exchange is not None:
+                self._abandon(client)
             if stream.socket.fileno() == -1:
                 pass  # a tunnel closed it already
             elif clean:
@@ -358,33 +413,62 @@ class HttpListener(TcpListener):
                 client.end.abort(Reason.UNSPECIFIED, "connection ended")
 
     async def _request(self, client: _Client) -> bool:
-        """Serve the client's next request; whether the connection may carry another."""
+        """Serve the client's next request; whether the connection may carry another.
+
+        The answer to the one before may still be on its way, written by a
+        flow's sink: the next is read meanwhile, and routed once that is done.
+        """
         reader = client.reader
+        while not reader.has_events():
+            if reader.eof:
+                await self._settle(client)
+                return False
+            await client.receive()
+        if not await self._settle(client):
+            return False
         metrics = self._metrics
+        client.started = trio.current_time()
+        metrics.requests += 1
         try:
-            while (head := reader.next_event()) is NEED_DATA:
-                if reader.eof:
-                    return False
-                await client.receive()
+            head = reader.next_event()
         except HttpError as exc:
-            client.started = trio.current_time()
-            metrics.requests += 1
             return await self._answer(client, exc.status, "request head too large" if exc.status == 431 else str(exc))
         assert type(head) is Head, head
-        client.started = trio.current_time()
         client.answering = False
-        metrics.requests += 1
         metrics.methods[head.method] += 1
         if head.method == b"CONNECT":
             return await self._answer(client, 405, "CONNECT is not served by an HTTP listener")
         metrics.active += 1
+        return await self._counted(client, _Exchange(head))
+
+    async def _counted(self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None) -> bool:
+        """`_route`, counted in progress until its answer is done (by a sink, if it takes it), and broken if it broke."""
         try:
-            return await self._route(client, head)
+            return await self._route(client, exchange, upstream)
         except _Broken:
-            metrics.errors += 1
+            self._metrics.errors += 1
             raise
         finally:
-            metrics.active -= 1
+            if client.exchange is not exchange:
+                self._metrics.active -= 1
+
+    async def _settle(self, client: _Client) -> bool:
+        """Wait until the answer a sink is writing is done; whether the connection may carry another request."""
+        while (exchange := client.exchange) is not None:
+            exchange.done = trio.Event()
+            await exchange.done.wait()
+        return client.keep
+
+    def _abandon(self, client: _Client) -> None:
+        """The client's task ends while a sink writes an answer to it: the flow goes, the request counts as broken."""
+        exchange, upstream = client.exchange, client.exchange.upstream
+        client.exchange = exchange.upstream = None
+        upstream.end.attach_sink(None)
+        upstream.end.on_failure(None)
+        self._pool.discard(upstream)
+        self._router.outstanding[upstream.provider] -= 1
+        self._metrics.active -= 1
+        self._metrics.errors += 1
 
     def _upstream_head(self, head: Head, client: _Client) -> bytes:
         """The request head as it goes to the target: hop-by-hop headers out, forwarding headers in."""
@@ -449,72 +533,85 @@ class HttpListener(TcpListener):
             out.append(chunk(event) if chunked else event)
         return False
 
-    async def _route(self, client: _Client, head: Head) -> bool:
-        """Carry one request to a provider and its answer back; whether the client may send another."""
+    async def _route(self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None) -> bool:
+        """Carry one request to a provider and its answer back; whether the client may send another.
+
+        `upstream`: one that carries the request already (a sink gave its answer back): that answer is read first.
+        """
         router, key = self._router, self.config.routing_key
-        exchange = _Exchange()
-        first = [self._upstream_head(head, client)]
-        try:
-            self._take_body(client, head, first, exchange)
-        except HttpError as exc:
-            return await self._answer(client, exc.status, f"bad request body: {exc}")
-        payload = b"".join(first) if len(first) > 1 else first[0]
-        exchange.body_sent = len(first) > 1  # once it went
-        retryable = head.method in IDEMPOTENT
-        tries: Tries | None = None
-        refused: set[str] = set()
-        failure = "no answer"
-        while True:
-            provider = router.choose_provider(key, self.config.distribution, exclude=refused)
-            if provider is None:
-                if not router.providers(key):
-                    return await self._answer(client, 503, f"no reachable site offers routing key {key!r}")
-                return await self._answer(client, 502, failure)
-            upstream = self._pool.take(provider)
-            if upstream is None:
-                tries = tries or Tries()
-                if not tries.left():
-                    return await self._answer(client, 502, failure)
-                try:
-                    end, hop = await router.open_to(provider, key, tries)
-                except FlowError as exc:
-                    refused.add(provider)
-                    failure = str(exc)
-                    continue
-                upstream = _Upstream(end, provider, hop)
-            router.outstanding[provider] += 1
+        head = exchange.head
+        if upstream is None:
+            first = [self._upstream_head(head, client)]
             try:
-                return await self._exchange(client, head, upstream, payload, exchange)
+                self._take_body(client, head, first, exchange)
+            except HttpError as exc:
+                return await self._answer(client, exc.status, f"bad request body: {exc}")
+            exchange.payload = b"".join(first) if len(first) > 1 else first[0]
+            exchange.body_sent = len(first) > 1  # once it went
+        retryable = head.method in IDEMPOTENT
+        refused = exchange.refused
+        while True:
+            sent = upstream is not None
+            if not sent:
+                provider = router.choose_provider(key, self.config.distribution, exclude=refused)
+                if provider is None:
+                    if not router.providers(key):
+                        return await self._answer(client, 503, f"no reachable site offers routing key {key!r}")
+                    return await self._answer(client, 502, exchange.failure)
+                upstream = self._pool.take(provider)
+                if upstream is None:
+                    tries = exchange.tries = exchange.tries or Tries()
+                    if not tries.left():
+                        return await self._answer(client, 502, exchange.failure)
+                    try:
+                        end, hop = await router.open_to(provider, key, tries)
+                    except FlowError as exc:
+                        refused.add(provider)
+                        exchange.failure = str(exc)
+                        continue
+                    upstream = _Upstream(end, provider, hop)
+                router.outstanding[provider] += 1
+            provider = upstream.provider
+            try:
+                return await self._exchange(client, exchange, upstream, sent)
             except _Broken as exc:
                 if exc.status is not None and not client.answering:
                     return await self._answer(client, exc.status, str(exc))
                 if not exc.repeatable:
                     raise
-                failure = f"site {router.name_of(provider)}: {exc}"
+                exchange.failure = f"site {router.name_of(provider)}: {exc}"
                 if not (retryable or exc.head_lost):
-                    return await self._answer(client, 502, failure)
+                    return await self._answer(client, 502, exchange.failure)
                 if upstream.fresh:
                     refused.add(provider)  # a new flow failed: this provider's target is in trouble
                 # else a kept flow had gone stale: try again, on another kept flow or a new one
             finally:
-                router.outstanding[provider] -= 1
+                if client.exchange is not exchange:  # (a sink counts it out when its answer is done)
+                    router.outstanding[provider] -= 1
+            upstream = None
 
-    async def _exchange(self, client: _Client, head: Head, upstream: _Upstream, payload: bytes, exchange: _Exchange) -> bool:
-        """One request and its answer over `upstream`; raises _Broken if it breaks."""
-        upstream.reader.expect_response(head.method)
-        try:
-            await _send(upstream.end, payload)
-        except _FLOW_FAILURES as exc:
-            self._pool.discard(upstream)
-            raise _Broken(f"upstream lost: {exc}", repeatable=True, head_lost=True) from None
-        close = not head.keep_alive
+    async def _exchange(self, client: _Client, exchange: _Exchange, upstream: _Upstream, sent: bool) -> bool:
+        """One request and its answer over `upstream`; raises _Broken if it breaks. True, with the
+        answer left to a sink (`_answer_in_sink`), means: as far as the request says. `sent`: the
+        request went already (a sink gave its answer back)."""
+        head = exchange.head
+        if not sent:
+            exchange.status, exchange.chunked, exchange.close, exchange.whole = 0, False, not head.keep_alive, False
+            upstream.reader.expect_response(head.method)
+            try:
+                await _send(upstream.end, exchange.payload)
+            except _FLOW_FAILURES as exc:
+                self._pool.discard(upstream)
+                raise _Broken(f"upstream lost: {exc}", repeatable=True, head_lost=True) from None
+            if exchange.body_done and not head.upgrade and self._answer_in_sink(client, exchange, upstream):
+                return True
         try:
             if exchange.body_done:
-                status, close = await self._relay_answer(client, head, upstream, exchange, close)
+                await self._relay_answer(client, exchange, upstream)
             else:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_body, client, head, upstream, exchange)
-                    status, close = await self._relay_answer(client, head, upstream, exchange, close)
+                    await self._relay_answer(client, exchange, upstream)
                     # Answered before the whole body came (or switched protocols): stop reading it.
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -526,16 +623,71 @@ class HttpListener(TcpListener):
         except BaseException:
             self._pool.discard(upstream)
             raise
-        if status == 101:
+        if exchange.status == 101:
             await self._tunnel(client, upstream)
             return False
+        return self._answer_done(client, exchange, upstream)
+
+    def _answer_done(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> bool:
+        """The answer went whole: the flow is kept for the next request if it can be; whether the client may send another."""
         if client.reader.switched:
             client.reader.resume()  # an upgrade asked for and not granted: the connection stays HTTP
         if exchange.body_done and upstream.reader.reusable():
             self._pool.put(upstream)
         else:
             self._pool.discard(upstream)
-        return exchange.body_done and not close
+        return exchange.body_done and not exchange.close
+
+    def _answer_in_sink(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> bool:
+        """Leave the answer to the flow's sink; False if the flow cannot take one (not a flow, or something came already).
+
+        The answer is then read and written to the client from the link's
+        reader as its bytes come, with no task switch (as a TCP relay's
+        sink writes them), while the client's task waits for the next
+        request. Anything but an answer that the client's socket takes at
+        once and whole (a failure, the target's EOF, a client that does not
+        read as fast, a 101) is given back to that task, as it stands, by
+        cancelling `client.interrupt`: `_serve` goes on with it in `_route`.
+        """
+        end = upstream.end
+        if not getattr(end, "quiet", False):
+            return False
+        reader = upstream.reader
+
+        def give_back(*_) -> None:
+            end.attach_sink(None)
+            end.on_failure(None)
+            client.interrupt.cancel()
+
+        def sink(data: bytes) -> int:
+            reader.receive_data_untrusted(data)
+            try:
+                step = self._take_answer(client, exchange, reader)
+                while step is _FLUSH and client.flush_nowait():
+                    step = self._take_answer(client, exchange, reader)
+            except _Broken:
+                give_back()  # the task meets the same error where the reader keeps it
+                return len(data)
+            if step is _DONE and client.flush_nowait():
+                end.attach_sink(None)
+                end.on_failure(None)
+                client.exchange = exchange.upstream = None
+                self._metrics.active -= 1
+                self._router.outstanding[upstream.provider] -= 1
+                client.keep = self._answer_done(client, exchange, upstream)
+                if exchange.done is not None:
+                    exchange.done.set()
+                elif not client.keep:
+                    client.interrupt.cancel()  # the client's task waits for a request that must not come
+            elif step is not _MORE or not client.flush_nowait():
+                give_back()
+            return len(data)
+
+        client.exchange = exchange
+        exchange.upstream = upstream
+        end.attach_sink(sink, give_back)
+        end.on_failure(give_back)
+        return True
 
     async def _pump_body(self, client: _Client, head: Head, upstream: _Upstream, exchange: _Exchange) -> None:
         """The rest of the request's body, client -> upstream, as it arrives."""
@@ -557,15 +709,30 @@ class HttpListener(TcpListener):
                 return
             await client.receive()  # the client gone: nothing to answer, nothing to try again
 
-    async def _relay_answer(
-        self, client: _Client, request: Head, upstream: _Upstream, exchange: _Exchange, close: bool
-    ) -> tuple[int, bool]:
-        """The upstream's answer, head and body, to the client; its status, and whether the client's connection closes."""
+    async def _relay_answer(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> None:
+        """The upstream's answer, head and body, to the client (until its end, or a 101)."""
         reader = upstream.reader
-        metrics = self._metrics
+        while True:
+            step = self._take_answer(client, exchange, reader)
+            if step is _MORE:
+                if client.out:
+                    await client.flush()
+                try:
+                    data = await upstream.end.receive_some(CHUNK)
+                except _FLOW_FAILURES as exc:
+                    raise self._broken_answer(exchange, exc) from None
+                reader.receive_data_untrusted(data)
+            else:
+                await client.flush()  # (a 1xx too: the client may wait for 100 Continue before it sends more)
+                if step is not _FLUSH:
+                    return
+
+    def _take_answer(self, client: _Client, exchange: _Exchange, reader: Reader) -> str:
+        """The answer's events read so far, onto `client.out` as they go to the client; what is needed next
+        (_MORE, _FLUSH, _DONE, _SWITCHED). Raises _Broken for an answer that broke off or is malformed."""
+        if exchange.whole:  # (a sink gave it back with its last bytes still to write)
+            return _SWITCHED if exchange.status == 101 else _DONE
         out = client.out
-        status = 0
-        chunked = False
         while True:
             try:
                 event = reader.next_event()
@@ -574,41 +741,34 @@ class HttpListener(TcpListener):
             if event is NEED_DATA:
                 if reader.eof:
                     raise self._broken_answer(exchange, EOFError("connection closed"))
-                if out:
-                    await client.flush()
-                try:
-                    data = await upstream.end.receive_some(CHUNK)
-                except _FLOW_FAILURES as exc:
-                    raise self._broken_answer(exchange, exc) from None
-                reader.receive_data_untrusted(data)
-            elif type(event) is bytes:
-                metrics.bytes_out += len(event)
-                out.append(chunk(event) if chunked else event)
+                return _MORE
+            if type(event) is bytes:
+                self._metrics.bytes_out += len(event)
+                out.append(chunk(event) if exchange.chunked else event)
                 client.out_bytes += len(event)
                 if client.out_bytes >= CHUNK:
-                    await client.flush()
+                    return _FLUSH
             elif event is END:
-                if status < 200:
+                if exchange.status < 200:
                     continue  # a 1xx: the final answer follows
-                if chunked:
+                if exchange.chunked:
                     out.append(LAST_CHUNK)
-                self._answered(client, status)
-                await client.flush()
-                return status, close
+                exchange.whole = True
+                self._answered(client, exchange.status)
+                return _DONE
             else:
-                status = event.status
-                data, chunked, close = self._client_head(event, request, close)
+                status = exchange.status = event.status
+                data, exchange.chunked, exchange.close = self._client_head(event, exchange.head, exchange.close)
                 out.append(data)
                 if status == 101:
                     exchange.answered = 101
+                    exchange.whole = True
                     self._answered(client, 101)
-                    await client.flush()
-                    return 101, True
+                    return _SWITCHED
                 if status < 200:
-                    await client.flush()  # the client may wait for it (100 Continue) before it sends more
-                else:
-                    exchange.answered = status
-                    client.answering = True
+                    return _FLUSH
+                exchange.answered = status
+                client.answering = True
 
     def _broken_answer(self, exchange: _Exchange, exc: BaseException, what: str = "the target's answer broke off") -> _Broken:
         return _Broken(f"{what}: {exc}", repeatable=exchange.answered is None and not exchange.body_sent)

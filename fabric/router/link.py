@@ -480,6 +480,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._error: FlowReset | FlowRefused | None = None
         # Where DATA goes straight from the link's reader, while nothing is queued (see attach_sink).
         self._sink: Callable[[bytes], int] | None = None
+        self._sink_eof: Callable[[], None] | None = None  # told of the peer's CLOSE once the sink has had every byte
         self._on_failed: Callable[[FlowReset | FlowRefused], None] | None = None
         self._sink_held = False  # bytes were queued for the reader of this flow: the sink waits for it to catch up
         self._changed = trio.Event()
@@ -555,15 +556,20 @@ class FlowEnd(trio.abc.HalfCloseableStream):
     # -- stream interface ------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        # A call that waited has been through the scheduler (a cancel point and a schedule
+        # point): only one that did not wait takes a checkpoint of its own, at the end.
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while not self._inbound:
             self._sink_held = False  # the reader has sent all it took: the sink may deliver again
             if self._error is not None:
                 raise self._error
             if self._recv_closed:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return b""
             await self._changed.wait()
+            waited = True
         if self._error is not None:
             raise self._error
         chunk = self._inbound.popleft()
@@ -571,7 +577,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             self._inbound.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
         self._consume(len(chunk))
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return chunk
 
     def _consume(self, n: int) -> None:
@@ -581,7 +588,12 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             self._recv_limit = self._consumed + self._window
             self.link.send_frame(FrameType.CREDIT, self.flow_id, encode_u64(self._recv_limit))
 
-    def attach_sink(self, sink: Callable[[bytes], int] | None) -> None:
+    @property
+    def quiet(self) -> bool:
+        """Nothing is queued for `receive_some`, and the flow has neither ended this way nor failed."""
+        return not self._inbound and not self._recv_closed and self._error is None
+
+    def attach_sink(self, sink: Callable[[bytes], int] | None, at_eof: Callable[[], None] | None = None) -> None:
         """Deliver DATA to `sink` from the link's reader, with no task switch, while nothing is queued.
 
         `sink(payload)` takes what it can at once, never blocking, and returns
@@ -595,8 +607,15 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         OPEN_OK, before the relay started; what an HTTP upgrade left unread)
         are queued: the sink waits for the reader to take them first, as if
         it had queued them itself.
+
+        `at_eof()`, if given, is called from the reader when the peer's CLOSE
+        comes while the sink has had every byte (nothing queued): a sink
+        that is the only reader of the flow (an HTTP listener's answers)
+        learns of the end as it learns of the bytes. A relay gives none: its
+        pump meets the EOF in `receive_some`. (A failure is `on_failure`'s.)
         """
         self._sink = sink
+        self._sink_eof = at_eof
         self._sink_held = bool(self._inbound)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -695,6 +714,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self._recv_closed = True
         self._maybe_forget()
         self._wake()
+        if self._sink_eof is not None and not self._sink_held and not self._inbound:
+            self._sink_eof()
 
     def _on_reset(self, code: int, text: str) -> None:
         self._fail(FlowReset(code, text))

@@ -64,6 +64,8 @@ class SocketEnd:
         return fd
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        # Cancelled only before a read, never after (trio.SocketStream's rule): bytes read are returned.
+        await trio.lowlevel.checkpoint_if_cancelled()
         max_bytes = max_bytes or CHUNK
         waited = self._empty
         if waited:
@@ -79,7 +81,7 @@ class SocketEnd:
                 raise trio.BrokenResourceError(f"socket error: {exc}") from exc
             self._empty = len(data) < max_bytes
             if not waited:
-                await trio.lowlevel.checkpoint()  # a busy connection must not starve the other tasks
+                await trio.lowlevel.cancel_shielded_checkpoint()  # a busy connection must not starve the other tasks
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

@@ -121,6 +121,9 @@ class Router:
         self.route_changes: collections.Counter[str] = collections.Counter()  # destination -> changes of its route
         self._held_rtt: dict[str, float] = {}  # peer -> the RTT advertised for the link (see routes.hold_rtt)
         self._chosen: dict[str, int] = {}  # provider or next-hop site -> serial of its last choice
+        # Routing key -> its providers and their costs, as the routes and the catalog are now: asked
+        # per flow (per request, by an HTTP listener), made again only after they change (_recompute).
+        self._costs: dict[str, tuple[tuple[str, float], ...]] = {}
         self._choices = itertools.count(1)
         self.gossip = Gossip(
             site_id=site_id,
@@ -277,6 +280,7 @@ class Router:
                     extra=logs.event("service_withdrawn", peer=name, reason=why, routing_key=key),
                 )
         self._offered = catalog
+        self._costs.clear()
         self._notify()
 
     def _describe_route(self, site: str) -> str:
@@ -411,23 +415,35 @@ class Router:
         if hop is not None:
             self.active[hop] -= 1
 
+    def _provider_costs(self, routing_key: str) -> tuple[tuple[str, float], ...]:
+        """The providers of the key and their costs (from the cache that `_recompute` empties)."""
+        costs = self._costs.get(routing_key)
+        if costs is None:
+            costs = tuple((s, self.routes[s].cost if s in self.routes else 0.0) for s in self.providers(routing_key))
+            self._costs[routing_key] = costs
+        return costs
+
     def candidates(self, routing_key: str) -> list[Candidate]:
         """The providers of the key as an ingress here weighs them now."""
         now = trio.current_time()
         return [
             Candidate(
                 site_id=s,
-                cost=self.routes[s].cost if s in self.routes else 0.0,
+                cost=cost,
                 outstanding=self.outstanding[s],
                 penalty=self.penalties[s].at(now) if s in self.penalties else 0.0,
                 last_chosen=self._chosen.get(s, 0),
             )
-            for s in self.providers(routing_key)
+            for s, cost in self._provider_costs(routing_key)
         ]
 
     def choose_provider(self, routing_key: str, distribution: str = BALANCED, exclude: Collection[str] = ()) -> str | None:
         """The provider for a new flow (None: there is none), remembered as the latest choice."""
-        provider = choose_provider([c for c in self.candidates(routing_key) if c.site_id not in exclude], distribution)
+        costs = self._provider_costs(routing_key)
+        if len(costs) == 1:  # the only one is the choice, however it weighs: no candidates to weigh
+            provider = costs[0][0] if costs[0][0] not in exclude else None
+        else:
+            provider = choose_provider([c for c in self.candidates(routing_key) if c.site_id not in exclude], distribution)
         if provider is not None:
             self._chosen[provider] = next(self._choices)
         return provider

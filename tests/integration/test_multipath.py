@@ -252,3 +252,45 @@ async def test_new_connections_do_not_wait_for_a_silent_link_to_be_declared_dead
             assert two.connections == 15
             # An OPEN waiting on the silent link gives up after 1.5 keepalive intervals, not 3.
             assert served_after < settings.keepalive_timeout, served_after
+
+
+async def test_the_provider_choice_follows_providers_and_costs_as_they_change(network, echo_server):
+    """The router keeps each key's providers and their costs between choices (an HTTP listener chooses per
+    request): a provider that appears or goes, or a cost that changes, must reach the very next choice."""
+    async with (
+        network.site("near", link_port=0) as near,
+        network.site("far", link_port=0) as far,
+        network.site("a") as a,
+    ):
+        router = a.router
+
+        async def until(condition) -> None:
+            while not condition():
+                await router.wait_changed()
+
+        with trio.fail_after(DEADLINE):
+            await network.link(a, near, cost=1)
+            await network.link(a, far, cost=3)
+            await near.create_connector("echo", echo_server)
+            await a.wait_reachable("echo")
+            assert router.choose_provider("echo", "closest") == near.site_id
+            assert router.choose_provider("echo", exclude={near.site_id}) is None
+
+            await far.create_connector("echo", echo_server)  # appears
+            await a.wait_reachable("echo", providers=2)
+            assert router.choose_provider("echo", "closest") == near.site_id
+            assert router.choose_provider("echo", exclude={near.site_id}) == far.site_id
+
+            (to_near,) = [link.name for link in a.config.links if link.peer_id == near.site_id]
+            await a.update_link(to_near, cost=5)  # now the farther one
+            await until(lambda: router.routes[near.site_id].cost == 5)
+            assert router.choose_provider("echo", "closest") == far.site_id
+
+            await far.delete_connector("echo")  # goes
+            await until(lambda: router.providers("echo") == [near.site_id])
+            assert router.choose_provider("echo", "closest") == near.site_id
+            assert router.choose_provider("echo", exclude={near.site_id}) is None
+
+            await near.delete_connector("echo")
+            await until(lambda: not router.providers("echo"))
+            assert router.choose_provider("echo") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import pytest
 import trio
@@ -190,3 +191,48 @@ async def test_a_links_rtt_floor_is_advertised_only_when_it_moves_and_latency_co
             assert advertised() == (0.001 if latency_cost else None)
             assert ra.routes[rb.site_id].cost == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_a_sink_is_told_of_the_eof_once_it_has_had_every_byte():
+    """An HTTP listener's sink is the only reader of its flow: it learns of the peer's CLOSE as it learns of
+    DATA. While bytes are queued for `receive_some` (the sink took only part), the end is theirs to meet."""
+    link, _ = link_pair("A", "B", _Quiet(), _Quiet())
+    taken, ends = bytearray(), []
+
+    def sink(data: bytes) -> int:
+        taken.extend(data)
+        return len(data)
+
+    flow = FlowEnd(link, 2, "flow", opener=False)
+    assert flow.quiet
+    flow.attach_sink(sink, lambda: ends.append("eof"))
+    flow._on_data(b"answer")
+    flow._on_close()
+    assert (bytes(taken), ends, flow.quiet) == (b"answer", ["eof"], False)
+
+    held = FlowEnd(link, 4, "held", opener=False)
+    held.attach_sink(lambda data: 2, lambda: ends.append("held eof"))  # takes 2 bytes of each
+    held._on_data(b"answer")
+    held._on_close()
+    assert ends == ["eof"] and not held.quiet
+    with trio.fail_after(5):
+        assert await held.receive_some() == b"swer"
+        assert await held.receive_some() == b""
+
+
+async def test_a_cancelled_receive_from_a_socket_leaves_its_bytes_for_the_next():
+    """An HTTP listener's client task is cancelled (by a sink giving an answer back) while it waits for the
+    next request: a receive cancelled at its checkpoint must not have read what it cannot return."""
+    from fabric.router.relay import SocketEnd
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        end = SocketEnd(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), "client")
+        theirs.sendall(b"GET / HTTP/1.1\r\n")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await end.receive_some()
+        assert scope.cancelled_caught
+        with trio.fail_after(5):
+            assert await end.receive_some() == b"GET / HTTP/1.1\r\n"

@@ -1,0 +1,225 @@
+"""An HTTP listener's answers written by a flow's sink, and what the sink gives back to the client's task.
+
+Sites in this process, a scripted HTTP/1.1 target behind a connector at
+one, an HTTP listener at the other, raw clients on 127.0.0.1. Most answers
+are read and written from the link's reader (`HttpListener._answer_in_sink`);
+these tests hold the cases where it must give the answer back, or where
+the client's task must learn that it is done: whatever path an answer
+took, the client gets it whole or sees the connection broken, and the
+listener's counts and the router's outstanding flows come back to rest.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from contextlib import asynccontextmanager
+
+import trio
+
+DEADLINE = 20  # seconds for a test that waits on the network
+MiB = 1024 * 1024
+BIG = random.Random(7).randbytes(8 * MiB)
+
+
+async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes:
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("closed in a head")
+        buffer += data
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    buffer[:] = rest
+    return head
+
+
+async def target(stream: trio.SocketStream, release: trio.Event) -> None:
+    """GET /small, /big (8 MiB), /close (a body the target's close ends), /reset (broken off), /bad (a
+    malformed head), /wait (answered once `release` is set); keep-alive otherwise."""
+    buffer = bytearray()
+    async with stream:
+        while True:
+            try:
+                head = await _read_head(stream, buffer)
+            except (EOFError, trio.BrokenResourceError):
+                return
+            path = head.split(b" ")[1]
+            if path == b"/small":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+            elif path == b"/big":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG)
+            elif path == b"/close":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close")
+                return
+            elif path == b"/reset":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # close: RST
+                return
+            elif path == b"/bad":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n")
+            elif path == b"/wait":
+                await release.wait()
+                try:
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+                except trio.BrokenResourceError:
+                    return  # the listener dropped the flow: its client had gone
+
+
+@asynccontextmanager
+async def http_pair(network, start_server, release: trio.Event):
+    """Sites hub (connector "web", protocol http, to `target`) and edge (an HTTP listener): edge and its port."""
+    port = await start_server(lambda stream: target(stream, release))
+    async with network.site("hub", link_port=0) as hub, network.site("edge") as edge:
+        with trio.fail_after(DEADLINE):
+            await network.link(edge, hub)
+            await hub.create_connector("web", port, host="127.0.0.1", protocol="http")
+            listener = await edge.create_listener("web", 0, protocol="http")
+            await edge.wait_reachable("web")
+        yield edge, listener.port
+
+
+async def answer(stream: trio.SocketStream, buffer: bytearray) -> tuple[bytes, bytes]:
+    """One answer with a Content-Length or chunked body: (head, body)."""
+    head = await _read_head(stream, buffer)
+    if b"content-length:" in head.lower():
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(buffer) < length:
+            data = await stream.receive_some(65536)
+            assert data, "closed in a body"
+            buffer += data
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        return head, body
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    body = bytearray()
+    while True:
+        while b"\r\n" not in buffer:
+            buffer += await stream.receive_some(65536)
+        size_line, _, rest = bytes(buffer).partition(b"\r\n")
+        size = int(size_line, 16)
+        while len(rest) < size + 2:
+            rest += await stream.receive_some(65536)
+        body += rest[:size]
+        buffer[:] = rest[size + 2 :]
+        if size == 0:
+            return head, bytes(body)
+
+
+async def at_rest(edge):
+    """The listener's stats once no request is in progress and no flow is outstanding (a sink may finish last)."""
+    while True:
+        (stats,) = [l.http for l in edge.status().listeners if l.http is not None]
+        if stats.active == 0 and not +edge.router.outstanding:
+            return stats
+        await trio.sleep(0.01)  # (nothing to wait on: the listener has no event for it)
+
+
+def get(path: bytes) -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: web\r\n\r\n"
+
+
+async def test_keep_alive_answers_come_whole_and_in_order_and_the_counts_come_to_rest(network, start_server):
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                buffer = bytearray()
+                for _ in range(200):
+                    await stream.send_all(get(b"/small"))
+                    head, body = await answer(stream, buffer)
+                    assert head.startswith(b"HTTP/1.1 200 ") and body == b"small"
+                # Pipelined: the second is read while the sink writes the first answer, and waits for it.
+                await stream.send_all(get(b"/small") + get(b"/big") + get(b"/small"))
+                assert [(await answer(stream, buffer))[1] for _ in range(3)] == [b"small", BIG, b"small"]
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.statuses, stats.errors) == (203, {"2xx": 203}, 0)
+
+
+async def test_an_answer_the_client_does_not_take_at_once_is_given_back_to_its_task(network, start_server):
+    """8 MiB to a client that reads nothing for a while: the sink writes what the socket takes and gives the
+    rest back (the task writes it under flow control); the connection then carries the next request."""
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                buffer = bytearray()
+                await stream.send_all(get(b"/big"))
+                await trio.sleep(0.3)
+                assert (await answer(stream, buffer))[1] == BIG
+                await stream.send_all(get(b"/small"))
+                assert (await answer(stream, buffer))[1] == b"small"
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.errors) == (2, 0)
+
+
+async def test_an_answer_the_targets_close_ends_reaches_the_client_through_the_sinks_eof(network, start_server):
+    """No length: the answer ends with the target's close, which the flow tells its sink (the client's task
+    waits for the next request, not for the flow). The client gets it chunked and its connection goes on."""
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                buffer = bytearray()
+                for _ in range(3):
+                    await stream.send_all(get(b"/close"))
+                    head, body = await answer(stream, buffer)
+                    assert head.startswith(b"HTTP/1.1 200 ") and body == b"until close", (head, body)
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.statuses, stats.errors) == (3, {"2xx": 3}, 0)
+
+
+async def test_an_answer_broken_off_by_the_target_is_never_passed_off_as_whole(network, start_server):
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(get(b"/reset"))
+                received = b""
+                try:
+                    while data := await stream.receive_some(65536):
+                        received += data
+                except trio.BrokenResourceError:
+                    pass  # reset: what a broken answer becomes
+                assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"only ten.."), received
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.errors) == (1, 1)
+
+
+async def test_a_client_that_goes_while_the_sink_waits_for_its_answer(network, start_server):
+    """The client's task ends (the client went) while its answer is still due: the flow is dropped and the
+    request counted as broken; the late answer goes nowhere, and the listener serves the next client."""
+    release = trio.Event()
+    async with http_pair(network, start_server, release) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(get(b"/wait"))
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            await stream.aclose()  # an RST: the listener's task sees its client gone
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.errors) == (1, 1)
+            release.set()
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(get(b"/small"))
+                assert (await answer(stream, bytearray()))[1] == b"small"
+
+
+async def test_a_malformed_answer_and_an_answer_that_closes_the_connection(network, start_server):
+    """A malformed answer meets the sink first: given back, tried again on a new flow, then 502. An answer
+    to HTTP/1.0 closes the connection after it: the sink that wrote it says so to the waiting task."""
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            for request, status, body in (
+                (get(b"/bad"), b"502", None),
+                (b"GET /small HTTP/1.0\r\n\r\n", b"200", b"small"),
+            ):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(request)
+                    received = b""
+                    while data := await stream.receive_some(65536):  # until the listener closes
+                        received += data
+                assert received.startswith(b"HTTP/1.1 " + status + b" "), received
+                assert body is None or received.endswith(b"\r\n\r\n" + body), received
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.statuses, stats.errors) == (2, {"2xx": 1, "5xx": 1}, 0)
