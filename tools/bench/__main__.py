@@ -35,7 +35,7 @@ from .programs import Background, BenchError, cpu_seconds, install_hint, missing
 from .scenarios import REPO, SERVERS, Scenario, scenarios, start_server
 
 RUNS = 3
-SECONDS = 4.0  # per measurement: 5 scenarios x 5 paths + http-50 x 4 paths, x 3 runs ~ 9 minutes with start-up
+SECONDS = 4.0  # per measurement: 5 scenarios x 6 paths + http-50 x 4 paths, x 3 runs ~ 8 minutes with start-up
 QUICK_SECONDS = 2.0
 PAUSE = 0.5  # seconds between measurements: closed connections settle, iperf3's server is ready again
 FDS = 8192  # file descriptors: relays and clients hold a few hundred; idle-flows raises its own
