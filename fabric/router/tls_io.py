@@ -78,6 +78,16 @@ def _tls_state(stream: trio.SSLStream) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ss
     return ssl_object, incoming, outgoing
 
 
+def _encrypt(ssl_object: ssl.SSLObject, outgoing: ssl.MemoryBIO, data: bytes, what: str) -> bytes:
+    """`data` as records, after whatever the TLS object had to send (a KeyUpdate's answer)."""
+    try:
+        if data:
+            ssl_object.write(data)
+    except ssl.SSLError as exc:
+        raise trio.BrokenResourceError(f"{what}: {exc}") from exc
+    return outgoing.read()
+
+
 class _WebSocketOverTLS:
     """A wss:// WebSocket's framing together with the TLS under it, as one framing (see `WebSocketStream.wrap`).
 
@@ -101,13 +111,7 @@ class _WebSocketOverTLS:
         return self._encrypt(self._ws.wrap(data))
 
     def _encrypt(self, data: bytes) -> bytes:
-        """`data` as records, after whatever the TLS object had to send (a KeyUpdate's answer)."""
-        try:
-            if data:
-                self._ssl.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(f"TLS error (WebSocket's): {exc}") from exc
-        return self._outgoing.read()
+        return _encrypt(self._ssl, self._outgoing, data, "TLS error (WebSocket's)")
 
     def unwrap_untrusted(self, data: bytes) -> tuple[list[bytes], bytes]:
         if data:
@@ -248,12 +252,7 @@ class DirectTLS:
 
     def write_nowait(self, data: bytes) -> None:
         """Encrypt `data` and write what the socket takes now; the rest waits in `pending` for `flush`."""
-        try:
-            if data:
-                self._ssl.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-        out = self._outgoing.read()
+        out = _encrypt(self._ssl, self._outgoing, data, "TLS error")
         if out and self._framing is not None:
             out = self._framing.wrap(out)
         self._queue(out)

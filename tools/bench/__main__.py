@@ -15,8 +15,6 @@ Installs nothing: a missing program is named with its Debian package.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,11 +23,8 @@ import time
 from pathlib import Path
 
 import attrs
-import trio
 
-import fabric
-
-from .common import finish, raise_fd_limit
+from .common import environment, finish, raise_fd_limit
 from .paths import PATHS, FabricNetwork, Relays
 from .programs import Background, BenchError, cpu_seconds, install_hint, missing_packages
 from .scenarios import REPO, SERVERS, Scenario, scenarios, start_server
@@ -268,13 +263,7 @@ def report(chosen: list[Scenario], paths: list, samples: dict, args: argparse.Na
         "rows": rows,
         "targets": verdicts,
         "pass": passed,
-        "environment": {
-            "python": platform.python_version(),
-            "trio": trio.__version__,
-            "fabric": fabric.__version__,
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
+        "environment": environment(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_s": elapsed,
     }

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
 from pathlib import Path
+
+import trio
+
+import fabric
 
 
 def raise_fd_limit(needed: int, *, what: str) -> int:
@@ -73,3 +78,14 @@ def growth(samples: list[dict], limits: dict[str, tuple[float, float]]) -> list[
         if median > ceiling:
             found.append(f"{key} grew: median {median:g} in the second half, first half at most {ceiling / factor - slack / factor:g}")
     return found
+
+
+def environment() -> dict:
+    """What a run ran on, for its JSON."""
+    return {
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "fabric": fabric.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }

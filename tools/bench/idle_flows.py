@@ -36,8 +36,6 @@ import argparse
 import functools
 import gc
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -51,7 +49,7 @@ import trio
 
 import fabric
 
-from .common import finish, raise_fd_limit
+from .common import environment, finish, raise_fd_limit
 
 TARGET_BYTES = 64 * 1024  # acceptance: site memory per idle connection, net of the baseline
 DEFAULT_CONNECTIONS = 1000
@@ -374,13 +372,7 @@ def report(connections: int, results: dict[str, dict], elapsed: float) -> dict:
         "tracemalloc": {**traced, "points": results["tracemalloc"]["points"], "top_fabric_lines": top},
         "rss": {**rss, "points": results["rss"]["points"]},
         "timings": {"tracemalloc_pass": results["tracemalloc"]["timings"], "rss_pass": timings, "run_s": elapsed},
-        "environment": {
-            "python": platform.python_version(),
-            "trio": trio.__version__,
-            "fabric": fabric.__version__,
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
+        "environment": environment(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

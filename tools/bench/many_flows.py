@@ -36,7 +36,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .common import finish, growth, open_fds, raise_fd_limit, rss_mb
+from .common import environment, finish, growth, open_fds, raise_fd_limit, rss_mb
 from .paths import FabricNetwork
 from .programs import Background, BenchError, missing_packages, install_hint
 from .scenarios import SERVERS, start_server
@@ -157,6 +157,8 @@ async def run(ports: list[int], pids: dict[str, int], args: argparse.Namespace) 
         "after": after,
         "rss_kib_per_connection": per_flow,
         "samples": samples,
+        "environment": environment(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
