@@ -20,7 +20,7 @@ from fabric.config import Settings
 from fabric.router.frames import FrameDecoder
 from fabric.router.link import CONTROL_ALLOWANCE, Link, make_hello
 from fabric.router.tls_io import RECEIVE_SIZE, DirectTLS
-from websocket_support import websocket_pair
+from websocket_support import exchange, websocket_pair
 
 
 SETTINGS = Settings()
@@ -179,26 +179,7 @@ def test_bytes_cross_a_direct_websocket_link_intact_whatever_the_message_and_rea
         with trio.fail_after(20):
             streams = await link_streams(contexts, kind, keepalive=keepalive)
             server, client = End(streams[0], direct[0]), End(streams[1], direct[1])
-            results = {}
-
-            async def send(end: End, chunks: list[bytes]) -> None:
-                for chunk in chunks:
-                    await end.send_all(chunk)
-
-            async def receive(end: End, size: int, name: str) -> None:
-                received = bytearray()
-                while len(received) < size:
-                    data = await end.receive_some(max_bytes)
-                    assert data, "EOF before all the bytes came"
-                    received += data
-                results[name] = bytes(received)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send, client, up)
-                nursery.start_soon(send, server, down)
-                nursery.start_soon(receive, server, sum(map(len, up)), "up")
-                nursery.start_soon(receive, client, sum(map(len, down)), "down")
-            assert results == {"up": b"".join(up), "down": b"".join(down)}
+            assert await exchange(client, server, up, down, max_bytes) == (b"".join(up), b"".join(down))
 
     trio.run(main)
 

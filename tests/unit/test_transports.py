@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fabric.errors import LinkError
 from fabric.router import transports
 from fabric.router.transports import Address, Proxy, WebSocketStream, parse_address, parse_proxy, proxy_for
-from websocket_support import websocket_pair
+from websocket_support import exchange, websocket_pair
 
 
 @pytest.mark.parametrize(
@@ -113,15 +113,6 @@ def test_a_malformed_proxy_in_the_environment_is_named_as_such() -> None:
 # -- the WebSocket stream -------------------------------------------------------------
 
 
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int, max_bytes: int) -> bytes:
-    received = bytearray()
-    while len(received) < size:
-        data = await stream.receive_some(max_bytes)
-        assert data, "EOF before all the bytes came"
-        received += data
-    return bytes(received)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     up=st.lists(st.binary(min_size=1, max_size=70_000), max_size=6),
@@ -132,23 +123,9 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, size: int, max_bytes: 
 def test_bytes_cross_a_websocket_intact_both_ways_whatever_the_message_sizes(up, down, max_bytes, keepalive) -> None:
     async def main() -> None:
         client, server = await websocket_pair(trio.testing.memory_stream_pair(), keepalive)
-        results = {}
-
-        async def send(stream, chunks):
-            for chunk in chunks:
-                await stream.send_all(chunk)
-
-        async def receive(stream, size, name):
-            results[name] = await receive_exactly(stream, size, max_bytes)
-
         with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send, client, up)
-                nursery.start_soon(send, server, down)
-                # keepalive 0: a ping goes with every message, and each side answers them while it reads
-                nursery.start_soon(receive, server, sum(map(len, up)), "up")
-                nursery.start_soon(receive, client, sum(map(len, down)), "down")
-        assert results == {"up": b"".join(up), "down": b"".join(down)}
+            # keepalive 0: a ping goes with every message, and each side answers them while it reads
+            assert await exchange(client, server, up, down, max_bytes) == (b"".join(up), b"".join(down))
         await client.aclose()
         assert await server.receive_some() == b""  # the close frame is the end of the stream
 
