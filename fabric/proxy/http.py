@@ -43,6 +43,7 @@ import collections
 import http
 import logging
 import math
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -57,6 +58,7 @@ from .http1 import (
     LAST_CHUNK,
     MAX_HEAD,
     NEED_DATA,
+    NO_BODY,
     REQUEST,
     RESPONSE,
     UNTIL_CLOSE,
@@ -177,7 +179,10 @@ class _Broken(Exception):
 class _Client:
     """A client's connection: its socket, its requests as read, and the answer bytes waiting to be written."""
 
-    __slots__ = ("end", "reader", "out", "out_bytes", "started", "answering", "forwarding", "exchange", "interrupt", "keep")
+    __slots__ = (
+        "end", "reader", "out", "out_bytes", "started", "answering", "forwarding", "forwarding_lines", "exchange",
+        "interrupt", "keep",
+    )
 
     def __init__(self, stream: trio.SocketStream, ip: str) -> None:
         self.end = SocketEnd(stream, "client")
@@ -192,6 +197,7 @@ class _Client:
         address = ip.encode()
         node = b'"[' + address + b']"' if b":" in address else address
         self.forwarding = (address, b"for=" + node + b";proto=http")  # its parts of X-Forwarded-For, Forwarded
+        self.forwarding_lines: bytes | None = None  # those headers for a request that came with none of its own
 
     async def receive(self) -> None:
         """Read what the client sent next into the reader (b"" at its EOF)."""
@@ -237,6 +243,11 @@ class _Upstream:
     reader: Reader = attrs.Factory(lambda: Reader(RESPONSE))
     fresh: bool = True  # has carried no request yet
     idle_since: float = 0.0
+    # While its flow's sink writes an answer (HttpListener._answer_in_sink): the request, and whose it is.
+    exchange: _Exchange | None = None
+    client: _Client | None = None
+    sink: Callable[[bytes], int] | None = None  # (made at the first answer left to the sink: _make_sink)
+    give_back: Callable[..., None] | None = None
 
 
 class _Exchange:
@@ -244,7 +255,7 @@ class _Exchange:
 
     __slots__ = (
         "head", "payload", "body_sent", "body_done", "answered", "status", "chunked", "close", "whole",
-        "tries", "refused", "failure", "upstream", "done",
+        "tries", "refused", "failure", "upstream", "done", "chosen",
     )
 
     def __init__(self, head: Head) -> None:
@@ -262,6 +273,7 @@ class _Exchange:
         self.failure = "no answer"  # why the last try failed
         self.upstream: _Upstream | None = None  # while a sink writes its answer
         self.done: trio.Event | None = None  # set when that sink is done, if the client's task waits for it
+        self.chosen: str | None = None  # the provider for its first try, chosen before `_route` (_send_at_once)
 
 
 async def _send(end: End, data: bytes) -> None:
@@ -271,31 +283,32 @@ async def _send(end: End, data: bytes) -> None:
         await end.send_all(data[taken:])
 
 
-def _filtered(
-    headers: list[tuple[bytes, bytes]], keep_upgrade: bool
-) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
-    """The headers to pass on: not the hop-by-hop ones, nor those a Connection header lists (RFC 9110,
-    7.6.1), nor the forwarding ones, which come back apart (name -> their values joined) to be extended."""
-    drop = HOP_BY_HOP - {b"upgrade"} if keep_upgrade else HOP_BY_HOP
-    kept = []
-    special: dict[bytes, bytes] = {}
+def _filtered(headers: list[tuple[bytes, bytes]], keep_upgrade: bool) -> tuple[list[bytes], dict[bytes, bytes] | None]:
+    """The header lines to pass on (b"name: value"): not the hop-by-hop ones, nor those a Connection
+    header lists (RFC 9110, 7.6.1), nor the forwarding ones, which come back apart (lower-case name ->
+    their values joined; None if there were none) to be extended."""
+    lines = []
+    special = None
     named = None
-    for header in headers:
-        if len(header[0]) in _SPECIAL_LENGTHS:  # a header of another length is none of them: no lower()
-            lower = header[0].lower()
-            if lower == b"connection":
-                named = header[1] if named is None else named + b"," + header[1]
-            if lower in drop:
+    for name, value in headers:
+        if len(name) in _SPECIAL_LENGTHS:  # a header of another length is none of them: no lower()
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    named = value if named is None else named + b"," + value
+                if not (keep_upgrade and lower == b"upgrade"):
+                    continue
+            elif lower in FORWARDING:
+                if special is None:
+                    special = {}
+                special[lower] = special[lower] + b", " + value if lower in special else value
                 continue
-            if lower in FORWARDING:
-                special[lower] = special[lower] + b", " + header[1] if lower in special else header[1]
-                continue
-        kept.append(header)
-    if named is not None:
+        lines.append(name + b": " + value)
+    if named is not None and named.strip().lower() not in _CONNECTION_OPTIONS:
         tokens = {token.strip().lower() for token in named.split(b",")} - _CONNECTION_OPTIONS
         if tokens:
-            kept = [header for header in kept if header[0].lower() not in tokens]
-    return kept, special
+            lines = [line for line in lines if line[: line.index(b":")].lower() not in tokens]
+    return lines, special
 
 
 class _Pool:
@@ -305,11 +318,10 @@ class _Pool:
         self._idle: dict[str, collections.deque[_Upstream]] = collections.defaultdict(collections.deque)
         self._release = release
 
-    def take(self, provider: str) -> _Upstream | None:
+    def take(self, provider: str, now: float) -> _Upstream | None:
         idle = self._idle.get(provider)
         if not idle:
             return None
-        now = trio.current_time()
         while idle:
             upstream = idle.pop()
             if now - upstream.idle_since <= IDLE_TIMEOUT:
@@ -364,6 +376,7 @@ class HttpListener(TcpListener):
         self._metrics = _Metrics()
         self._pool = _Pool(router.release)
         self._via = f"1.1 {router.name}".encode()
+        self._via_line = b"via: " + self._via
 
     def stats(self) -> HttpStats:
         return self._metrics.snapshot()
@@ -424,7 +437,9 @@ class HttpListener(TcpListener):
                 await self._settle(client)
                 return False
             await client.receive()
-        if not await self._settle(client):
+        if client.exchange is not None:
+            await self._settle(client)
+        if not client.keep:
             return False
         metrics = self._metrics
         client.started = trio.current_time()
@@ -439,7 +454,37 @@ class HttpListener(TcpListener):
         if head.method == b"CONNECT":
             return await self._answer(client, 405, "CONNECT is not served by an HTTP listener")
         metrics.active += 1
-        return await self._counted(client, _Exchange(head))
+        exchange = _Exchange(head)
+        if head.framing is NO_BODY and not head.upgrade and self._send_at_once(client, exchange):
+            return True
+        return await self._counted(client, exchange)
+
+    def _send_at_once(self, client: _Client, exchange: _Exchange) -> bool:
+        """The common request, sent with no task switch: no body, its first choice of provider has a
+        warm flow, and the flow takes the whole request now; the answer is left to the flow's sink.
+        False, with nothing sent, for anything else: `_route` serves it."""
+        router = self._router
+        provider = exchange.chosen = router.choose_provider(self.config.routing_key, self.config.distribution)
+        if provider is None:
+            return False
+        upstream = self._pool.take(provider, client.started)
+        if upstream is None:
+            return False
+        head = exchange.head
+        end = upstream.end
+        payload = self._upstream_head(head, client)
+        if not getattr(end, "quiet", False) or not end.send_nowait(payload, whole=True):
+            self._pool.put(upstream)
+            return False
+        event = client.reader.next_event()
+        assert event is END, event  # (a request without a body ends with its head)
+        exchange.chosen = None
+        exchange.payload = payload
+        exchange.body_done = True
+        upstream.reader.expect_response(head.method)
+        router.outstanding[provider] += 1
+        self._answer_in_sink(client, exchange, upstream)
+        return True
 
     async def _counted(self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None) -> bool:
         """`_route`, counted in progress until its answer is done (by a sink, if it takes it), and broken if it broke."""
@@ -452,19 +497,17 @@ class HttpListener(TcpListener):
             if client.exchange is not exchange:
                 self._metrics.active -= 1
 
-    async def _settle(self, client: _Client) -> bool:
-        """Wait until the answer a sink is writing is done; whether the connection may carry another request."""
+    async def _settle(self, client: _Client) -> None:
+        """Wait until the answer a sink is writing is done (`client.keep` then says whether another request may follow)."""
         while (exchange := client.exchange) is not None:
             exchange.done = trio.Event()
             await exchange.done.wait()
-        return client.keep
 
     def _abandon(self, client: _Client) -> None:
         """The client's task ends while a sink writes an answer to it: the flow goes, the request counts as broken."""
         exchange, upstream = client.exchange, client.exchange.upstream
         client.exchange = exchange.upstream = None
-        upstream.end.attach_sink(None)
-        upstream.end.on_failure(None)
+        upstream.exchange = None
         self._pool.discard(upstream)
         self._router.outstanding[upstream.provider] -= 1
         self._metrics.active -= 1
@@ -472,43 +515,58 @@ class HttpListener(TcpListener):
 
     def _upstream_head(self, head: Head, client: _Client) -> bytes:
         """The request head as it goes to the target: hop-by-hop headers out, forwarding headers in."""
-        headers, seen = _filtered(head.headers, head.upgrade)
+        lines, seen = _filtered(head.headers, head.upgrade)
         if head.upgrade:
-            headers.append((b"connection", b"upgrade"))
+            lines.append(b"connection: upgrade")
         if head.framing is CHUNKED:
-            headers.append((b"transfer-encoding", b"chunked"))  # the chunks are framed again
+            lines.append(b"transfer-encoding: chunked")  # the chunks are framed again
         ip, forwarded = client.forwarding
-        prior = seen.get(b"x-forwarded-for")
-        headers.append((b"x-forwarded-for", prior + b", " + ip if prior else ip))
-        headers.append((b"x-forwarded-proto", seen.get(b"x-forwarded-proto", b"http")))
-        prior = seen.get(b"forwarded")
-        headers.append((b"forwarded", prior + b", " + forwarded if prior else forwarded))
-        prior = seen.get(b"via")
-        headers.append((b"via", prior + b", " + self._via if prior else self._via))
-        if head.version == b"1.0" and not any(len(name) == 4 and name.lower() == b"host" for name, _ in headers):
+        if seen is None:  # (the usual request: the same four lines for each of a client's requests)
+            if client.forwarding_lines is None:
+                client.forwarding_lines = self._forwarding_lines(ip, None, b"http", forwarded, None)
+            lines.append(client.forwarding_lines)
+        else:
+            get = seen.get
+            lines.append(self._forwarding_lines(ip, get(b"x-forwarded-for"), get(b"x-forwarded-proto", b"http"),
+                                                forwarded, get(b"forwarded"), get(b"via")))
+        if head.version == b"1.0" and not any(len(name) == 4 and name.lower() == b"host" for name, _ in head.headers):
             # Without a Host, HTTP/1.1 is malformed (a target answers 400): it goes on as it came, in HTTP/1.0.
-            return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), headers)
-        return write_head(b"%s %s HTTP/1.1" % (head.method, head.target), headers)
+            return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), lines)
+        return write_head(b"%s %s HTTP/1.1" % (head.method, head.target), lines)
+
+    def _forwarding_lines(
+        self, ip: bytes, prior_for: bytes | None, proto: bytes, forwarded: bytes, prior_forwarded: bytes | None,
+        prior_via: bytes | None = None,
+    ) -> bytes:
+        """X-Forwarded-For, X-Forwarded-Proto, Forwarded and Via as they go on: what came, extended by this hop."""
+        return b"\r\n".join((
+            b"x-forwarded-for: " + (prior_for + b", " + ip if prior_for else ip),
+            b"x-forwarded-proto: " + proto,
+            b"forwarded: " + (prior_forwarded + b", " + forwarded if prior_forwarded else forwarded),
+            b"via: " + (prior_via + b", " + self._via if prior_via else self._via),
+        ))
 
     def _client_head(self, head: Head, request: Head, close: bool) -> tuple[bytes, bool, bool]:
         """The answer's head as it goes to the client; whether its body is chunked, and whether the
         connection closes after it (a body with no length, to an HTTP/1.0 client, ends with it)."""
-        headers, seen = _filtered(head.headers, head.status == 101)
-        headers.extend((name, value) for name, value in seen.items() if name != b"via")  # X-Forwarded-* and
-        via = seen.get(b"via")  # Forwarded in an answer are the target's business: passed on
+        lines, seen = _filtered(head.headers, head.status == 101)
+        via = None
+        if seen is not None:  # X-Forwarded-* and Forwarded in an answer are the target's business: passed on
+            via = seen.pop(b"via", None)
+            lines.extend(name + b": " + value for name, value in seen.items())
         chunked = False
         if head.framing is CHUNKED or head.framing is UNTIL_CLOSE:
             if request.version == b"1.1":
-                headers.append((b"transfer-encoding", b"chunked"))
+                lines.append(b"transfer-encoding: chunked")
                 chunked = True
             else:
                 close = True
-        headers.append((b"via", via + b", " + self._via if via else self._via))
+        lines.append(b"via: " + via + b", " + self._via if via else self._via_line)
         if head.status == 101:
-            headers.append((b"connection", b"upgrade"))
+            lines.append(b"connection: upgrade")
         elif close and head.status >= 200:
-            headers.append((b"connection", b"close"))
-        return write_head(b"HTTP/1.1 %d %s" % (head.status, head.reason), headers), chunked, close
+            lines.append(b"connection: close")
+        return write_head(b"HTTP/1.1 %d %s" % (head.status, head.reason), lines), chunked, close
 
     def _answered(self, client: _Client, status: int) -> None:
         """Count the answer before its last byte goes, so that whoever sees the answer sees it counted."""
@@ -553,12 +611,14 @@ class HttpListener(TcpListener):
         while True:
             sent = upstream is not None
             if not sent:
-                provider = router.choose_provider(key, self.config.distribution, exclude=refused)
+                provider, exchange.chosen = exchange.chosen, None
+                if provider is None:
+                    provider = router.choose_provider(key, self.config.distribution, exclude=refused)
                 if provider is None:
                     if not router.providers(key):
                         return await self._answer(client, 503, f"no reachable site offers routing key {key!r}")
                     return await self._answer(client, 502, exchange.failure)
-                upstream = self._pool.take(provider)
+                upstream = self._pool.take(provider, client.started)
                 if upstream is None:
                     tries = exchange.tries = exchange.tries or Tries()
                     if not tries.left():
@@ -652,14 +712,35 @@ class HttpListener(TcpListener):
         end = upstream.end
         if not getattr(end, "quiet", False):
             return False
+        if upstream.sink is None:
+            self._make_sink(upstream)
+        upstream.client = client
+        upstream.exchange = client.exchange = exchange
+        exchange.upstream = upstream
+        end.attach_sink(upstream.sink, upstream.give_back)
+        return True
+
+    def _make_sink(self, upstream: _Upstream) -> None:
+        """The flow's sink, and what gives its answer back, made once per flow.
+
+        The sink takes bytes only while `upstream.exchange` is set, for the
+        answer it writes. Any other bytes it leaves queued: for the client's
+        task, once the answer is given back; or, on an idle flow, to show
+        that the flow is not `quiet`, so it is not used again.
+        """
+        end = upstream.end
         reader = upstream.reader
 
         def give_back(*_) -> None:
-            end.attach_sink(None)
-            end.on_failure(None)
-            client.interrupt.cancel()
+            if upstream.exchange is not None:
+                upstream.exchange = None
+                upstream.client.interrupt.cancel()
 
         def sink(data: bytes) -> int:
+            exchange = upstream.exchange
+            if exchange is None:
+                return 0
+            client = upstream.client
             reader.receive_data_untrusted(data)
             try:
                 step = self._take_answer(client, exchange, reader)
@@ -669,9 +750,7 @@ class HttpListener(TcpListener):
                 give_back()  # the task meets the same error where the reader keeps it
                 return len(data)
             if step is _DONE and client.flush_nowait():
-                end.attach_sink(None)
-                end.on_failure(None)
-                client.exchange = exchange.upstream = None
+                upstream.exchange = client.exchange = exchange.upstream = None
                 self._metrics.active -= 1
                 self._router.outstanding[upstream.provider] -= 1
                 client.keep = self._answer_done(client, exchange, upstream)
@@ -683,11 +762,9 @@ class HttpListener(TcpListener):
                 give_back()
             return len(data)
 
-        client.exchange = exchange
-        exchange.upstream = upstream
-        end.attach_sink(sink, give_back)
+        upstream.sink = sink
+        upstream.give_back = give_back
         end.on_failure(give_back)
-        return True
 
     async def _pump_body(self, client: _Client, head: Head, upstream: _Upstream, exchange: _Exchange) -> None:
         """The rest of the request's body, client -> upstream, as it arrives."""
@@ -792,15 +869,15 @@ class HttpListener(TcpListener):
         if client.answering:
             raise _Broken(f"cannot answer {status} mid-response: {text}")
         body = f"{status} {text}\n".encode()
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-            (b"via", self._via),
+        lines = [
+            b"content-type: text/plain; charset=utf-8",
+            b"content-length: %d" % len(body),
+            b"connection: close",
+            self._via_line,
         ]
         self._answered(client, status)
         client.answering = True
-        client.out.append(write_head(b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()), headers))
+        client.out.append(write_head(b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()), lines))
         client.out.append(body)
         await client.flush()
         return False

@@ -316,9 +316,9 @@ class Reader:
 # -- writing ------------------------------------------------------------------------------------------
 
 
-def write_head(first_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A head on the wire: the first line (without CRLF), then each header, then the blank line."""
-    return b"\r\n".join([first_line, *map(_JOIN_HEADER, headers), b"", b""])
+def write_head(first_line: bytes, lines: list[bytes]) -> bytes:
+    """A head on the wire: the first line and the header lines (b"name: value"; without CRLF), then the blank line."""
+    return b"\r\n".join([first_line, *lines, b"", b""])
 
 
 def chunk(data: bytes) -> bytes:
@@ -328,4 +328,3 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
-_JOIN_HEADER = b": ".join  # (name, value) -> b"name: value", with no Python frame per header

@@ -640,18 +640,19 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             pos += n
         await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def send_nowait(self, data: bytes) -> int:
+    def send_nowait(self, data: bytes, *, whole: bool = False) -> int:
         """Queue what credit and the link's write buffer allow now, without waiting; bytes taken.
 
         A transit relay's sink: DATA from one link goes on to the next from the
-        reader, with no task switch, while the way on is open.
+        reader, with no task switch, while the way on is open. With `whole`:
+        all of `data` or nothing (0).
         """
         if self._error is not None or self._send_closed or self.link.closed:
             return 0
         if self.link.queued >= self.settings_write_buffer:
             return 0
         n = min(self._send_limit - self._sent, len(data), MAX_DATA)
-        if n <= 0:
+        if n <= 0 or (whole and n < len(data)):
             return 0
         self.link.send_frame(FrameType.DATA, self.flow_id, data if n == len(data) else data[:n])
         self._sent += n

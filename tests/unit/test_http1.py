@@ -50,6 +50,10 @@ def framed(body: bytes, chunked: bool, sizes: list[int]) -> tuple[list[tuple[byt
     return [(b"Transfer-Encoding", b"chunked")], b"".join(out) + http1.LAST_CHUNK
 
 
+def lines(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [name + b": " + value for name, value in headers]
+
+
 def body_of(got: list) -> bytes:
     return b"".join(e for e in got if type(e) is bytes)
 
@@ -72,7 +76,7 @@ def cuts_for(draw, size: int) -> list[int]:
 def test_a_request_comes_back_as_it_was_written_however_its_bytes_are_cut(method, target, headers, body, chunked, sizes, data):
     framing, wire_body = framed(body, chunked, sizes)
     all_headers = [(b"Host", b"example"), *headers, *framing]
-    wire = http1.write_head(b"%s %s HTTP/1.1" % (method, target), all_headers) + wire_body
+    wire = http1.write_head(b"%s %s HTTP/1.1" % (method, target), lines(all_headers)) + wire_body
     got = events(Reader(REQUEST), wire, data.draw(cuts_for(len(wire))))
     head = got[0]
     assert isinstance(head, Head) and got[-1] is END and got.count(END) == 1
@@ -98,7 +102,7 @@ def test_an_answer_comes_back_as_it_was_written_and_framed_as_rfc_9112_says(stat
     framing, wire_body = framed(body, how == "chunked", sizes) if how != "until close" else ([], body)
     if no_body:
         wire_body = b""
-    wire = http1.write_head(b"HTTP/1.1 %d Reason" % status, [*headers, *framing]) + wire_body
+    wire = http1.write_head(b"HTTP/1.1 %d Reason" % status, lines([*headers, *framing])) + wire_body
     reader = Reader(RESPONSE)
     reader.expect_response(b"HEAD" if head_request else b"GET")
     got = events(reader, wire, data.draw(cuts_for(len(wire))), eof=how == "until close")
