@@ -43,6 +43,7 @@ import collections
 import http
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import attrs
@@ -100,6 +101,9 @@ _FLUSH = "flush"  # the bytes gathered written to the client, before going on
 _DONE = "done"  # the answer is whole (its last bytes wait to be written)
 _SWITCHED = "switched"  # 101: the connection is a tunnel from now on
 _SOCKET_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError)
+# The clock for latencies and idle times: paid several times per request, and trio.current_time()
+# costs three Python calls on top of this one.
+_now = time.perf_counter
 
 
 @attrs.frozen
@@ -251,29 +255,28 @@ class _Upstream:
 
 
 class _Exchange:
-    """One request: what goes to the target, the tries so far, and its progress over the current upstream."""
+    """One request: what goes to the target, the tries so far, and its progress over the current upstream.
 
-    __slots__ = (
-        "head", "payload", "body_sent", "body_done", "answered", "status", "chunked", "close", "whole",
-        "tries", "refused", "failure", "upstream", "done", "chosen",
-    )
+    Made per request: only what differs from the class's defaults is set.
+    """
+
+    payload = b""  # the request's head and the body bytes read with it, as they go to the target
+    body_sent = False
+    body_done = False
+    answered: int | None = None  # the final answer's status, once its head went to the client
+    status = 0  # of the answer being read (a 1xx until the final one comes)
+    chunked = False  # the answer's body goes to the client chunked
+    whole = False  # the answer is all read (or it was a 101)
+    tries: Tries | None = None  # new flows opened for it (made at the first)
+    refused: set[str] | None = None  # providers that cannot serve it (made at the first)
+    failure = "no answer"  # why the last try failed
+    upstream: _Upstream | None = None  # while a sink writes its answer
+    done: trio.Event | None = None  # set when that sink is done, if the client's task waits for it
+    chosen: str | None = None  # the provider for its first try, chosen before `_route` (_send_at_once)
 
     def __init__(self, head: Head) -> None:
         self.head = head
-        self.payload = b""  # the request's head and the body bytes read with it, as they go to the target
-        self.body_sent = False
-        self.body_done = False
-        self.answered: int | None = None  # the final answer's status, once its head went to the client
-        self.status = 0  # of the answer being read (a 1xx until the final one comes)
-        self.chunked = False  # the answer's body goes to the client chunked
         self.close = not head.keep_alive  # the client's connection closes after the answer
-        self.whole = False  # the answer is all read (or it was a 101)
-        self.tries: Tries | None = None  # new flows opened for it (made at the first)
-        self.refused: set[str] = set()  # providers that cannot serve it
-        self.failure = "no answer"  # why the last try failed
-        self.upstream: _Upstream | None = None  # while a sink writes its answer
-        self.done: trio.Event | None = None  # set when that sink is done, if the client's task waits for it
-        self.chosen: str | None = None  # the provider for its first try, chosen before `_route` (_send_at_once)
 
 
 async def _send(end: End, data: bytes) -> None:
@@ -332,7 +335,7 @@ class _Pool:
         return None
 
     def put(self, upstream: _Upstream) -> None:
-        upstream.idle_since = trio.current_time()
+        upstream.idle_since = _now()
         upstream.fresh = False
         idle = self._idle[upstream.provider]
         idle.append(upstream)
@@ -397,8 +400,7 @@ class HttpListener(TcpListener):
         try:
             while True:
                 with client.interrupt:
-                    while await self._request(client):
-                        pass
+                    await self._requests(client)
                     break
                 # A flow's sink wrote an answer after which the connection closes, or gave back the
                 # one it was writing: the client's task finishes that one.
@@ -425,39 +427,43 @@ class HttpListener(TcpListener):
             else:
                 client.end.abort(Reason.UNSPECIFIED, "connection ended")
 
-    async def _request(self, client: _Client) -> bool:
-        """Serve the client's next request; whether the connection may carry another.
+    async def _requests(self, client: _Client) -> None:
+        """Serve the client's requests, one after the other, until the connection may carry no more.
 
-        The answer to the one before may still be on its way, written by a
-        flow's sink: the next is read meanwhile, and routed once that is done.
+        The answer to one may still be on its way, written by a flow's sink:
+        the next is read meanwhile, and routed once that is done.
         """
         reader = client.reader
-        while not reader.has_events():
-            if reader.eof:
-                await self._settle(client)
-                return False
-            await client.receive()
-        if client.exchange is not None:
-            await self._settle(client)
-        if not client.keep:
-            return False
         metrics = self._metrics
-        client.started = trio.current_time()
-        metrics.requests += 1
-        try:
-            head = reader.next_event()
-        except HttpError as exc:
-            return await self._answer(client, exc.status, "request head too large" if exc.status == 431 else str(exc))
-        assert type(head) is Head, head
-        client.answering = False
-        metrics.methods[head.method] += 1
-        if head.method == b"CONNECT":
-            return await self._answer(client, 405, "CONNECT is not served by an HTTP listener")
-        metrics.active += 1
-        exchange = _Exchange(head)
-        if head.framing is NO_BODY and not head.upgrade and self._send_at_once(client, exchange):
-            return True
-        return await self._counted(client, exchange)
+        while True:
+            while not reader.has_events():
+                if reader.eof:
+                    await self._settle(client)
+                    return
+                await client.receive()
+            if client.exchange is not None:
+                await self._settle(client)
+            if not client.keep:
+                return
+            client.started = _now()
+            metrics.requests += 1
+            try:
+                head = reader.next_event()
+            except HttpError as exc:
+                await self._answer(client, exc.status, "request head too large" if exc.status == 431 else str(exc))
+                return
+            assert type(head) is Head, head
+            client.answering = False
+            metrics.methods[head.method] += 1
+            if head.method == b"CONNECT":
+                await self._answer(client, 405, "CONNECT is not served by an HTTP listener")
+                return
+            metrics.active += 1
+            exchange = _Exchange(head)
+            if head.framing is NO_BODY and not head.upgrade and self._send_at_once(client, exchange):
+                continue
+            if not await self._counted(client, exchange):
+                return
 
     def _send_at_once(self, client: _Client, exchange: _Exchange) -> bool:
         """The common request, sent with no task switch: no body, its first choice of provider has a
@@ -473,7 +479,7 @@ class HttpListener(TcpListener):
         head = exchange.head
         end = upstream.end
         payload = self._upstream_head(head, client)
-        if not getattr(end, "quiet", False) or not end.send_nowait(payload, whole=True):
+        if not getattr(end, "quiet", False) or not end.send_nowait(payload, whole=True):  # (a local target's socket: no)
             self._pool.put(upstream)
             return False
         event = client.reader.next_event()
@@ -570,7 +576,7 @@ class HttpListener(TcpListener):
 
     def _answered(self, client: _Client, status: int) -> None:
         """Count the answer before its last byte goes, so that whoever sees the answer sees it counted."""
-        self._metrics.answered(status, trio.current_time() - client.started)
+        self._metrics.answered(status, _now() - client.started)
 
     def _take_body(self, client: _Client, head: Head, out: list[bytes], exchange: _Exchange) -> bool:
         """The request body bytes already read, framed for the target, onto `out`; whether the body is all there.
@@ -607,6 +613,8 @@ class HttpListener(TcpListener):
             exchange.payload = b"".join(first) if len(first) > 1 else first[0]
             exchange.body_sent = len(first) > 1  # once it went
         retryable = head.method in IDEMPOTENT
+        if exchange.refused is None:
+            exchange.refused = set()
         refused = exchange.refused
         while True:
             sent = upstream is not None
@@ -663,7 +671,8 @@ class HttpListener(TcpListener):
             except _FLOW_FAILURES as exc:
                 self._pool.discard(upstream)
                 raise _Broken(f"upstream lost: {exc}", repeatable=True, head_lost=True) from None
-            if exchange.body_done and not head.upgrade and self._answer_in_sink(client, exchange, upstream):
+            if exchange.body_done and not head.upgrade and getattr(upstream.end, "quiet", False):
+                self._answer_in_sink(client, exchange, upstream)
                 return True
         try:
             if exchange.body_done:
@@ -698,8 +707,8 @@ class HttpListener(TcpListener):
             self._pool.discard(upstream)
         return exchange.body_done and not exchange.close
 
-    def _answer_in_sink(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> bool:
-        """Leave the answer to the flow's sink; False if the flow cannot take one (not a flow, or something came already).
+    def _answer_in_sink(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> None:
+        """Leave the answer to the flow's sink (a flow that is `quiet`: nothing came on it since the last answer).
 
         The answer is then read and written to the client from the link's
         reader as its bytes come, with no task switch (as a TCP relay's
@@ -709,16 +718,12 @@ class HttpListener(TcpListener):
         read as fast, a 101) is given back to that task, as it stands, by
         cancelling `client.interrupt`: `_serve` goes on with it in `_route`.
         """
-        end = upstream.end
-        if not getattr(end, "quiet", False):
-            return False
         if upstream.sink is None:
             self._make_sink(upstream)
         upstream.client = client
         upstream.exchange = client.exchange = exchange
         exchange.upstream = upstream
-        end.attach_sink(upstream.sink, upstream.give_back)
-        return True
+        upstream.end.attach_sink(upstream.sink, upstream.give_back)
 
     def _make_sink(self, upstream: _Upstream) -> None:
         """The flow's sink, and what gives its answer back, made once per flow.
