@@ -476,10 +476,13 @@ class HttpListener(TcpListener):
         upstream = self._pool.take(provider, client.started)
         if upstream is None:
             return False
-        head = exchange.head
         end = upstream.end
+        if not getattr(end, "quiet", False):  # a local target's socket, or something came on the flow while idle
+            self._pool.put(upstream)
+            return False
+        head = exchange.head
         payload = self._upstream_head(head, client)
-        if not getattr(end, "quiet", False) or not end.send_nowait(payload, whole=True):  # (a local target's socket: no)
+        if not end.send_nowait(payload, whole=True):  # no credit, or the link's buffer is full: `_route` waits
             self._pool.put(upstream)
             return False
         event = client.reader.next_event()
