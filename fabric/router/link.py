@@ -68,7 +68,12 @@ CONTROL_ALLOWANCE = 1024 * 1024
 # which the next frames are left to the writer task instead, which writes all
 # that queued meanwhile in one go: one frame alone goes out with no task switch
 # (a request and its answer), a burst (many flows answering at once) in one
-# TLS write.
+# TLS write. Once the window has passed, the next frame goes out at once with
+# all that queued before it, even while the burst goes on: the peer starts on a
+# long burst's first frames (on the other core) while this site makes the rest,
+# where it would wait for the whole burst. Measured (tools.bench http-50, two
+# networks side by side, 4 rounds alternating): TCP listener 24,694 -> 27,943
+# req/s, HTTP listener 16,262 -> 21,757; windows of 30 us and 300 us did worse.
 COALESCE_WINDOW = 100e-6
 # Drive an established link's TLS directly (tls_io.DirectTLS) instead of through
 # trio.SSLStream: no writer task hop per frame, whole socket reads decrypted at
@@ -287,7 +292,8 @@ class Link(trio.abc.AsyncResource):
             data = b"".join(chunks)
             if self._tls is not None:
                 self._out_bytes -= len(data)
-                self._tls.write_nowait(data)
+                if data:  # (send_frame may have written all that was queued)
+                    self._tls.write_nowait(data)
                 await self._tls.flush()
             else:
                 await self.stream.send_all(data)
@@ -324,13 +330,20 @@ class Link(trio.abc.AsyncResource):
             return
         header = encode_header(type, flow_id, len(payload))
         tls = self._tls
-        if tls is not None and not self._out and not tls.pending:
-            # Nothing is waiting before it: write it now, unless frames are coming in a burst.
+        if tls is not None and not tls.pending:
+            # The socket has taken all before it: write it now, with whatever queued meanwhile,
+            # unless frames are coming in a burst and the last went out less than the window ago.
             now = trio.current_time()
             if now - self._last_direct > COALESCE_WINDOW:
                 self._last_direct = now
+                data = header + payload if payload else header
+                if self._out:  # (the writer is due to run, and finds nothing left, or less)
+                    self._out.append(data)
+                    data = b"".join(self._out)
+                    self._out = []
+                    self._out_bytes = 0
                 try:
-                    tls.write_nowait(header + payload if payload else header)
+                    tls.write_nowait(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     cause = exc.__cause__ or exc
                     self._end(f"connection lost: {cause}")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
 import socket
+import struct
+import termios
+import time
 
 import pytest
 import trio
@@ -17,8 +21,8 @@ from websockets.frames import Frame, Opcode
 
 from fabric import pki
 from fabric.config import Settings
-from fabric.router.frames import FrameDecoder
-from fabric.router.link import CONTROL_ALLOWANCE, Link, make_hello
+from fabric.router.frames import FrameDecoder, FrameType, decode_u64_untrusted, encode_u64
+from fabric.router.link import COALESCE_WINDOW, CONTROL_ALLOWANCE, Link, make_hello
 from fabric.router.tls_io import RECEIVE_SIZE, DirectTLS
 from websocket_support import exchange, websocket_pair
 
@@ -323,6 +327,39 @@ async def test_a_peer_that_pings_but_never_reads_ends_the_link_before_its_pongs_
     queued = int(reason.removeprefix("connection lost: peer is not reading: ").removesuffix(" bytes are queued for it"))
     limit = SETTINGS.link_write_buffer + CONTROL_ALLOWANCE
     assert limit < queued <= limit + RECEIVE_SIZE  # at most one socket read's pongs past it (not a keepalive interval's)
+
+
+def unread(stream: trio.SocketStream) -> int:
+    """Bytes that have reached `stream`'s socket and wait there to be read."""
+    return struct.unpack("i", fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+async def test_a_long_burst_of_frames_reaches_the_peer_while_it_is_still_being_made(contexts):
+    """One task queues frames without a pause (a site answering many flows at once): they are
+    written in COALESCE_WINDOW-sized groups as they come, not all once the task yields, so the
+    peer works on a burst's start while this site makes the rest. In order and intact."""
+    count = 50
+    with trio.fail_after(10):
+        server, client = await link_streams(contexts, "tls")
+        link = Link(server, FrameDecoder(), local=HELLO, peer=HELLO, dialer=False, handler=None, cost=1, settings=SETTINGS)
+        for i in range(count):
+            link.send_frame(FrameType.PING, 0, encode_u64(i))
+            pause = time.perf_counter() + COALESCE_WINDOW / 4  # work between two frames, without a checkpoint
+            while time.perf_counter() < pause:
+                pass
+        during = unread(client.transport_stream)  # before this task lets the link's writer run
+        received: list[int] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run)
+            await trio.sleep(0.1)
+            everything = unread(client.transport_stream)
+            decoder = FrameDecoder()
+            while len(received) < count:
+                decoder.receive_data(await client.receive_some())
+                received += [decode_u64_untrusted(f.payload) for f in decoder if f.type is FrameType.PING and len(f.payload) == 8]
+            nursery.cancel_scope.cancel()
+    assert received[:count] == list(range(count))
+    assert during > everything / 2, (during, everything)  # all but the last window's frames; at once: the first alone
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
