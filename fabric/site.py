@@ -348,17 +348,18 @@ class Site:
         await trio.serve_listeners(functools.partial(self._accept_link, websocket=websocket), [listener])
 
     async def _accept_link(self, tcp: trio.SocketStream, *, websocket: bool = False) -> None:
-        where = peer_address(tcp)
-        source = _source_of(tcp)
-        pending = self._pending_handshakes
-        if pending.total() >= MAX_PENDING_HANDSHAKES or pending[source] >= MAX_PENDING_PER_SOURCE:
-            self._refuse_handshake(source)
-            await trio.aclose_forcefully(tcp)
-            return
-        tune(tcp)
+        """One connection to a link port, from its first byte to the link's end. Whatever goes
+        wrong with it ends it alone: an exception out of here would end the site (serve_listeners)."""
+        where = peer_address(tcp)  # (never raises: the one line outside the try)
         stream: trio.abc.Stream = tcp
-        pending[source] += 1
         try:
+            source = _source_of(tcp)
+            pending = self._pending_handshakes
+            if pending.total() >= MAX_PENDING_HANDSHAKES or pending[source] >= MAX_PENDING_PER_SOURCE:
+                self._refuse_handshake(source)
+                return
+            tune(tcp)
+            pending[source] += 1
             try:
                 with trio.fail_after(self.settings.handshake_timeout):
                     if websocket:

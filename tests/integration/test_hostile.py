@@ -435,6 +435,32 @@ async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_
             await arena.network.link(late, arena.hub)
 
 
+async def test_a_bug_in_accepting_one_connection_drops_it_alone_and_the_hub_goes_on(arena, monkeypatch, caplog):
+    """An exception anywhere in a link port's handling of one connection, even before its
+    handshake starts, is logged and ends that connection: not the hub, its links or its port."""
+    failed = []
+
+    def buggy(tcp) -> str:
+        if not failed:
+            failed.append(tcp)
+            raise RuntimeError("a bug")
+        return _source_of(tcp)
+
+    monkeypatch.setattr(fabric.site, "_source_of", buggy)
+
+    async def one_bad_connection() -> float:
+        return (await hold_open(arena.hub.link_port, "127.0.0.1"))[1]
+
+    held = await arena.under_attack(one_bad_connection)
+    assert failed and held < HANDSHAKE_TIMEOUT  # closed at once, not left to the deadline
+    assert any(
+        "unexpected failure; this connection is dropped, the site goes on" in r.getMessage() for r in caplog.records
+    )
+    with trio.fail_after(ATTACK_DEADLINE):
+        async with arena.network.site("late") as late:
+            await arena.network.link(late, arena.hub)
+
+
 async def test_a_handshake_that_drips_or_stops_after_tls_is_cut_at_the_deadline(arena):
     """The deadline covers TLS and HELLO together: a byte now and then does not extend it,
     nor does a finished TLS handshake followed by silence."""
