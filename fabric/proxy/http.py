@@ -2,9 +2,10 @@
 
 A TCP listener carries a client's connection to one provider for its whole
 life: one keep-alive client then sticks to one provider. An HTTP listener
-reads the client's requests (http1.py: llhttp, strict) and, for each one,
-picks a provider (the same `balanced` / `closest` choice as flows) and sends
-the request over a flow to it. The flow carries HTTP/1.1 itself: at the
+reads the client's requests (http1.py: llhttp, strict, behind a fast path
+for plain messages) and, for each one, picks a provider (the same
+`balanced` / `closest` choice as flows) and sends the request over a flow
+to it. The flow carries HTTP/1.1 itself: at the
 provider it is a plain connection to the target (an HTTP connector is a TCP
 connector that says `http` in gossip), so a flow is a keep-alive connection
 to the target, and idle flows are kept per provider (`IDLE_FLOWS`,
@@ -26,8 +27,8 @@ version other than HTTP/1.0 and 1.1, 405 for CONNECT. Each listener counts
 requests by method and status class, bytes and latency (`HttpStats`).
 
 What a request costs is kept small, because it is paid per request and not
-per connection: a head is parsed once (llhttp) and written once, by hand; a
-request without a body and its answer take no task of their own and one
+per connection: a head is parsed once (in one call into C when it is plain)
+and written once, by hand; a request without a body and its answer take no task of their own and one
 write each way; reads and writes of the client's socket do not go through
 the scheduler when they need not wait (`SocketEnd`); and the answer is read
 and written to the client by the flow's sink, from the link's reader, as a

@@ -222,6 +222,130 @@ def test_a_response_with_an_unknown_transfer_coding_is_refused():
         reader.next_event()
 
 
+# -- the fast path (_head.c) reads as llhttp does, or declines -------------------------------------------
+# Messages plain but for a part or two a byte away, in the places where its grammar is stricter than
+# llhttp's or where llhttp reads a header specially: read with the fast path and with llhttp alone,
+# each must give the same. (Most parts are plain: a message the fast path takes must be common.)
+
+
+def mostly(plain: bytes, *others: bytes, chars: bytes = b"", prefix: bytes = b"") -> st.SearchStrategy[bytes]:
+    """`plain` three times in four, else one of `others`, or a few of `chars` after `prefix`."""
+    odd = st.sampled_from(others)
+    if chars:
+        odd = st.one_of(odd, st.lists(st.sampled_from(list(chars)), min_size=1, max_size=5).map(lambda c: prefix + bytes(c)))
+    return st.one_of(st.just(plain), st.just(plain), st.just(plain), odd)
+
+
+SPECIAL_NAMES = (
+    b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Connection", b"CONNECTION",
+    b"Transfer-Encoding", b"transfer-encoding", b"Upgrade", b"Proxy-Connection", b"proxy-connection",
+    b"Content-Lengths", b"Hosts", b"Expect", b"Keep-Alive",
+)
+SPECIAL_VALUES = (
+    b"keep-alive", b"Keep-Alive", b"KEEP-ALIVE", b"close", b"keep-alive, close", b"keep-alive ", b"upgrade",
+    b"chunked", b"0", b"5", b"05", b"+5", b"-5", b" 5", b"5 ", b"5,5", b"0x5", b"", b"99999999999999999999",
+    b"100-continue", b"x",
+)
+HEADER = st.one_of(
+    st.sampled_from([b"X-A: x\r\n", b"Accept: */*\r\n", b"User-Agent: curl/8.0\r\n"]),
+    st.tuples(st.sampled_from(SPECIAL_NAMES), st.sampled_from(SPECIAL_VALUES)).map(lambda nv: nv[0] + b": " + nv[1] + b"\r\n"),
+    st.tuples(
+        mostly(b"X-A", b"", b"X A", b"X\tA", chars=b"aZ09-!~|\"(),/;<=>?@[]{} \t:\x00\x7f\x80\xff"),
+        mostly(b": ", b":", b":\t", b":\t ", b": \t", b" :", b"::"),
+        mostly(b"x", b"a b \t", b"a\tb", b"", b" ", chars=b"a ,;=/\t\"\x00\x01\x1f\x7f\x80\xff\r\n"),
+        mostly(b"\r\n", b"\n", b"\r\n ", b"\r\n\t", b"\r", b"\r\r\n"),
+    ).map(b"".join),
+)
+REQUEST_LINE = st.tuples(
+    mostly(b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT", b"PROPFIND",
+           b"get", b"GETS", b"GE", b""),
+    mostly(b" ", b"  ", b"\t"),
+    mostly(b"/", b"/a/b?c=d&e=%20", b"*", b"http://x/", b"/a#f", b"/%", b"/a b", b"",
+           chars=b"/a?=&%#;:@ \x00\x7f\x80{}|\\^`\"<>", prefix=b"/"),
+    mostly(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", b" HTTP/1.2\r\n", b" http/1.1\r\n", b" HTTP/1.1 \r\n",
+           b" HTTP/1.1\n", b"HTTP/1.1\r\n", b" HTTP/1.1\r", b" HTTP/1.1\r\r\n"),
+).map(b"".join)
+STATUS_LINE = st.tuples(
+    mostly(b"HTTP/1.1 ", b"HTTP/1.0 ", b"HTTP/1.1  ", b"HTTP/2 ", b"http/1.1 "),
+    mostly(b"200", b"201", b"404", b"503", b"599", b"600", b"199", b"100", b"101", b"204", b"304", b"099", b"2000", b"20"),
+    mostly(b" OK", b" ", b"", b" Not Found", b" O\x80K", b" O\x01K", b" O\x7fK", b" OK ", b"\tOK"),
+    mostly(b"\r\n", b"\n", b"\r", b"\r\r\n"),
+).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    response=st.booleans(),
+    request_line=REQUEST_LINE,
+    status_line=STATUS_LINE,
+    headers=st.lists(HEADER, max_size=5),
+    hosts=st.sampled_from([1, 1, 1, 0, 2]),
+    length=st.one_of(st.none(), st.integers(0, 20)),
+    blank=mostly(b"\r\n", b"\n", b"\r\r\n", b"\rX", b" \r\n"),
+    body=st.binary(max_size=16),
+    then=st.sampled_from([b"", b"", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"]),
+    step=st.sampled_from([400, 400, 400, 1, 7, 40]),
+)
+def test_the_fast_path_reads_what_llhttp_reads_or_leaves_it_to_llhttp(
+    response, request_line, status_line, headers, hosts, length, blank, body, then, step
+):
+    lines = list(headers)
+    if not response:
+        lines[:0] = [b"Host: x\r\n"] * hosts
+    if length is not None:
+        lines.append(b"Content-Length: %d\r\n" % length)
+    wire = (status_line if response else request_line) + b"".join(lines) + blank + body + then
+    kind = RESPONSE if response else REQUEST
+    fast = targets._read_all(kind, wire, step, fast=True)
+    assert fast == targets._read_all(kind, wire, step, fast=False)
+
+
+def same_both_ways(kind: str, wire: bytes, step: int = 1 << 20) -> None:
+    fast = targets._read_all(kind, wire, step, fast=True)
+    assert fast == targets._read_all(kind, wire, step, fast=False), wire
+
+
+NEIGHBOURS = b"\x00\x01\t\n\r \"(),/:;=?@[\\]{}\x7f\x80\xffAZaz09+-"
+PLAIN = [
+    (REQUEST, b"GET /a?b=%20 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n"),
+    (REQUEST, b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX-A: a b\r\n\r\nokGET / HTTP/1.1\r\nHost: y\r\n\r\n"),
+    (RESPONSE, b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"),
+]
+
+
+@pytest.mark.parametrize("kind, wire", PLAIN, ids=["get", "post-then-get", "answer"])
+def test_every_message_a_byte_from_a_plain_one_reads_the_same_both_ways(kind, wire):
+    """Each byte of a plain message replaced by, or preceded by, each of NEIGHBOURS, or dropped."""
+    for pos in range(len(wire)):
+        same_both_ways(kind, wire[:pos] + wire[pos + 1 :])
+        for byte in NEIGHBOURS:
+            same_both_ways(kind, wire[:pos] + bytes([byte]) + wire[pos + 1 :])
+            same_both_ways(kind, wire[:pos] + bytes([byte]) + wire[pos:])
+
+
+def test_every_special_header_and_every_status_reads_the_same_both_ways():
+    """The headers llhttp reads specially, by every name and value above, in a request and an answer;
+    and every status code."""
+    for name in SPECIAL_NAMES:
+        for value in SPECIAL_VALUES:
+            line = name + b": " + value + b"\r\n"
+            same_both_ways(REQUEST, b"PUT / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\nhello, world")
+            same_both_ways(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"Content-Length: 3\r\n\r\nabcdefgh")
+            same_both_ways(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nabcdefgh")
+    for status in range(1000):
+        same_both_ways(RESPONSE, b"HTTP/1.1 %03d OK\r\nContent-Length: 2\r\n\r\nok" % status)
+
+
+def test_the_fast_path_takes_the_plain_messages_it_is_for():
+    """(Not only declines: the plain request and answer of every proxied exchange skip llhttp.)"""
+    for kind, wire in [(REQUEST, targets.PLAIN_REQUESTS[0]), (RESPONSE, targets.PLAIN_ANSWERS[0])]:
+        reader = Reader(kind)
+        reader.expect_response(b"GET")
+        reader.receive_data_untrusted(wire)
+        assert reader._fresh, "llhttp was fed"
+        assert len([e for e in iter(reader.next_event, NEED_DATA) if isinstance(e, Head)]) == (3 if kind == REQUEST else 1)
+
+
 # -- bounds -----------------------------------------------------------------------------------------
 
 

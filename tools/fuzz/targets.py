@@ -18,6 +18,7 @@ tools.fuzz`) and under Hypothesis in the test suite (tests/unit/test_fuzz.py).
 | link     | Link._dispatch of any frame sequence on an established link  | ProtocolError (or the link's own end) |
 | http     | http1.Reader of requests, fed in chunks                      | HttpError (400, 431, 501, 505) |
 | http-listener | an HTTP listener's client connection (a socket pair), a target answering 200 | none: it answers (200, or 400, 405, 431, 501, 505 with `connection: close`) or closes |
+| http-fast | http1.Reader of requests or answers, its fast path (_head.c) on and off | none: both give the same events, and the same HttpError status |
 """
 
 from __future__ import annotations
@@ -271,6 +272,44 @@ def http(data: bytes) -> None:
         assert exc.status in HTTP_ERROR_STATUSES, exc.status
 
 
+def http_fast(data: bytes) -> None:
+    """The first byte picks requests or answers (its low bit) and a chunk size (the rest); the rest is read
+    by two Readers in chunks of that size, one with the fast path for plain messages and one with llhttp
+    alone. They must read the same: the same messages, bodies, errors (by status) and state after. The
+    fast path declines what it does not take whole, so it must never take what llhttp refuses or reads
+    otherwise."""
+    if not data:
+        return
+    kind = http1.RESPONSE if data[0] & 1 else http1.REQUEST
+    step, data = (data[0] >> 1) + 1, data[1:]
+    fast, slow = _read_all(kind, data, step, fast=True), _read_all(kind, data, step, fast=False)
+    assert fast == slow, f"the fast path read {fast!r}, llhttp {slow!r}"
+
+
+def _read_all(kind: str, data: bytes, step: int, *, fast: bool) -> list:
+    """What a Reader made of `data` fed in pieces of `step` bytes, then EOF: its events (a head as a
+    tuple of its fields, body bytes joined), an error's status, and its state at the end."""
+    reader = http1.Reader(kind, fast=fast)
+    reader.expect_response(b"GET")
+    got: list = []
+    try:
+        for pos in range(0, len(data) + 1, step):
+            reader.receive_data_untrusted(data[pos : pos + step])
+            while (event := reader.next_event()) is not http1.NEED_DATA:
+                if isinstance(event, http1.Head):
+                    got.append(tuple(getattr(event, name) for name in http1.Head.__slots__))
+                elif type(event) is bytes and got and type(got[-1]) is bytes:
+                    got[-1] += event  # (the fast path gives a body whole, llhttp as it was fed)
+                else:
+                    got.append(event)
+            if reader.switched:
+                break
+    except http1.HttpError as exc:
+        got.append(exc.status)
+    got.append((reader.switched, reader.trailing, reader.keep_alive, reader.eof))
+    return got
+
+
 class _FakeTarget:
     """A flow to a target that answers every request it reads with 200 "ok" (it reads them with a Reader too)."""
 
@@ -423,6 +462,7 @@ TARGETS: dict[str, Target] = {
     "link": link,
     "http": http,
     "http-listener": http_listener,
+    "http-fast": http_fast,
 }
 
 
@@ -476,6 +516,10 @@ def seeds(target: str) -> list[bytes]:
         return [b"\x00" + frame_stream[len(encode_frame(FrameType.HELLO, 0, encode_message(hello_msg))) :]]
     if target in ("http", "http-listener"):
         return [bytes([size]) + request for size in (255, 6) for request in HTTP_SEEDS]
+    if target == "http-fast":
+        return [bytes([size]) + request for size in (254, 6) for request in HTTP_SEEDS + PLAIN_REQUESTS] + [
+            bytes([size]) + answer for size in (255, 7) for answer in PLAIN_ANSWERS
+        ]
     return []
 
 
@@ -487,6 +531,26 @@ HTTP_SEEDS = (
     b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n",
     b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     b"GET / HTTP/1.0\r\nX-Forwarded-For: 10.0.0.1\r\nVia: 1.1 y\r\n\r\n",
+)
+
+
+# What the fast path takes (and what it must decline, a byte or two away).
+PLAIN_REQUESTS = (
+    b"GET /a/b?c=d&e=%20 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+    b"POST /p HTTP/1.1\r\nhost: x\r\nconnection: Keep-Alive\r\ncontent-length: 2\r\nX-E:\t  a b \t\r\n\r\nok"
+    b"DELETE /d HTTP/1.1\r\nHOST: x\r\nContent-Length: 0\r\n\r\n",
+    b"OPTIONS /o HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"PATCH /q HTTP/1.1\r\nHost: x\r\nContent-Length: 010\r\nProxy-Connection: keep-alive\r\n\r\n0123456789",
+    b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nX-U: \xc3\xa9t\xc3\xa9\r\n\r\n",
+)
+PLAIN_ANSWERS = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 02 Dec 2026 07:30:00 GMT\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 17\r\nConnection: keep-alive\r\n\r\nhello from nginx\n",
+    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\nHTTP/1.1 503 \r\nContent-Length: 3\r\nVia: 1.1 b\r\n\r\nbye",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\nuntil the end",
 )
 
 
