@@ -49,6 +49,14 @@ init_classes(void)
     }
 }
 
+/* The headers a proxy does not pass on as they came: hop-by-hop ones (RFC 9110, 7.6.1) and the
+ * forwarding ones it extends. http.py's HOP_BY_HOP | FORWARDING, which a test checks against SPECIAL. */
+static const char *const special_names[] = {
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "x-forwarded-for", "x-forwarded-proto", "forwarded", "via",
+};
+#define SPECIALS (sizeof(special_names) / sizeof(special_names[0]))
+
 static const char *const method_names[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"};
 #define METHODS (sizeof(method_names) / sizeof(method_names[0]))
 static PyObject *methods[METHODS];  /* as bytes, made once: every request's Head shares them */
@@ -66,14 +74,26 @@ same_lower(const unsigned char *p, Py_ssize_t n, const char *lower)
     return 1;
 }
 
-/* The headers from `p` to the blank line that ends them, appended to `headers` as (name, value).
- * Returns the offset just past the blank line, 0 to decline, -1 with an exception set. */
+static int
+is_special(const unsigned char *name, Py_ssize_t n)
+{
+    for (size_t i = 0; i < SPECIALS; i++) {
+        if ((size_t)n == strlen(special_names[i]) && same_lower(name, n, special_names[i]))
+            return 1;
+    }
+    return 0;
+}
+
+/* The headers from `p` to the blank line that ends them, appended to `headers` as (name, value);
+ * `*plain`: none is special but Connection (keep-alive, the one value taken). Returns the offset
+ * just past the blank line, 0 to decline, -1 with an exception set. */
 static Py_ssize_t
 read_headers(const unsigned char *p, Py_ssize_t pos, Py_ssize_t limit, int request, PyObject *headers,
-             long long *length)
+             long long *length, int *plain)
 {
     int hosts = 0;
     *length = -1;
+    *plain = 1;
     for (;;) {
         if (pos + 1 >= limit)
             return 0;
@@ -131,6 +151,8 @@ read_headers(const unsigned char *p, Py_ssize_t pos, Py_ssize_t limit, int reque
                 return 0;
             break;
         }
+        if (*plain && is_special(n, name_len) && !(name_len == 10 && same_lower(n, 10, "connection")))
+            *plain = 0;
         PyObject *pair = PyTuple_New(2);
         if (pair == NULL)
             return -1;
@@ -145,12 +167,44 @@ read_headers(const unsigned char *p, Py_ssize_t pos, Py_ssize_t limit, int reque
     }
 }
 
+/* The header lines as a proxy passes them on, b"name: value\r\n" each, Connection left out. */
+static PyObject *
+plain_lines(PyObject *headers)
+{
+    Py_ssize_t count = PyList_GET_SIZE(headers), size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(headers, i);
+        size += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) + PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) + 4;
+    }
+    PyObject *lines = PyBytes_FromStringAndSize(NULL, size);
+    if (lines == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(lines);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(headers, i);
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        Py_ssize_t n = PyBytes_GET_SIZE(name), v = PyBytes_GET_SIZE(value);
+        if (n == 10 && same_lower((const unsigned char *)PyBytes_AS_STRING(name), 10, "connection"))
+            continue;
+        memcpy(out, PyBytes_AS_STRING(name), n);
+        memcpy(out + n, ": ", 2);
+        memcpy(out + n + 2, PyBytes_AS_STRING(value), v);
+        memcpy(out + n + 2 + v, "\r\n", 2);
+        out += n + v + 4;
+    }
+    if (_PyBytes_Resize(&lines, out - PyBytes_AS_STRING(lines)) < 0)
+        return NULL;
+    return lines;
+}
+
 PyDoc_STRVAR(parse_doc,
 "parse(data, start, request, max_head)\n--\n\n"
 "The plain HTTP/1.1 message that begins at data[start], if it is whole in data:\n"
-"(end of its head, Content-Length or -1, method or status, target or reason, headers)\n"
-"- its body is data[end of head:end of head + Content-Length]. None when this\n"
-"path declines it (see the module's source): llhttp reads it then.");
+"(end of its head, Content-Length or -1, method or status, target or reason, headers,\n"
+"lines) - its body is data[end of head:end of head + Content-Length]; lines: the\n"
+"header lines as a proxy passes them on (b\"name: value\\r\\n\" each, Connection left\n"
+"out) when none is in SPECIAL but Connection, else None. None when this path\n"
+"declines the message (see the module's source): llhttp reads it then.");
 
 static PyObject *
 parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -169,7 +223,7 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *result = NULL, *first = NULL, *second = NULL, *headers = NULL;
+    PyObject *result = NULL, *first = NULL, *second = NULL, *headers = NULL, *lines = NULL;
     const unsigned char *p = view.buf;
     Py_ssize_t size = view.len;
     if (start < 0 || start > size || max_head < 0)
@@ -224,12 +278,20 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (headers == NULL)
         goto done;
     long long length;
-    Py_ssize_t end = read_headers(p, pos, limit, request, headers, &length);
+    int plain;
+    Py_ssize_t end = read_headers(p, pos, limit, request, headers, &length, &plain);
     if (end < 0)
         goto done;
     if (end == 0 || (!request && length < 0) || (length > 0 && length > size - end))
         goto decline;
-    result = Py_BuildValue("(nLOOO)", end, length, first, second, headers);
+    if (plain) {
+        if ((lines = plain_lines(headers)) == NULL)
+            goto done;
+    } else {
+        lines = Py_None;
+        Py_INCREF(lines);
+    }
+    result = Py_BuildValue("(nLOOOO)", end, length, first, second, headers, lines);
     goto done;
 decline:
     result = Py_None;
@@ -238,6 +300,7 @@ done:
     Py_XDECREF(first);
     Py_XDECREF(second);
     Py_XDECREF(headers);
+    Py_XDECREF(lines);
     PyBuffer_Release(&view);
     return result;
 }
@@ -260,5 +323,24 @@ PyInit__head(void)
         if (methods[m] == NULL && (methods[m] = PyBytes_FromString(method_names[m])) == NULL)
             return NULL;
     }
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    PyObject *special = PyTuple_New(SPECIALS);
+    if (special == NULL)
+        goto fail;
+    for (size_t i = 0; i < SPECIALS; i++) {
+        PyObject *name = PyBytes_FromString(special_names[i]);
+        if (name == NULL) {
+            Py_DECREF(special);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(special, i, name);
+    }
+    if (PyModule_AddObject(m, "SPECIAL", special) == 0)
+        return m;
+    Py_DECREF(special);
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

@@ -525,17 +525,17 @@ class HttpListener(TcpListener):
 
     def _upstream_head(self, head: Head, client: _Client) -> bytes:
         """The request head as it goes to the target: hop-by-hop headers out, forwarding headers in."""
+        if head.lines is not None:  # (from the fast path: HTTP/1.1, no chunks, no upgrade, nothing to filter)
+            return b"%s %s HTTP/1.1\r\n%s%s\r\n\r\n" % (head.method, head.target, head.lines, self._usual_forwarding(client))
         lines, seen = _filtered(head.headers, head.upgrade)
         if head.upgrade:
             lines.append(b"connection: upgrade")
         if head.framing is CHUNKED:
             lines.append(b"transfer-encoding: chunked")  # the chunks are framed again
-        ip, forwarded = client.forwarding
-        if seen is None:  # (the usual request: the same four lines for each of a client's requests)
-            if client.forwarding_lines is None:
-                client.forwarding_lines = self._forwarding_lines(ip, None, b"http", forwarded, None)
-            lines.append(client.forwarding_lines)
+        if seen is None:
+            lines.append(self._usual_forwarding(client))
         else:
+            ip, forwarded = client.forwarding
             get = seen.get
             lines.append(self._forwarding_lines(ip, get(b"x-forwarded-for"), get(b"x-forwarded-proto", b"http"),
                                                 forwarded, get(b"forwarded"), get(b"via")))
@@ -543,6 +543,13 @@ class HttpListener(TcpListener):
             # Without a Host, HTTP/1.1 is malformed (a target answers 400): it goes on as it came, in HTTP/1.0.
             return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), lines)
         return write_head(b"%s %s HTTP/1.1" % (head.method, head.target), lines)
+
+    def _usual_forwarding(self, client: _Client) -> bytes:
+        """The forwarding lines of a request that came with none: the same four for each of a client's requests."""
+        if client.forwarding_lines is None:
+            ip, forwarded = client.forwarding
+            client.forwarding_lines = self._forwarding_lines(ip, None, b"http", forwarded, None)
+        return client.forwarding_lines
 
     def _forwarding_lines(
         self, ip: bytes, prior_for: bytes | None, proto: bytes, forwarded: bytes, prior_forwarded: bytes | None,
@@ -559,6 +566,9 @@ class HttpListener(TcpListener):
     def _client_head(self, head: Head, request: Head, close: bool) -> tuple[bytes, bool, bool]:
         """The answer's head as it goes to the client; whether its body is chunked, and whether the
         connection closes after it (a body with no length, to an HTTP/1.0 client, ends with it)."""
+        if head.lines is not None:  # (from the fast path: 200-599 with a Content-Length, nothing to filter)
+            end = b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n"
+            return b"HTTP/1.1 %d %s\r\n%s%s%s" % (head.status, head.reason, head.lines, self._via_line, end), False, close
         lines, seen = _filtered(head.headers, head.status == 101)
         via = None
         if seen is not None:  # X-Forwarded-* and Forwarded in an answer are the target's business: passed on

@@ -84,10 +84,16 @@ class Head:
     `headers` keeps names as they came (for forwarding); lookups are by
     lower-case name (`get`). `framing` is one of NO_BODY, LENGTH, CHUNKED,
     UNTIL_CLOSE; `keep_alive` whether the connection may carry another
-    message after this one, as far as this message says.
+    message after this one, as far as this message says. `lines`, from the
+    fast path only: the header lines as a proxy passes them on
+    (b"name: value\r\n" each), when none of them is hop-by-hop or a
+    forwarding one (`_head.SPECIAL`) but a `Connection: keep-alive`, which
+    they leave out; else None.
     """
 
-    __slots__ = ("method", "target", "status", "reason", "version", "headers", "framing", "keep_alive", "upgrade")
+    __slots__ = (
+        "method", "target", "status", "reason", "version", "headers", "framing", "keep_alive", "upgrade", "lines",
+    )
 
     def __init__(
         self,
@@ -100,6 +106,7 @@ class Head:
         framing: str = NO_BODY,
         keep_alive: bool = True,
         upgrade: bool = False,
+        lines: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -110,6 +117,7 @@ class Head:
         self.framing = framing
         self.keep_alive = keep_alive
         self.upgrade = upgrade
+        self.lines = lines
 
     def __repr__(self) -> str:
         first = f"{self.method.decode()} {self.target.decode(errors='replace')}" if self.method else str(self.status)
@@ -234,11 +242,11 @@ class Reader:
         events = self._events
         taken = 0
         while (message := parse(data, taken, request, self.max_head)) is not None:
-            end, length, first, second, headers = message
+            end, length, first, second, headers, lines = message
             if request:
-                head = Head(first, second, 0, b"", b"1.1", headers, NO_BODY if length < 0 else LENGTH)
+                head = Head(first, second, 0, b"", b"1.1", headers, NO_BODY if length < 0 else LENGTH, True, False, lines)
             else:
-                head = Head(b"", b"", first, second, b"1.1", headers, LENGTH)
+                head = Head(b"", b"", first, second, b"1.1", headers, LENGTH, True, False, lines)
             events.append(head)
             if length > 0:
                 events.append(data[end : end + length])

@@ -10,7 +10,10 @@ is at the end here.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -334,6 +337,48 @@ def test_every_special_header_and_every_status_reads_the_same_both_ways():
             same_both_ways(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nabcdefgh")
     for status in range(1000):
         same_both_ways(RESPONSE, b"HTTP/1.1 %03d OK\r\nContent-Length: 2\r\n\r\nok" % status)
+
+
+def test_the_headers_the_fast_path_calls_special_are_the_ones_the_listener_filters():
+    from fabric.proxy import _head, http
+
+    assert set(_head.SPECIAL) == http.HOP_BY_HOP | http.FORWARDING
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.one_of(HEADER, st.sampled_from([b"Connection: keep-alive\r\n", b"Via: 1.0 x\r\n",
+                                                         b"TE: trailers\r\n", b"X-Forwarded-For: 10.0.0.1\r\n"])),
+                     max_size=6),
+    close=st.booleans(),
+)
+def test_heads_written_from_the_fast_paths_lines_are_those_written_header_by_header(headers, close):
+    """The listener writes a plain head from the fast path's `lines` in one go: byte for byte what it
+    writes by filtering the headers one by one (as for a head llhttp read)."""
+    from fabric.config import ListenerConfig
+    from fabric.proxy.http import HttpListener, _Client
+
+    listener = HttpListener(ListenerConfig(name="web", routing_key="web", port=0, protocol="http"), targets._FakeRouter())
+    block = b"".join(headers)
+    for kind, wire in [(REQUEST, b"GET /a HTTP/1.1\r\nHost: x\r\n" + block + b"\r\n"),
+                       (RESPONSE, b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n")]:
+        reader = Reader(kind)
+        reader.expect_response(b"GET")
+        reader.receive_data_untrusted(wire)
+        try:
+            head = reader.next_event()
+        except HttpError:
+            continue
+        if head.lines is None:
+            continue  # (llhttp read it, or a header needs filtering one by one)
+        slow = Head(*(getattr(head, name) for name in Head.__slots__[:-1]))  # the same, without `lines`
+        if kind == REQUEST:
+            with socket.socket() as sock:
+                client = _Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), "10.1.2.3")
+                assert listener._upstream_head(head, client) == listener._upstream_head(slow, client)
+        else:
+            request = Head(b"GET", b"/", version=b"1.1")
+            assert listener._client_head(head, request, close) == listener._client_head(slow, request, close)
 
 
 def test_the_fast_path_takes_the_plain_messages_it_is_for():

@@ -296,8 +296,8 @@ def _read_all(kind: str, data: bytes, step: int, *, fast: bool) -> list:
         for pos in range(0, len(data) + 1, step):
             reader.receive_data_untrusted(data[pos : pos + step])
             while (event := reader.next_event()) is not http1.NEED_DATA:
-                if isinstance(event, http1.Head):
-                    got.append(tuple(getattr(event, name) for name in http1.Head.__slots__))
+                if isinstance(event, http1.Head):  # (but `lines`, which only the fast path gives)
+                    got.append(tuple(getattr(event, name) for name in http1.Head.__slots__ if name != "lines"))
                 elif type(event) is bytes and got and type(got[-1]) is bytes:
                     got[-1] += event  # (the fast path gives a body whole, llhttp as it was fed)
                 else:
