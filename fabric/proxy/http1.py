@@ -241,7 +241,8 @@ class Reader:
         request = self.kind == REQUEST
         events = self._events
         taken = 0
-        while (message := parse(data, taken, request, self.max_head)) is not None:
+        size = len(data)
+        while taken < size and (message := parse(data, taken, request, self.max_head)) is not None:
             end, length, first, second, headers, lines = message
             if request:
                 head = Head(first, second, 0, b"", b"1.1", headers, NO_BODY if length < 0 else LENGTH, True, False, lines)
