@@ -68,6 +68,13 @@ def inputs(target: str) -> st.SearchStrategy[bytes]:
     return st.one_of(st.binary(max_size=2048), st.sampled_from(seeds), mutated(seeds))
 
 
+def test_the_fuzz_command_knows_every_target():
+    """`python -m tools.fuzz` names the targets before it imports them (atheris must import fabric itself)."""
+    from tools.fuzz.__main__ import TARGET_NAMES
+
+    assert TARGET_NAMES == tuple(targets.TARGETS)
+
+
 @pytest.mark.parametrize("target", list(targets.TARGETS))
 def test_every_parser_of_peer_bytes_raises_only_its_one_error_type(target):
     fuzz = targets.TARGETS[target]

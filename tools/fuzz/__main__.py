@@ -97,7 +97,7 @@ def _reproduce(target: str, path: Path) -> int:
     return 0
 
 
-TARGET_NAMES = ("frames", "payloads", "hello", "gossip", "records", "token", "csr", "cert", "link", "http", "http-listener")
+TARGET_NAMES = ("frames", "payloads", "hello", "gossip", "records", "token", "csr", "cert", "link", "http", "http-listener", "http-fast")
 
 
 def main(argv: list[str] | None = None) -> int:
