@@ -337,9 +337,10 @@ PyInit__head(void)
         }
         PyTuple_SET_ITEM(special, i, name);
     }
-    if (PyModule_AddObject(m, "SPECIAL", special) == 0)
-        return m;
+    int added = PyModule_AddObjectRef(m, "SPECIAL", special);
     Py_DECREF(special);
+    if (added == 0)
+        return m;
 fail:
     Py_DECREF(m);
     return NULL;
