@@ -247,6 +247,7 @@ SPECIAL_NAMES = (
 SPECIAL_VALUES = (
     b"keep-alive", b"Keep-Alive", b"KEEP-ALIVE", b"close", b"keep-alive, close", b"keep-alive ", b"upgrade",
     b"chunked", b"0", b"5", b"05", b"+5", b"-5", b" 5", b"5 ", b"5,5", b"0x5", b"", b"99999999999999999999",
+    b"9223372036854775808", b"1000000000000000",
     b"100-continue", b"x",
 )
 HEADER = st.one_of(
