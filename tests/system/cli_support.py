@@ -24,6 +24,7 @@ FABRIC = (sys.executable, "-m", "fabric.cli")
 COMMAND_TIMEOUT = 90  # seconds for one command; --wait verbs wait at most 60 s by default
 START_TIMEOUT = "30s"  # for `site status --wait`: a site starts in well under a second
 STOP_DEADLINE = 5  # seconds a site may take to exit after SIGTERM (the issue's promise)
+HELPER_GRACE = 5  # seconds a helper server may take to exit after SIGTERM before it is killed
 
 
 def fabric(
@@ -137,13 +138,19 @@ def running(*site_dirs: Path) -> Iterator[list[SiteProcess]]:
 
 @contextlib.contextmanager
 def background(*argv: str, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-    """A helper process (an HTTP server), killed at the end."""
+    """A helper process (an HTTP server, a proxy), stopped at the end: SIGTERM first, so that a server with
+    children stops them (nginx's master its workers: killed, it leaves them running, orphaned, and
+    holding the port), then SIGKILL after HELPER_GRACE."""
     process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         yield process
     finally:
         if process.poll() is None:
-            process.kill()
+            process.terminate()
+            try:
+                process.wait(HELPER_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait(10)
         if process.stderr is not None:
             process.stderr.close()
