@@ -28,8 +28,9 @@ requests by method and status class, bytes and latency (`HttpStats`).
 
 What a request costs is kept small, because it is paid per request and not
 per connection: a head is parsed once (in one call into C when it is plain)
-and written once, by hand; a request without a body and its answer take no task of their own and one
-write each way; reads and writes of the client's socket do not go through
+and written once, by hand; a request without a body and its answer take no
+task of their own and one write each way; reads and writes of the client's
+socket do not go through
 the scheduler when they need not wait (`SocketEnd`); and the answer is read
 and written to the client by the flow's sink, from the link's reader, as a
 TCP relay's is, so that a request wakes the client's task once, not twice

@@ -6,8 +6,8 @@ leaves to its user; and in front of it a fast path (`_head.c`, our one
 compiled module) for the plain messages that nearly every exchange is made
 of: a keep-alive HTTP/1.1 request with no body or a Content-Length one, an
 answer with a Content-Length, each whole in one read. It reads those in one
-call instead of llhttp's dozen-odd Python callbacks (~3 us less per request
-and answer), from a grammar stricter than llhttp's, and declines anything
+call instead of llhttp's dozen-odd Python callbacks (~2-3 us less per
+message), from a grammar stricter than llhttp's, and declines anything
 else, which llhttp then reads as before: it never refuses a message and
 never takes one that llhttp would refuse or read otherwise (the tests and
 the `http-fast` fuzz target read every message both ways and compare). It
