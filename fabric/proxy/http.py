@@ -5,9 +5,9 @@ life: one keep-alive client then sticks to one provider. An HTTP listener
 reads the client's requests (http1.py: llhttp, strict, behind a fast path
 for plain messages) and, for each one, picks a provider (the same
 `balanced` / `closest` choice as flows) and sends the request over a flow
-to it. The flow carries HTTP/1.1 itself: at the
-provider it is a plain connection to the target (an HTTP connector is a TCP
-connector that says `http` in gossip), so a flow is a keep-alive connection
+to it. The flow carries HTTP/1.1 itself: at the provider it is a plain
+connection to the target (an HTTP connector is a TCP connector that says
+`http` in gossip), so a flow is a keep-alive connection
 to the target, and idle flows are kept per provider (`IDLE_FLOWS`,
 `IDLE_TIMEOUT`) for the next requests: no OPEN round trip per request, and
 the target keeps its connections.
@@ -30,10 +30,9 @@ What a request costs is kept small, because it is paid per request and not
 per connection: a head is parsed once (in one call into C when it is plain)
 and written once, by hand; a request without a body and its answer take no
 task of their own and one write each way; reads and writes of the client's
-socket do not go through
-the scheduler when they need not wait (`SocketEnd`); and the answer is read
-and written to the client by the flow's sink, from the link's reader, as a
-TCP relay's is, so that a request wakes the client's task once, not twice
+socket do not go through the scheduler when they need not wait
+(`SocketEnd`); and the answer is read and written to the client by the
+flow's sink, from the link's reader, as a TCP relay's is, so that a request wakes the client's task once, not twice
 (the answer is given back to that task for anything out of the ordinary:
 see `_answer_in_sink`).
 """
