@@ -56,6 +56,7 @@ static const char *const special_names[] = {
     "x-forwarded-for", "x-forwarded-proto", "forwarded", "via",
 };
 #define SPECIALS (sizeof(special_names) / sizeof(special_names[0]))
+static size_t special_lengths[SPECIALS];  /* (measured once, at import: not per header) */
 
 static const char *const method_names[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"};
 #define METHODS (sizeof(method_names) / sizeof(method_names[0]))
@@ -78,7 +79,7 @@ static int
 is_special(const unsigned char *name, Py_ssize_t n)
 {
     for (size_t i = 0; i < SPECIALS; i++) {
-        if ((size_t)n == strlen(special_names[i]) && same_lower(name, n, special_names[i]))
+        if ((size_t)n == special_lengths[i] && same_lower(name, n, special_names[i]))
             return 1;
     }
     return 0;
@@ -319,6 +320,8 @@ PyMODINIT_FUNC
 PyInit__head(void)
 {
     init_classes();
+    for (size_t i = 0; i < SPECIALS; i++)
+        special_lengths[i] = strlen(special_names[i]);
     for (size_t m = 0; m < METHODS; m++) {
         if (methods[m] == NULL && (methods[m] = PyBytes_FromString(method_names[m])) == NULL)
             return NULL;
