@@ -28,13 +28,15 @@ requests by method and status class, bytes and latency (`HttpStats`).
 
 What a request costs is kept small, because it is paid per request and not
 per connection: a head is parsed once (in one call into C when it is plain)
-and written once, by hand; a request without a body and its answer take no
-task of their own and one write each way; reads and writes of the client's
-socket do not go through the scheduler when they need not wait
-(`SocketEnd`); and the answer is read and written to the client by the
-flow's sink, from the link's reader, as a TCP relay's is, so that a request wakes the client's task once, not twice
-(the answer is given back to that task for anything out of the ordinary:
-see `_answer_in_sink`).
+and written once, by hand; a plain request or answer that comes whole in one
+read is handled straight from that call (`Reader.whole`), with no events; a
+request read whole and its answer take no task of their own and one write
+each way; reads and writes of the client's socket do not go through the
+scheduler when they need not wait (`SocketEnd`); and the answer is read and
+written to the client by the flow's sink, from the link's reader, as a TCP
+relay's is, so that a request wakes the client's task once, not twice (the
+answer is given back to that task for anything out of the ordinary: see
+`_answer_in_sink`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from .http1 import (
     HttpError,
     Reader,
     chunk,
+    plain_head,
     write_head,
 )
 from .tcp import TcpListener
@@ -136,9 +139,11 @@ class _Metrics:
         self.bytes_out = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
 
-    def answered(self, status: int, seconds: float) -> None:
+    def answered(self, status: int, started: float) -> None:
+        """Count an answer to a request that began at `started` (_now()): before its last byte goes,
+        so that whoever sees the answer sees it counted."""
         self.statuses[status // 100 if 100 <= status < 600 else 0] += 1
-        self.buckets[bisect.bisect_left(_BUCKETS_S, seconds)] += 1  # the first bound >= seconds
+        self.buckets[bisect.bisect_left(_BUCKETS_S, _now() - started)] += 1  # the first bound >= its latency
 
     def _quantile(self, q: float) -> float | None:
         total = sum(self.buckets)
@@ -204,13 +209,12 @@ class _Client:
         self.forwarding = (address, b"for=" + node + b";proto=http")  # its parts of X-Forwarded-For, Forwarded
         self.forwarding_lines: bytes | None = None  # those headers for a request that came with none of its own
 
-    async def receive(self) -> None:
-        """Read what the client sent next into the reader (b"" at its EOF)."""
+    async def receive(self) -> bytes:
+        """What the client sent next (b"" at its EOF), for its reader to read."""
         try:
-            data = await self.end.receive_some(CHUNK)
+            return await self.end.receive_some(CHUNK)
         except _SOCKET_FAILURES as exc:
             raise _Broken(f"client connection lost: {exc}") from None
-        self.reader.receive_data_untrusted(data)
 
     async def flush(self) -> None:
         if self.out:
@@ -437,23 +441,31 @@ class HttpListener(TcpListener):
         reader = client.reader
         metrics = self._metrics
         while True:
+            message = None  # a plain request that came whole in one read (Reader.whole): no events
             while not reader.has_events():
                 if reader.eof:
                     await self._settle(client)
                     return
-                await client.receive()
+                data = await client.receive()
+                message = reader.whole(data)
+                if message is not None:
+                    break
+                reader.receive_data_untrusted(data)
             if client.exchange is not None:
                 await self._settle(client)
             if not client.keep:
                 return
             client.started = _now()
             metrics.requests += 1
-            try:
-                head = reader.next_event()
-            except HttpError as exc:
-                await self._answer(client, exc.status, "request head too large" if exc.status == 431 else str(exc))
-                return
-            assert type(head) is Head, head
+            if message is not None:
+                head = plain_head(message, True)
+            else:
+                try:
+                    head = reader.next_event()
+                except HttpError as exc:
+                    await self._answer(client, exc.status, "request head too large" if exc.status == 431 else str(exc))
+                    return
+                assert type(head) is Head, head
             client.answering = False
             metrics.methods[head.method] += 1
             if head.method == b"CONNECT":
@@ -461,15 +473,28 @@ class HttpListener(TcpListener):
                 return
             metrics.active += 1
             exchange = _Exchange(head)
-            if head.framing is NO_BODY and not head.upgrade and self._send_at_once(client, exchange):
+            if message is not None:
+                end, length = message[0], message[1]
+                exchange.payload = self._upstream_head(head, client)
+                if length > 0:
+                    exchange.payload += data[end:]
+                    exchange.body_sent = True  # (once it went)
+                    metrics.bytes_in += length
+                exchange.body_done = True
+            elif head.framing is NO_BODY and not head.upgrade:
+                event = reader.next_event()
+                assert event is END, event  # (a request without a body ends with its head)
+                exchange.payload = self._upstream_head(head, client)
+                exchange.body_done = True
+            if exchange.body_done and self._send_at_once(client, exchange):
                 continue
             if not await self._counted(client, exchange):
                 return
 
     def _send_at_once(self, client: _Client, exchange: _Exchange) -> bool:
-        """The common request, sent with no task switch: no body, its first choice of provider has a
-        warm flow, and the flow takes the whole request now; the answer is left to the flow's sink.
-        False, with nothing sent, for anything else: `_route` serves it."""
+        """The common request, sent with no task switch: read whole (its `payload` made), its first
+        choice of provider has a warm flow, and the flow takes the whole request now; the answer is
+        left to the flow's sink. False, with nothing sent, for anything else: `_route` serves it."""
         router = self._router
         provider = exchange.chosen = router.choose_provider(self.config.routing_key, self.config.distribution)
         if provider is None:
@@ -481,17 +506,11 @@ class HttpListener(TcpListener):
         if not getattr(end, "quiet", False):  # a local target's socket, or something came on the flow while idle
             self._pool.put(upstream)
             return False
-        head = exchange.head
-        payload = self._upstream_head(head, client)
-        if not end.send_nowait(payload, whole=True):  # no credit, or the link's buffer is full: `_route` waits
+        if not end.send_nowait(exchange.payload, whole=True):  # no credit, or the link's buffer is full: `_route` waits
             self._pool.put(upstream)
             return False
-        event = client.reader.next_event()
-        assert event is END, event  # (a request without a body ends with its head)
         exchange.chosen = None
-        exchange.payload = payload
-        exchange.body_done = True
-        upstream.reader.expect_response(head.method)
+        upstream.reader.expect_response(exchange.head.method)
         router.outstanding[provider] += 1
         self._answer_in_sink(client, exchange, upstream)
         return True
@@ -526,7 +545,8 @@ class HttpListener(TcpListener):
     def _upstream_head(self, head: Head, client: _Client) -> bytes:
         """The request head as it goes to the target: hop-by-hop headers out, forwarding headers in."""
         if head.lines is not None:  # (from the fast path: HTTP/1.1, no chunks, no upgrade, nothing to filter)
-            return b"%s %s HTTP/1.1\r\n%s%s\r\n\r\n" % (head.method, head.target, head.lines, self._usual_forwarding(client))
+            forwarding = client.forwarding_lines or self._usual_forwarding(client)
+            return b"%s %s HTTP/1.1\r\n%s%s\r\n\r\n" % (head.method, head.target, head.lines, forwarding)
         lines, seen = _filtered(head.headers, head.upgrade)
         if head.upgrade:
             lines.append(b"connection: upgrade")
@@ -567,8 +587,7 @@ class HttpListener(TcpListener):
         """The answer's head as it goes to the client; whether its body is chunked, and whether the
         connection closes after it (a body with no length, to an HTTP/1.0 client, ends with it)."""
         if head.lines is not None:  # (from the fast path: 200-599 with a Content-Length, nothing to filter)
-            end = b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n"
-            return b"HTTP/1.1 %d %s\r\n%s%s%s" % (head.status, head.reason, head.lines, self._via_line, end), False, close
+            return self._plain_client_head(head.status, head.reason, head.lines, close), False, close
         lines, seen = _filtered(head.headers, head.status == 101)
         via = None
         if seen is not None:  # X-Forwarded-* and Forwarded in an answer are the target's business: passed on
@@ -588,9 +607,10 @@ class HttpListener(TcpListener):
             lines.append(b"connection: close")
         return write_head(b"HTTP/1.1 %d %s" % (head.status, head.reason), lines), chunked, close
 
-    def _answered(self, client: _Client, status: int) -> None:
-        """Count the answer before its last byte goes, so that whoever sees the answer sees it counted."""
-        self._metrics.answered(status, _now() - client.started)
+    def _plain_client_head(self, status: int, reason: bytes, lines: bytes, close: bool) -> bytes:
+        """`_client_head` for a plain answer, from its header lines (`Head.lines`)."""
+        end = b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n"
+        return b"HTTP/1.1 %d %s\r\n%s%s%s" % (status, reason, lines, self._via_line, end)
 
     def _take_body(self, client: _Client, head: Head, out: list[bytes], exchange: _Exchange) -> bool:
         """The request body bytes already read, framed for the target, onto `out`; whether the body is all there.
@@ -618,7 +638,7 @@ class HttpListener(TcpListener):
         """
         router, key = self._router, self.config.routing_key
         head = exchange.head
-        if upstream is None:
+        if not exchange.payload:  # (else: read whole, made in `_requests`)
             first = [self._upstream_head(head, client)]
             try:
                 self._take_body(client, head, first, exchange)
@@ -760,14 +780,18 @@ class HttpListener(TcpListener):
             if exchange is None:
                 return 0
             client = upstream.client
-            reader.receive_data_untrusted(data)
-            try:
-                step = self._take_answer(client, exchange, reader)
-                while step is _FLUSH and client.flush_nowait():
+            message = reader.whole(data)
+            if message is not None:
+                step = self._whole_answer(client, exchange, message, data)
+            else:
+                reader.receive_data_untrusted(data)
+                try:
                     step = self._take_answer(client, exchange, reader)
-            except _Broken:
-                give_back()  # the task meets the same error where the reader keeps it
-                return len(data)
+                    while step is _FLUSH and client.flush_nowait():
+                        step = self._take_answer(client, exchange, reader)
+                except _Broken:
+                    give_back()  # the task meets the same error where the reader keeps it
+                    return len(data)
             if step is _DONE and client.flush_nowait():
                 upstream.exchange = client.exchange = exchange.upstream = None
                 self._metrics.active -= 1
@@ -803,7 +827,8 @@ class HttpListener(TcpListener):
                 exchange.body_sent = True
             if done:
                 return
-            await client.receive()  # the client gone: nothing to answer, nothing to try again
+            data = await client.receive()  # the client gone: nothing to answer, nothing to try again
+            client.reader.receive_data_untrusted(data)
 
     async def _relay_answer(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> None:
         """The upstream's answer, head and body, to the client (until its end, or a 101)."""
@@ -850,7 +875,7 @@ class HttpListener(TcpListener):
                 if exchange.chunked:
                     out.append(LAST_CHUNK)
                 exchange.whole = True
-                self._answered(client, exchange.status)
+                self._metrics.answered(exchange.status, client.started)
                 return _DONE
             else:
                 status = exchange.status = event.status
@@ -859,12 +884,31 @@ class HttpListener(TcpListener):
                 if status == 101:
                     exchange.answered = 101
                     exchange.whole = True
-                    self._answered(client, 101)
+                    self._metrics.answered(101, client.started)
                     return _SWITCHED
                 if status < 200:
                     return _FLUSH
                 exchange.answered = status
                 client.answering = True
+
+    def _whole_answer(self, client: _Client, exchange: _Exchange, message: tuple, data: bytes) -> str:
+        """A plain answer that came whole in one read (`Reader.whole`), onto `client.out` as `_take_answer`
+        puts it there from its events, with none made; _DONE."""
+        end, length, status, reason, _, lines = message
+        if lines is not None:
+            head = self._plain_client_head(status, reason, lines, exchange.close)
+        else:
+            head, _, exchange.close = self._client_head(  # (never chunked: it has a Content-Length)
+                plain_head(message, False), exchange.head, exchange.close
+            )
+        client.out.append(head)
+        if length:
+            client.out.append(data[end:])
+            self._metrics.bytes_out += length
+        exchange.status = exchange.answered = status
+        client.answering = exchange.whole = True
+        self._metrics.answered(status, client.started)
+        return _DONE
 
     def _broken_answer(self, exchange: _Exchange, exc: BaseException, what: str = "the target's answer broke off") -> _Broken:
         return _Broken(f"{what}: {exc}", repeatable=exchange.answered is None and not exchange.body_sent)
@@ -894,7 +938,7 @@ class HttpListener(TcpListener):
             b"connection: close",
             self._via_line,
         ]
-        self._answered(client, status)
+        self._metrics.answered(status, client.started)
         client.answering = True
         client.out.append(write_head(b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()), lines))
         client.out.append(body)

@@ -12,7 +12,9 @@ else, which llhttp then reads as before: it never refuses a message and
 never takes one that llhttp would refuse or read otherwise (the tests and
 the `http-fast` fuzz target read every message both ways and compare). It
 runs only while llhttp is between messages with nothing of the next one
-read. A `Reader` takes bytes as they arrive
+read. `Reader.whole` offers the same call on a read that is one plain message
+and nothing else, and gives it back with no events made: the HTTP listener's
+common request and answer go that way. A `Reader` takes bytes as they arrive
 (`receive_data_untrusted`) and gives events, in order, from `next_event()`:
 
 - a `Head` (request line or status line and headers, with what frames the body),
@@ -234,6 +236,23 @@ class Reader:
                 what = "head" if self._in_head or not self._events else "trailers"
                 self._fail(HttpError(f"{self.kind} {what} over {self.max_head} bytes", 431))
 
+    def whole(self, data: bytes) -> tuple | None:
+        """`data` read, when it is one plain message and nothing else, with the reader between messages
+        and nothing pending: the fast path's tuple (end of head, Content-Length or -1, method or status,
+        target or reason, headers, lines); the reader is then as after that message's events were taken.
+        None, with nothing read, for anything else: `receive_data_untrusted(data)` reads it.
+
+        For a caller that handles the common message on its own, with no event: the same message
+        as the events would give (the tests compare the two)."""
+        if not self._fresh or self._skip_body or self._events or self._error is not None:
+            return None
+        message = _head.parse(data, 0, self.kind == REQUEST, self.max_head)
+        if message is None or message[0] + (message[1] if message[1] > 0 else 0) != len(data):
+            return None
+        self.keep_alive = True
+        self._idle = 0
+        return message
+
     def _take_plain(self, data: bytes) -> int:
         """The plain messages at the start of `data`, read by the fast path (_head.c) into events;
         how many bytes they took. It declines at the first that is not plain: llhttp reads the rest."""
@@ -243,12 +262,8 @@ class Reader:
         taken = 0
         size = len(data)
         while taken < size and (message := parse(data, taken, request, self.max_head)) is not None:
-            end, length, first, second, headers, lines = message
-            if request:
-                head = Head(first, second, 0, b"", b"1.1", headers, NO_BODY if length < 0 else LENGTH, True, False, lines)
-            else:
-                head = Head(b"", b"", first, second, b"1.1", headers, LENGTH, True, False, lines)
-            events.append(head)
+            events.append(plain_head(message, request))
+            end, length = message[0], message[1]
             if length > 0:
                 events.append(data[end : end + length])
                 end += length
@@ -372,6 +387,14 @@ class Reader:
         self._current = None
         self._headers.clear()  # trailers: never forwarded
         self._events.append(END)
+
+
+def plain_head(message: tuple, request: bool) -> Head:
+    """The Head of a plain message, from the fast path's tuple (`Reader.whole`)."""
+    _, length, first, second, headers, lines = message
+    if request:
+        return Head(first, second, 0, b"", b"1.1", headers, NO_BODY if length < 0 else LENGTH, True, False, lines)
+    return Head(b"", b"", first, second, b"1.1", headers, LENGTH, True, False, lines)
 
 
 # -- writing ------------------------------------------------------------------------------------------

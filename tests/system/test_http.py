@@ -13,6 +13,7 @@ curl and wrk are processes. What is held (issue 7):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -390,3 +391,100 @@ async def test_pipelined_requests_http_1_0_and_what_could_smuggle_a_request(netw
             connect = await raw_request(listen, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
             assert connect.startswith(b"HTTP/1.1 405 "), connect
             assert b"/smuggled" not in log.read_text().encode() and len(log.read_text().splitlines()) == served
+
+
+# What a scripted target answers to GET /N, HEAD /N... (N: the index), and the requests that ask:
+# plain ones (read whole, with no events), and ones with headers to filter, not plain, or to HEAD.
+EXCHANGES = [
+    (b"GET /0 HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Length: 5\r\n\r\nhello"),
+    (b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody",
+     b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\n\r\nabc"),
+    (b"GET /2 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.9\r\nVia: 1.0 c\r\n\r\n",
+     b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+    (b"HEAD /3 HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
+    (b"DELETE /4 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nVia: 1.0 up\r\nX-Forwarded-For: 1.2.3.4\r\nContent-Length: 2\r\n\r\nok"),
+    (b"GET /5 HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    (b"PUT /6 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+     b"HTTP/1.1 201 Created\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\nmade"),
+    (b"GET /7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"),
+]
+
+
+async def test_plain_messages_read_whole_are_forwarded_as_the_events_would_forward_them(network, start_server, monkeypatch):
+    """The listener reads a plain request, and its flow's sink a plain answer, whole (`Reader.whole`),
+    without events: the target and the client get byte for byte what they get when every message is read
+    as events, and the listener counts the same."""
+    from fabric.proxy import http1
+
+    seen = []  # the bytes the target got, request by request
+
+    async def target(stream) -> None:
+        reader = http1.Reader(http1.REQUEST)
+        raw = b""
+        with contextlib.suppress(trio.BrokenResourceError):  # (a flow not kept is reset)
+            while data := await stream.receive_some(65536):
+                raw += data
+                reader.receive_data_untrusted(data)
+                while (event := reader.next_event()) is not http1.NEED_DATA:
+                    if isinstance(event, http1.Head):
+                        index = int(event.target[1:])
+                    elif event is http1.END:
+                        seen.append(raw)
+                        raw = b""
+                        await stream.send_all(EXCHANGES[index][1])
+
+    async def client(port: int) -> list[bytes]:
+        got = []
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            for request, _ in EXCHANGES:
+                await stream.send_all(request)
+                reader = http1.Reader(http1.RESPONSE)
+                reader.expect_response(request.split(b" ")[0])
+                raw = b""
+                done = False
+                while not done:
+                    data = await stream.receive_some(65536)
+                    assert data, f"the listener closed before answering {request!r}: {raw!r}"
+                    raw += data
+                    reader.receive_data_untrusted(data)
+                    while (event := reader.next_event()) is not http1.NEED_DATA:
+                        done = done or event is http1.END
+                got.append(raw)
+            assert await stream.receive_some(65536) == b""  # (the last request asked to close)
+        return got
+
+    def counted(a) -> tuple:
+        (stats,) = [listener.http for listener in a.status().listeners]
+        return stats.requests, stats.methods, stats.statuses, stats.errors, stats.bytes_in, stats.bytes_out
+
+    taken = []  # the messages read whole, by kind
+    read_whole = http1.Reader.whole
+
+    def spy(self, data: bytes):
+        message = read_whole(self, data)
+        if message is not None:
+            taken.append(self.kind)
+        return message
+
+    port = await start_server(target)
+    with trio.fail_after(DEADLINE):
+        async with serving(network, [port]) as (a, listen, _):
+            monkeypatch.setattr(http1.Reader, "whole", spy)
+            whole = await client(listen), seen[:]
+            once = counted(a)
+            seen.clear()
+            monkeypatch.setattr(http1.Reader, "whole", lambda self, data: None)
+            as_events = await client(listen), seen[:]
+            twice = counted(a)
+    assert whole == as_events
+    # Read whole: the plain requests (all but the one with Connection: close) and answers (all but the
+    # one to HEAD and the chunked one). (The target and the client here read theirs as events.)
+    assert taken.count(http1.REQUEST) == 7 and taken.count(http1.RESPONSE) == 6, taken
+    answers, requests = whole
+    assert answers[0].startswith(b"HTTP/1.1 200 OK\r\nServer: t\r\n") and answers[0].endswith(b"\r\n\r\nhello")
+    assert answers[-1].endswith(b"connection: close\r\n\r\nbusy")
+    assert b"\r\nx-forwarded-for: 10.0.0.9, 127.0.0.1\r\n" in requests[2]
+    assert requests[1].endswith(b"\r\n\r\nbody")
+    assert once == (8, {"GET": 4, "POST": 1, "HEAD": 1, "DELETE": 1, "PUT": 1}, {"2xx": 6, "4xx": 1, "5xx": 1}, 0, 6, 21)
+    assert twice == (16, {k: 2 * v for k, v in once[1].items()}, {k: 2 * v for k, v in once[2].items()}, 0, 12, 42)

@@ -300,13 +300,14 @@ def test_the_fast_path_reads_what_llhttp_reads_or_leaves_it_to_llhttp(
         lines.append(b"Content-Length: %d\r\n" % length)
     wire = (status_line if response else request_line) + b"".join(lines) + blank + body + then
     kind = RESPONSE if response else REQUEST
-    fast = targets._read_all(kind, wire, step, fast=True)
-    assert fast == targets._read_all(kind, wire, step, fast=False)
+    same_every_way(kind, wire, step)
 
 
-def same_both_ways(kind: str, wire: bytes, step: int = 1 << 20) -> None:
-    fast = targets._read_all(kind, wire, step, fast=True)
-    assert fast == targets._read_all(kind, wire, step, fast=False), wire
+def same_every_way(kind: str, wire: bytes, step: int = 1 << 20) -> None:
+    """Read with llhttp alone, with the fast path, and with the fast path and `Reader.whole`: the same."""
+    slow = targets._read_all(kind, wire, step, fast=False)
+    assert targets._read_all(kind, wire, step, fast=True) == slow, wire
+    assert targets._read_all(kind, wire, step, fast=True, whole=True) == slow, wire
 
 
 NEIGHBOURS = b"\x00\x01\t\n\r \"(),/:;=?@[\\]{}\x7f\x80\xffAZaz09+-"
@@ -318,26 +319,26 @@ PLAIN = [
 
 
 @pytest.mark.parametrize("kind, wire", PLAIN, ids=["get", "post-then-get", "answer"])
-def test_every_message_a_byte_from_a_plain_one_reads_the_same_both_ways(kind, wire):
+def test_every_message_a_byte_from_a_plain_one_reads_the_same_every_way(kind, wire):
     """Each byte of a plain message replaced by, or preceded by, each of NEIGHBOURS, or dropped."""
     for pos in range(len(wire)):
-        same_both_ways(kind, wire[:pos] + wire[pos + 1 :])
+        same_every_way(kind, wire[:pos] + wire[pos + 1 :])
         for byte in NEIGHBOURS:
-            same_both_ways(kind, wire[:pos] + bytes([byte]) + wire[pos + 1 :])
-            same_both_ways(kind, wire[:pos] + bytes([byte]) + wire[pos:])
+            same_every_way(kind, wire[:pos] + bytes([byte]) + wire[pos + 1 :])
+            same_every_way(kind, wire[:pos] + bytes([byte]) + wire[pos:])
 
 
-def test_every_special_header_and_every_status_reads_the_same_both_ways():
+def test_every_special_header_and_every_status_reads_the_same_every_way():
     """The headers llhttp reads specially, by every name and value above, in a request and an answer;
     and every status code."""
     for name in SPECIAL_NAMES:
         for value in SPECIAL_VALUES:
             line = name + b": " + value + b"\r\n"
-            same_both_ways(REQUEST, b"PUT / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\nhello, world")
-            same_both_ways(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"Content-Length: 3\r\n\r\nabcdefgh")
-            same_both_ways(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nabcdefgh")
+            same_every_way(REQUEST, b"PUT / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\nhello, world")
+            same_every_way(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"Content-Length: 3\r\n\r\nabcdefgh")
+            same_every_way(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nabcdefgh")
     for status in range(1000):
-        same_both_ways(RESPONSE, b"HTTP/1.1 %03d OK\r\nContent-Length: 2\r\n\r\nok" % status)
+        same_every_way(RESPONSE, b"HTTP/1.1 %03d OK\r\nContent-Length: 2\r\n\r\nok" % status)
 
 
 def test_the_headers_the_fast_path_calls_special_are_the_ones_the_listener_filters():
@@ -390,6 +391,25 @@ def test_the_fast_path_takes_the_plain_messages_it_is_for():
         reader.receive_data_untrusted(wire)
         assert reader._fresh, "llhttp was fed"
         assert len([e for e in iter(reader.next_event, NEED_DATA) if isinstance(e, Head)]) == (3 if kind == REQUEST else 1)
+
+
+def test_whole_takes_a_message_only_between_messages_and_never_an_answer_to_head():
+    """`Reader.whole` reads a plain message on its own only where the events would begin a new one."""
+    inner = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    outer = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(inner)
+    same_every_way(REQUEST, outer + inner, step=len(outer))  # the second piece is the first's body
+    reader = Reader(REQUEST)
+    reader.receive_data_untrusted(outer)
+    assert reader.whole(inner) is None  # (llhttp reads it: the body)
+    reader = Reader(REQUEST)
+    reader.receive_data_untrusted(inner)  # (read by the fast path: its events wait)
+    assert reader.whole(inner) is None
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    reader = Reader(RESPONSE)
+    reader.expect_response(b"HEAD")
+    assert reader.whole(answer) is None
+    reader.expect_response(b"GET")
+    assert reader.whole(answer) is not None and reader.whole(answer + answer) is None
 
 
 # -- bounds -----------------------------------------------------------------------------------------
