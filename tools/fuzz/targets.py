@@ -324,15 +324,34 @@ def _read_all(kind: str, data: bytes, step: int, *, fast: bool, whole: bool = Fa
 
 
 class _FakeTarget:
-    """A flow to a target that answers every request it reads with 200 "ok" (it reads them with a Reader too)."""
+    """A flow to a target that answers every request it reads with 200 "ok" (it reads them with a Reader too).
+
+    Its answers arrive as a link's reader delivers DATA: soon after, not within the call that sent the
+    request, to the flow's sink if one is attached and nothing is queued, else queued for
+    `receive_some` (then the sink waits until the queue was drained), so that the listener's sinks
+    (`HttpListener._answer_in_sink`) are exercised as well as its tasks.
+    """
 
     def __init__(self) -> None:
         self._requests = http1.Reader(http1.REQUEST)
         self._inbound: list[bytes] = []
         self._arrived = trio.Event()
+        self._sink: Callable[[bytes], int] | None = None
+        self._sink_held = False
         self.closed = False
 
-    def send_nowait(self, data: bytes) -> int:
+    @property
+    def quiet(self) -> bool:
+        return not self._inbound and not self.closed
+
+    def attach_sink(self, sink: Callable[[bytes], int] | None, at_eof: Callable[[], None] | None = None) -> None:
+        self._sink = sink
+        self._sink_held = bool(self._inbound)
+
+    def on_failure(self, callback) -> None:
+        pass  # (it never fails: the listener aborts it)
+
+    def send_nowait(self, data: bytes, *, whole: bool = False) -> int:
         self._requests.receive_data_untrusted(bytes(data))
         try:
             while (event := self._requests.next_event()) is not http1.NEED_DATA:
@@ -340,11 +359,22 @@ class _FakeTarget:
                     # (to HEAD: a length of 0, so that the answers parse without knowing what was asked)
                     self._answer = b"0\r\n\r\n" if event.method == b"HEAD" else b"2\r\n\r\nok"
                 elif event is http1.END:
-                    self._inbound.append(b"HTTP/1.1 200 OK\r\ncontent-length: " + self._answer)
-                    self._arrived.set()
+                    answer = b"HTTP/1.1 200 OK\r\ncontent-length: " + self._answer
+                    trio.lowlevel.current_trio_token().run_sync_soon(self._deliver, answer)
         except http1.HttpError as exc:  # the listener wrote a request its own reader refuses: a finding
             raise AssertionError(f"the listener forwarded a malformed request: {exc}") from None
         return len(data)
+
+    def _deliver(self, answer: bytes) -> None:
+        if self.closed:
+            return
+        if self._sink is not None and not self._sink_held:
+            answer = answer[self._sink(answer) :]
+            if not answer:
+                return
+            self._sink_held = True
+        self._inbound.append(answer)
+        self._arrived.set()
 
     async def send_all(self, data: bytes) -> None:
         self.send_nowait(data)
@@ -352,6 +382,7 @@ class _FakeTarget:
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while not self._inbound:
+            self._sink_held = False
             if self.closed:
                 return b""
             await self._arrived.wait()
