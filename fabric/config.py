@@ -78,6 +78,18 @@ class Settings:
     # Seconds between WebSocket pings on a ws:// or wss:// link, sent with its
     # traffic, for proxies that cut WebSockets they think idle (many at 30-60 s).
     ws_keepalive_interval: float = attrs.field(default=25.0, validator=_positive)
+    # Service sync: automatic listeners (one socket each) in all, and for keys
+    # that only one other site offers, so that no member, however many keys it
+    # advertises, can fill this site's descriptor table; configured listeners
+    # are never counted or touched.
+    max_auto_listeners: int = attrs.field(default=128, validator=_positive)
+    max_auto_listeners_per_site: int = attrs.field(default=32, validator=_positive)
+    # HTTP listeners: seconds a client may take to send a request's head
+    # (slowloris), seconds a keep-alive connection may sit idle between
+    # requests, and client connections per listener (a descriptor each).
+    http_header_timeout: float = attrs.field(default=10.0, validator=_positive)
+    http_idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    http_max_connections: int = attrs.field(default=512, validator=_positive)
 
 
 # How a listener or connector carries connections: "tcp", byte for byte, one
