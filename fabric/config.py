@@ -19,6 +19,7 @@ import yaml
 from cattrs.preconf.pyyaml import make_converter
 
 from .errors import ConfigError
+from .names import check_name
 from .pki import write_private_atomic
 from .router.routes import BALANCED, DISTRIBUTIONS
 from .router.transports import NO_PROXY, parse_address, parse_proxy
@@ -35,6 +36,10 @@ DEFAULT_CONNECTOR_HOST = "localhost"
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be greater than 0, not {value!r}")
+
+
+def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    check_name(value, attribute.name)
 
 
 def _port(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -113,7 +118,7 @@ def _proxy(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 class LinkConfig:
     """An outgoing link, made by redeeming a token of the peer."""
 
-    name: str
+    name: str = attrs.field(validator=_name)  # also its directory under links/
     peer_id: str
     # Tried in order; the one that worked last is moved first.
     addresses: tuple[str, ...] = attrs.field(validator=_addresses)
@@ -125,8 +130,8 @@ class LinkConfig:
 
 @attrs.frozen
 class ListenerConfig:
-    name: str
-    routing_key: str
+    name: str = attrs.field(validator=_name)
+    routing_key: str = attrs.field(validator=_name)
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_LISTENER_HOST
     protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
@@ -138,8 +143,8 @@ class ListenerConfig:
 
 @attrs.frozen
 class ConnectorConfig:
-    name: str
-    routing_key: str
+    name: str = attrs.field(validator=_name)
+    routing_key: str = attrs.field(validator=_name)
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_CONNECTOR_HOST
     protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
@@ -147,7 +152,7 @@ class ConnectorConfig:
 
 @attrs.frozen
 class SiteConfig:
-    name: str
+    name: str = attrs.field(validator=_name)
     mode: str = attrs.field(default="interior", validator=_mode)
     link_host: str = DEFAULT_LINK_HOST
     link_port: int | None = attrs.field(default=None, validator=_port)  # None: accepts no links
@@ -169,6 +174,19 @@ _converter = make_converter(forbid_extra_keys=True)  # a typo in site.yaml is an
 
 def config_path(site_dir: Path) -> Path:
     return site_dir / CONFIG_FILE
+
+
+def link_dir(site_dir: Path, name: str) -> Path:
+    """Where outgoing link `name` keeps its certificates: links/<name>, and never anywhere else."""
+    try:
+        check_name(name, "link name")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    links = (site_dir / LINKS_DIR).resolve()
+    path = (links / name).resolve()
+    if path.parent != links:  # a symbolic link planted there
+        raise ConfigError(f"{site_dir / LINKS_DIR / name} leads out of {links}: refusing to use it")
+    return path
 
 
 def load_config(site_dir: Path) -> SiteConfig:

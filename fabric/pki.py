@@ -46,6 +46,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError, ProtocolError, TokenError, TokenExpiredError, TokenForgedError
 from .errors import TokenFormatError, TokenSpentError
+from .names import brief as _brief
+from .names import check_name
 from .router.transports import parse_address
 
 __all__ = [
@@ -77,7 +79,6 @@ SITE_KEY_FILE = "site.key"
 SITE_CERT_FILE = "site.pem"
 
 SITE_ID_LENGTH = 32  # hex digits = 128 bits of SHA-256: collisions need ~2**64 keys
-MAX_NAME_LENGTH = 64  # characters; the X.520 upper bound of an organizationName
 
 # Links are ended by revocation (the issuer refuses the serial and drops the
 # link), not by expiry: a certificate that expired would silently cut a
@@ -171,7 +172,10 @@ def create_identity(site_dir: Path, name: str, *, now: dt.datetime | None = None
     (never world-readable, even for an instant) and exclusively, so two
     processes racing to create the same identity cannot mix their files.
     """
-    _check_name(name, ConfigError)
+    try:
+        check_name(name, "site name")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     now = _utc(now)
     identity_dir = Path(site_dir) / IDENTITY_DIR
     paths = [identity_dir / f for f in (CA_KEY_FILE, CA_CERT_FILE, SITE_KEY_FILE, SITE_CERT_FILE)]
@@ -317,7 +321,8 @@ def cert_serial(cert_der: bytes) -> int:
 
 
 def _make_ca_cert(ca_key: ec.EllipticCurvePrivateKey, name: str, now: dt.datetime) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fabric CA {name}")])
+    # Cut to a commonName's 64 characters: a long site name would not fit beside the prefix.
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fabric CA {name}"[:64])])
     public_key = ca_key.public_key()
     builder = (
         x509.CertificateBuilder()
@@ -416,7 +421,7 @@ def _check_csr_untrusted(csr_pem: bytes) -> tuple[CertificatePublicKeyTypes, str
         raise invalid(f"it names site {_brief(common_name)} but its key is {key_id}")
     if name is not None:
         try:
-            _check_name(name, ValueError)
+            check_name(name, "site name")
         except ValueError as error:
             raise invalid(str(error)) from None
     return public_key, name
@@ -572,7 +577,7 @@ def _check_site_id(instance: Any, attribute: attrs.Attribute, value: Any) -> Non
 
 
 def _check_site_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    _check_name(value, ValueError, what=attribute.name)
+    check_name(value, attribute.name)
 
 
 def _check_urlsafe(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -1011,32 +1016,12 @@ def _read_config_file(path: Path) -> bytes:
 # Small helpers
 
 
-def _check_name(name: Any, error: type[Exception], what: str = "site name") -> None:
-    """A site name is shown to people and put in certificates: short, printable, trimmed."""
-    if (
-        not isinstance(name, str)
-        or not 1 <= len(name) <= MAX_NAME_LENGTH
-        or not name.isprintable()
-        or name != name.strip()
-    ):
-        raise error(
-            f"{what} must be 1 to {MAX_NAME_LENGTH} printable characters without surrounding spaces, "
-            f"not {_brief(name)}"
-        )
-
-
 def _utc(now: dt.datetime | None) -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc) if now is None else now
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-def _brief(value: Any, limit: int = 40) -> str:
-    """A value from untrusted input, quoted and cut short enough for a one-line message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------

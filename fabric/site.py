@@ -28,7 +28,6 @@ from .config import (
     DEFAULT_CONNECTOR_HOST,
     DEFAULT_LINK_HOST,
     DEFAULT_LISTENER_HOST,
-    LINKS_DIR,
     STATE_DIR,
     ConnectorConfig,
     LinkConfig,
@@ -37,6 +36,7 @@ from .config import (
     Settings,
     SiteConfig,
     config_path,
+    link_dir,
     load_config,
     save_config,
 )
@@ -102,6 +102,14 @@ def _source_of(tcp: trio.SocketStream) -> str:
     if address.ipv4_mapped:
         return str(address.ipv4_mapped)
     return str(ipaddress.ip_network(f"{host}/64", strict=False))
+
+
+def _checked(cls, **fields):
+    """A config object from values a caller gave, or one ConfigError line saying which is wrong."""
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_protocol(protocol: str) -> None:
@@ -524,10 +532,8 @@ class Site:
                 backoff = min(backoff * 2, self.settings.reconnect_max)
 
     async def _dial_link(self, config: LinkConfig) -> Link:
-        link_dir = self.site_dir / LINKS_DIR / config.name
-        context = pki.client_context(
-            (link_dir / "ca.pem").read_bytes(), link_dir / "cert.pem", self.identity.key_path
-        )
+        certs = link_dir(self.site_dir, config.name)
+        context = pki.client_context((certs / "ca.pem").read_bytes(), certs / "cert.pem", self.identity.key_path)
         errors = []
         for index, text in enumerate(config.addresses):
             try:
@@ -696,6 +702,7 @@ class Site:
                 f"site {token.issuer_name} already links to site {self.name}; one link carries traffic both ways"
             )
         name = name or token.issuer_name
+        certs = link_dir(self.site_dir, name)  # before anything is sent or written
         if any(l.name == name for l in self.config.links):
             raise TokenError(f"a link named {name!r} exists already: choose another name")
         cost = cost if cost is not None else (token.cost or 1)
@@ -705,10 +712,9 @@ class Site:
             token_id=token.token_id, secret=token.secret, name=self.name, csr_pem=csr.decode(), mode=self.config.mode
         )
         answer, used = await self._redeem(token, context, request, proxy)
-        link_dir = self.site_dir / LINKS_DIR / name
-        link_dir.mkdir(parents=True, exist_ok=True)
-        (link_dir / "ca.pem").write_text(token.ca_pem)
-        (link_dir / "cert.pem").write_text(answer.cert_pem)
+        certs.mkdir(parents=True, exist_ok=True)
+        (certs / "ca.pem").write_text(token.ca_pem)
+        (certs / "cert.pem").write_text(answer.cert_pem)
         addresses = (used, *(a for a in token.addresses if a != used))  # the one that worked first
         link = LinkConfig(name=name, peer_id=token.issuer_id, addresses=addresses, cost=cost, proxy=proxy)
         self._save(attrs.evolve(self.config, links=(*self.config.links, link)))
@@ -772,7 +778,7 @@ class Site:
         if any(c.name == name for c in self.config.connectors):
             raise FabricError(f"connector {name!r} exists already")
         _check_protocol(protocol)
-        config = ConnectorConfig(name=name, routing_key=routing_key or name, port=port, host=host, protocol=protocol)
+        config = _checked(ConnectorConfig, name=name, routing_key=routing_key or name, port=port, host=host, protocol=protocol)
         if self.running:
             self._add_connector(config)
         self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
@@ -818,7 +824,8 @@ class Site:
         if distribution not in DISTRIBUTIONS:
             raise FabricError(f"unknown distribution {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
         _check_protocol(protocol)
-        config = ListenerConfig(
+        config = _checked(
+            ListenerConfig,
             name=name, routing_key=routing_key or name, port=port, host=host, distribution=distribution, protocol=protocol
         )
         if self.running:
@@ -1042,7 +1049,7 @@ class Site:
             dialer.cancel()
         if (live := self.router.links.get(link.peer_id)) is not None:
             live.close(Reason.SHUTDOWN, f"site {self.name} deleted its link")
-        await trio.to_thread.run_sync(shutil.rmtree, self.site_dir / LINKS_DIR / name, True)
+        await trio.to_thread.run_sync(shutil.rmtree, link_dir(self.site_dir, name), True)
 
     async def revoke_link(self, name: str) -> int:
         """Refuse, from now on, the certificates this site issued to site `name` (or id); drop its live link.
@@ -1232,11 +1239,23 @@ def create_site(
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
+    existed = site_dir.exists()
     site_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(site_dir, 0o700)
-    pki.create_identity(site_dir, name)
-    (site_dir / STATE_DIR).mkdir(exist_ok=True)
-    save_config(site_dir, config)
+    try:
+        os.chmod(site_dir, 0o700)
+        pki.create_identity(site_dir, name)
+        (site_dir / STATE_DIR).mkdir(exist_ok=True)
+        save_config(site_dir, config)
+    except BaseException:
+        # Leave nothing half made, or a retry would find the directory "not empty".
+        if not existed:
+            shutil.rmtree(site_dir, ignore_errors=True)
+        for child in site_dir.iterdir() if existed else ():  # it was empty
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        raise
 
 
 async def load_site(site_dir: str | os.PathLike) -> Site:

@@ -35,6 +35,7 @@ from cattrs.preconf.json import JsonConverter, make_converter
 
 from .. import pki
 from ..errors import ProtocolError
+from ..names import check_name
 
 __all__ = [
     "EDGE",
@@ -112,11 +113,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _text(*, allow_empty: bool = False) -> _Validator:
+def _text() -> _Validator:
     def check(instance: object, attribute: "attrs.Attribute[Any]", value: object) -> None:
         if not isinstance(value, str):
             raise TypeError(f"{attribute.name} must be a string, not {_json_type(value)}")
-        if not value and not allow_empty:
+        if not value:
             raise ValueError(f"{attribute.name} must not be empty")
         if len(value) > MAX_TEXT:
             raise ValueError(f"{attribute.name} is longer than {MAX_TEXT} characters")
@@ -128,6 +129,10 @@ def _text(*, allow_empty: bool = False) -> _Validator:
             raise ValueError(f"{attribute.name} is not valid Unicode text") from None
 
     return check
+
+
+def _name(instance: object, attribute: "attrs.Attribute[Any]", value: object) -> None:
+    check_name(value, attribute.name)
 
 
 def _integer(low: int, high: int) -> _Validator:
@@ -220,7 +225,7 @@ class LinkInfo:
 class ServiceInfo:
     """A routing key this site can serve, i.e. has connectors for."""
 
-    routing_key: str = attrs.field(validator=_text())
+    routing_key: str = attrs.field(validator=_name)
     protocol: str = attrs.field(default="tcp", validator=_text())  # free text, so new protocols need no wire change
     port: int | None = attrs.field(default=None, validator=_optional(_integer(1, MAX_PORT)))  # hint for auto-listeners
     connectors: int = attrs.field(default=1, validator=_integer(0, MAX_COUNTER))
@@ -231,7 +236,7 @@ class SiteRecord:
     """Everything one site says about itself. Only that site issues new versions of it."""
 
     site_id: str = attrs.field(validator=_text())
-    name: str = attrs.field(validator=_text(allow_empty=True))
+    name: str = attrs.field(validator=_name)
     incarnation: int = attrs.field(validator=_integer(0, MAX_COUNTER))  # raised at every start
     version: int = attrs.field(validator=_integer(0, MAX_COUNTER))  # raised at every change
     mode: str = attrs.field(validator=_mode)  # INTERIOR or EDGE

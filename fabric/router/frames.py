@@ -23,6 +23,7 @@ import cattrs
 from cattrs.preconf.json import make_converter
 
 from ..errors import FrameError
+from ..names import check_name
 
 FRAME_VERSION = 1  # the header layout; the link protocol version is in HELLO
 PROTOCOL_MIN = 1  # link protocol versions this code speaks (HELLO negotiates)
@@ -194,6 +195,10 @@ def _short_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{attribute.name} must be a string of at most {MAX_NAME} characters")
 
 
+def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    check_name(value, attribute.name)
+
+
 def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if type(value) is not int or value < 0:
         raise ValueError(f"{attribute.name} must be a non-negative integer")
@@ -211,7 +216,7 @@ class Hello:
     min_version: int = attrs.field(validator=_non_negative_int)
     max_version: int = attrs.field(validator=_non_negative_int)
     site_id: str = attrs.field(validator=_short_str)
-    name: str = attrs.field(validator=_short_str)
+    name: str = attrs.field(validator=_name)
     mode: str = attrs.field(validator=_mode)
     incarnation: int = attrs.field(validator=_non_negative_int)
     flow_window: int = attrs.field(validator=_non_negative_int)  # bytes of credit each new flow starts with
@@ -223,7 +228,7 @@ class Open:
     """Open a flow toward `dest` for `routing_key`; forwarded hop by hop."""
 
     dest: str = attrs.field(validator=_short_str)
-    routing_key: str = attrs.field(validator=_short_str)
+    routing_key: str = attrs.field(validator=_name)
     origin: str = attrs.field(validator=_short_str)
     flow_uid: str = attrs.field(validator=_short_str)  # identity of the flow end to end
     hop_limit: int = attrs.field(validator=_non_negative_int)
@@ -235,7 +240,7 @@ class Redeem:
 
     token_id: str = attrs.field(validator=_short_str)
     secret: str = attrs.field(validator=_short_str)
-    name: str = attrs.field(validator=_short_str)
+    name: str = attrs.field(validator=_name)
     csr_pem: str = attrs.field(validator=attrs.validators.max_len(16384))
     mode: str = attrs.field(default="interior", validator=_short_str)  # of the redeeming site: edges link only to interiors
 
@@ -244,7 +249,7 @@ class Redeem:
 class RedeemOk:
     cert_pem: str
     issuer_id: str
-    issuer_name: str
+    issuer_name: str = attrs.field(validator=_name)
 
 
 _converter = make_converter(forbid_extra_keys=False)  # unknown keys: newer peers may add fields

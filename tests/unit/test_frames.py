@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fabric import names
 from fabric.errors import FrameError
 from fabric.router.frames import (
     HEADER,
@@ -104,20 +105,21 @@ def test_u64_and_reason_raise_only_frame_error(junk):
             pass
 
 
-names = st.text(min_size=1, max_size=40)
+texts = st.text(min_size=1, max_size=40)
+names = st.from_regex(names.PATTERN, fullmatch=True)
 messages = st.one_of(
     st.builds(
         Hello,
         min_version=st.integers(0, 10),
         max_version=st.integers(0, 10),
-        site_id=names,
+        site_id=texts,
         name=names,
         mode=st.sampled_from(["interior", "edge"]),
         incarnation=st.integers(0, 2**40),
         flow_window=st.integers(0, 2**31),
         cost=st.integers(0, 1000),
     ),
-    st.builds(Open, dest=names, routing_key=names, origin=names, flow_uid=names, hop_limit=st.integers(0, 64)),
+    st.builds(Open, dest=texts, routing_key=names, origin=texts, flow_uid=texts, hop_limit=st.integers(0, 64)),
 )
 
 

@@ -22,6 +22,7 @@ import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fabric import names
 from fabric.config import Settings
 from fabric.errors import FrameError, ProtocolError
 from fabric.router import link as link_module
@@ -94,7 +95,7 @@ flow_ids = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 1001, 2**32 - 1])
 open_payload = st.builds(
     Open,
     dest=st.text(max_size=8),
-    routing_key=st.text(max_size=8),
+    routing_key=st.from_regex(names.PATTERN, fullmatch=True),
     origin=st.text(max_size=8),
     flow_uid=st.text(max_size=8),
     hop_limit=st.integers(0, 40),
@@ -160,11 +161,11 @@ def test_data_past_credit_ends_the_link_and_data_within_it_does_not():
         Redeem,
         token_id=st.text(max_size=40),
         secret=st.text(max_size=60),
-        name=st.text(max_size=40),
+        name=st.from_regex(names.PATTERN, fullmatch=True),
         csr_pem=st.text(max_size=400),
         mode=st.sampled_from(["interior", "edge"]),
     )
-    | st.builds(RedeemOk, cert_pem=st.text(max_size=400), issuer_id=st.text(max_size=40), issuer_name=st.text(max_size=40))
+    | st.builds(RedeemOk, cert_pem=st.text(max_size=400), issuer_id=st.text(max_size=40), issuer_name=st.from_regex(names.PATTERN, fullmatch=True))
 )
 def test_redeem_payloads_round_trip(message):
     assert decode_message_untrusted(encode_message(message), type(message)) == message

@@ -507,7 +507,7 @@ def test_table_limit(ids: list[pki.Identity]) -> None:
 
 
 def test_pushes_are_split_to_fit_frames(ids: list[pki.Identity]) -> None:
-    big = tuple(ServiceInfo(f"service-{i:04d}-" + "x" * 180) for i in range(1800))  # ~400 KB a record
+    big = tuple(ServiceInfo(f"service-{i:04d}", protocol="x" * 180) for i in range(1800))  # ~400 KB a record
     records = [signed(identity, services=big) for identity in ids[1:5]]
     engine = new_engine(ids[0])
     for record in records:

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fabric import names
 from fabric import pki
 from fabric.errors import (
     ConfigError,
@@ -408,7 +409,7 @@ _host = st.one_of(
     st.ip_addresses(v=6).map(lambda ip: f"[{ip}]"),
 )
 _address = st.builds(lambda host, port: f"tls://{host}:{port}", _host, st.integers(1, 65535))
-_name = st.text(min_size=1, max_size=64).filter(lambda s: s.isprintable() and s == s.strip())
+_name = st.from_regex(names.PATTERN, fullmatch=True)
 
 
 def token_fields(issuer: pki.Identity) -> st.SearchStrategy[dict[str, Any]]:

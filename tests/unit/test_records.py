@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fabric import names
 from fabric import pki
 from fabric.errors import ProtocolError
 from fabric.gossip.records import (
@@ -41,7 +42,7 @@ from fabric.gossip.records import (
 
 
 def record(site_id: str = "a", incarnation: int = 1, version: int = 1, **kwargs: Any) -> SiteRecord:
-    kwargs.setdefault("name", f"site {site_id}")
+    kwargs.setdefault("name", f"site-{site_id}")
     kwargs.setdefault("mode", INTERIOR)
     return SiteRecord(site_id=site_id, incarnation=incarnation, version=version, **kwargs)
 
@@ -184,7 +185,7 @@ _links = st.builds(
 )
 _services = st.builds(
     ServiceInfo,
-    routing_key=_text,
+    routing_key=st.from_regex(names.PATTERN, fullmatch=True),
     protocol=st.sampled_from(["tcp", "http"]) | _text,
     port=st.none() | st.integers(1, 65535),
     connectors=st.integers(0, MAX_COUNTER),
@@ -192,7 +193,7 @@ _services = st.builds(
 _records = st.builds(
     SiteRecord,
     site_id=_text,
-    name=st.text(max_size=12),
+    name=st.from_regex(names.PATTERN, fullmatch=True),
     incarnation=st.integers(0, MAX_COUNTER),
     version=st.integers(0, MAX_COUNTER),
     mode=st.sampled_from([INTERIOR, EDGE]),
@@ -215,7 +216,7 @@ def test_wire_shape() -> None:
     assert json.loads(encode_records([r])) == [
         {
             "site_id": "a",
-            "name": "site a",
+            "name": "site-a",
             "incarnation": 2,
             "version": 3,
             "mode": "interior",
@@ -303,8 +304,9 @@ def _drop(key: str) -> bytes:
         pytest.param(_set(("site_id",), ""), "site_id must not be empty", id="empty-site-id"),
         pytest.param(_set(("site_id",), 7), "site_id must be a string, not integer", id="int-site-id"),
         pytest.param(_set(("site_id",), "x" * (MAX_TEXT + 1)), "longer than 255", id="long-site-id"),
-        pytest.param(_set(("name",), "x" * (MAX_TEXT + 1)), "name is longer", id="long-name"),
-        pytest.param(_set(("name",), "\ud800"), "not valid Unicode", id="lone-surrogate"),
+        pytest.param(_set(("name",), "x" * 64), "name must be 1 to 63 letters", id="long-name"),
+        pytest.param(_set(("name",), "../identity"), "name must be 1 to 63 letters", id="path-name"),
+        pytest.param(_set(("site_id",), "\ud800"), "not valid Unicode", id="lone-surrogate"),
         pytest.param(_set(("incarnation",), True), "incarnation must be an integer, not boolean", id="bool-int"),
         pytest.param(_set(("incarnation",), "1"), "incarnation must be an integer, not string", id="str-int"),
         pytest.param(_set(("version",), 1.0), "version must be an integer, not number", id="float-int"),
@@ -327,8 +329,9 @@ def _drop(key: str) -> bytes:
         pytest.param(_set(("links", 0, "rtt"), "1"), "rtt must be a number, not string", id="str-rtt"),
         pytest.param(_set(("links", 0, "rtt"), True), "rtt must be a number, not boolean", id="bool-rtt"),
         pytest.param(_set(("links", 0, "rtt"), 1e400), "not UTF-8 JSON", id="inf-rtt"),  # json.dumps writes Infinity
-        pytest.param(_set(("services", 0, "routing_key"), ""), "routing_key must not be empty", id="empty-key"),
-        pytest.param(_set(("services", 0, "routing_key"), "k" * 256), "routing_key is longer", id="long-key"),
+        pytest.param(_set(("services", 0, "routing_key"), ""), "routing_key must be 1 to 63", id="empty-key"),
+        pytest.param(_set(("services", 0, "routing_key"), "k" * 64), "routing_key must be 1 to 63", id="long-key"),
+        pytest.param(_set(("services", 0, "routing_key"), "a/b"), "routing_key must be 1 to 63", id="path-key"),
         pytest.param(_set(("services", 0, "port"), 0), "port must be in", id="port-zero"),
         pytest.param(_set(("services", 0, "port"), 65536), "port must be in", id="port-too-big"),
         pytest.param(_set(("services", 0, "port"), "80"), "port must be an integer", id="str-port"),
@@ -438,7 +441,7 @@ def test_absurd_counters_are_refused(field: str) -> None:
 
 
 def test_oversized_record_is_refused_before_structuring() -> None:
-    services = [{"routing_key": f"key-{i}-" + "k" * 200, "protocol": "p" * 200} for i in range(MAX_SERVICES)]
+    services = [{"routing_key": f"key-{i}-" + "k" * 50, "protocol": "p" * 250} for i in range(MAX_SERVICES)]
     data = _set(("services",), services)
     with pytest.raises(ProtocolError, match=rf"record is \d+ bytes; the limit is {MAX_RECORD_BYTES} @ \$\[0\]"):
         decode_records_untrusted(data)
@@ -532,7 +535,7 @@ def test_signing_bytes_are_canonical(alice: pki.Identity) -> None:
     [
         {"version": 6},
         {"incarnation": 3},
-        {"name": "someone else"},
+        {"name": "someone-else"},
         {"mode": EDGE},
         {"services": (ServiceInfo("db", port=5433),)},
         {"services": ()},
@@ -566,7 +569,7 @@ def test_unsigned_record_does_not_verify() -> None:
 def test_sign_record_refuses_other_sites_and_oversized_records(alice: pki.Identity, mallory: pki.Identity) -> None:
     with pytest.raises(ValueError, match="cannot sign a record of site"):
         sign_record(own_record(mallory), alice)
-    big = tuple(ServiceInfo(f"key-{i}-" + "k" * 200, protocol="p" * 200) for i in range(1200))
+    big = tuple(ServiceInfo(f"key-{i}-" + "k" * 50, protocol="p" * 250) for i in range(1500))
     with pytest.raises(ValueError, match=f"bytes signed; the limit is {MAX_RECORD_BYTES}"):
         sign_record(own_record(alice, services=big), alice)
 
