@@ -10,6 +10,7 @@ A site directory holds:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from cattrs.preconf.pyyaml import make_converter
 from .errors import ConfigError
 from .names import check_name
 from .pki import write_private_atomic
+from .strict import strict
 from .router.routes import BALANCED, DISTRIBUTIONS
 from .router.transports import NO_PROXY, parse_address, parse_proxy
 
@@ -34,8 +36,8 @@ DEFAULT_CONNECTOR_HOST = "localhost"
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, not {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{attribute.name} must be a number greater than 0, not {value!r}")
 
 
 def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -43,7 +45,7 @@ def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 
 def _port(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and not 0 <= value <= 65535:
+    if value is not None and (type(value) is not int or not 0 <= value <= 65535):
         raise ValueError(f"{attribute.name} must be a port number 0-65535, not {value!r}")
 
 
@@ -95,6 +97,15 @@ class Settings:
     http_header_timeout: float = attrs.field(default=10.0, validator=_positive)
     http_idle_timeout: float = attrs.field(default=60.0, validator=_positive)
     http_max_connections: int = attrs.field(default=512, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError(
+                f"keepalive_timeout ({self.keepalive_timeout:g} s) must be longer than keepalive_interval "
+                f"({self.keepalive_interval:g} s), or every link is declared dead between two pings"
+            )
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError(f"reconnect_min ({self.reconnect_min:g} s) must not be above reconnect_max ({self.reconnect_max:g} s)")
 
 
 # How a listener or connector carries connections: "tcp", byte for byte, one
@@ -169,7 +180,8 @@ class SiteConfig:
     connectors: tuple[ConnectorConfig, ...] = ()
 
 
-_converter = make_converter(forbid_extra_keys=True)  # a typo in site.yaml is an error, not ignored
+# A typo in site.yaml is an error, not ignored: an unknown key, or a value of the wrong type.
+_converter = strict(make_converter(forbid_extra_keys=True))
 
 
 def config_path(site_dir: Path) -> Path:

@@ -48,6 +48,7 @@ from .errors import ConfigError, ProtocolError, TokenError, TokenExpiredError, T
 from .errors import TokenFormatError, TokenSpentError
 from .names import brief as _brief
 from .names import check_name
+from .strict import strict
 from .router.transports import parse_address
 
 __all__ = [
@@ -865,41 +866,8 @@ def _format_utc(timestamp: float) -> str:
 # Grants on disk
 
 
-def _strict_int(value: Any, _type: Any) -> int:
-    if type(value) is not int:
-        raise TypeError(f"expected an integer, got {_brief(value)}")
-    return value
-
-
-def _strict_bool(value: Any, _type: Any) -> bool:
-    if type(value) is not bool:
-        raise TypeError(f"expected true or false, got {_brief(value)}")
-    return value
-
-
-def _strict_float(value: Any, _type: Any) -> float:
-    if type(value) not in (int, float):
-        raise TypeError(f"expected a number, got {_brief(value)}")
-    return float(value)
-
-
-def _strict_str(value: Any, _type: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected text, got {_brief(value)}")
-    return value
-
-
-def _make_grants_converter() -> cattrs.Converter:
-    """JSON-shaped converter for grants: no silent int("3") coercion, no unknown keys."""
-    converter = cattrs.Converter(forbid_extra_keys=True)
-    converter.register_structure_hook(int, _strict_int)
-    converter.register_structure_hook(bool, _strict_bool)
-    converter.register_structure_hook(float, _strict_float)
-    converter.register_structure_hook(str, _strict_str)
-    return converter
-
-
-_grants_converter = _make_grants_converter()
+# JSON-shaped: no silent int("3") coercion, no unknown keys.
+_grants_converter = strict(cattrs.Converter(forbid_extra_keys=True))
 
 
 def save_grants(path: Path, grants: Mapping[str, TokenGrant]) -> None:

@@ -107,6 +107,28 @@ def test_a_config_with_a_bad_value(tmp_path: Path):
     fails(fabric(site, "site", "run", timeout=30), "site.yaml", "mode")
 
 
+@pytest.mark.parametrize(
+    ("line", "value", "why"),
+    [
+        ("link_port: null", "link_port: true", "link_port: expected an integer, got True"),
+        ("link_port: null", "link_port: 80.7", "link_port: expected an integer, got 80.7"),
+        ("service_sync: true", 'service_sync: "yes"', "service_sync: expected true or false, got 'yes'"),
+        ("name: typed", "name: 123", "name: expected text, got 123"),
+        ("keepalive_interval: 1.0", "keepalive_interval: .nan", "keepalive_interval: expected a finite number"),
+        ("keepalive_interval: 1.0", "keepalive_interval: .inf", "keepalive_interval: expected a finite number"),
+        # YAML reads 1e-9 as text (a float needs its dot), which cattrs would have turned into a number.
+        ("keepalive_timeout: 3.0", "keepalive_timeout: 1e-9", "keepalive_timeout: expected a finite number, got '1e-9'"),
+        ("keepalive_timeout: 3.0", "keepalive_timeout: 1.0e-9", "must be longer than keepalive_interval"),
+    ],
+)
+def test_a_hand_edited_value_of_the_wrong_kind_is_refused(tmp_path: Path, line: str, value: str, why: str):
+    site = new_site(tmp_path, "typed")
+    text = (site / "site.yaml").read_text()
+    assert line in text
+    (site / "site.yaml").write_text(text.replace(line, value))
+    fails(fabric(site, "site", "status", timeout=30), "site.yaml", why)
+
+
 def test_deleting_what_does_not_exist(hub: SiteProcess, tmp_path: Path):
     stopped = new_site(tmp_path, "stopped")
     for site_dir in (hub.site_dir, stopped):
