@@ -2,7 +2,7 @@
 every few seconds. No corruption, no client hung past its timeout, no growth of memory,
 tasks, file descriptors or flow-table entries, and everything drains once traffic stops.
 
-The 30-minute run is `python -m tools.soak` (see the README's Reliability section).
+The 30-minute run is `python -m tools.soak` (see docs/reliability.md).
 """
 
 from __future__ import annotations
