@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import heapq
 import ipaddress
 import logging
 import os
 import shutil
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -250,6 +251,112 @@ class NetworkStatus:
     services: tuple[NetworkService, ...]
 
 
+# -- service sync: which routing keys offered elsewhere get a listener here -------------
+
+# Service sync takes no port below this: those belong to the host's own
+# services (ssh, smtp, http), and a site that can bind them runs privileged.
+SYNC_MIN_PORT = 1024
+SYNC_LOG_INTERVAL = 10.0  # seconds: at most one line per cause per this long about keys not listened for
+# Why service sync does not listen for a routing key that is offered.
+SYNC_CAP = "cap"  # max_auto_listeners are held already
+SYNC_SITE_LIMIT = "site limit"  # each site offering it is charged max_auto_listeners_per_site already
+SYNC_LOW_PORT = "low port"  # each site offering it advertises a port below SYNC_MIN_PORT
+SYNC_BIND = "bind"  # its port could not be bound (in use, mostly)
+
+
+@attrs.frozen
+class SyncHold:
+    """A routing key service sync listens for, or tried to, charged to one site that offers it."""
+
+    provider: str  # site id
+    port: int
+    protocol: str
+    error: str | None = None  # why the port could not be bound; not tried again while that provider offers it there
+
+
+@attrs.frozen
+class SyncRefusal:
+    """A routing key offered elsewhere that service sync does not listen for."""
+
+    cause: str  # SYNC_CAP, SYNC_SITE_LIMIT or SYNC_LOW_PORT
+    port: int  # the lowest the sites that could be charged advertise
+    providers: tuple[str, ...]  # those sites' ids
+
+
+@attrs.frozen
+class SyncPlan:
+    holds: dict[str, SyncHold]  # routing key -> hold: those kept, and the new ones
+    new: tuple[str, ...]  # keys to listen for now
+    refused: dict[str, SyncRefusal]
+
+
+def plan_service_sync(
+    offers: Mapping[str, Mapping[str, tuple[int, str]]],
+    holds: Mapping[str, SyncHold],
+    *,
+    total: int,
+    per_site: int,
+) -> SyncPlan:
+    """Which offered routing keys service sync holds: `offers` maps key -> site id -> (port, protocol).
+
+    A hold stays, on its port and with its protocol, while any site offers its
+    key: no provider's hint moves it, and none is closed to make room. Each is
+    charged to one site offering it, at most `per_site` to a site and `total`
+    in all. New keys go to the sites charged least first, each taking its own
+    keys in name order, so a site offering many keys loses only keys that no
+    site with room offers too. A failed bind stays charged, and is tried again
+    only when its provider's offer changes.
+    """
+    kept: dict[str, SyncHold] = {}
+    orphans: list[str] = []
+    for key in sorted(holds):
+        hold, offered = holds[key], offers.get(key)
+        if not offered:
+            continue
+        if hold.provider in offered and (hold.error is None or offered[hold.provider][0] == hold.port):
+            kept[key] = hold
+        elif hold.error is None:
+            orphans.append(key)
+    charged = collections.Counter(hold.provider for hold in kept.values())
+    for key in orphans:  # its provider withdrew it: the listener stays, charged to another
+        provider = min(offers[key], key=lambda site: (charged[site], site))
+        charged[provider] += 1
+        kept[key] = attrs.evolve(holds[key], provider=provider)
+
+    usable: dict[str, list[str]] = {}  # key -> sites whose port for it service sync would take
+    queues: dict[str, list[str]] = {}  # site id -> keys it offers that are not held, in name order
+    refused: dict[str, SyncRefusal] = {}
+    for key in sorted(offers.keys() - kept.keys()):
+        offered = offers[key]
+        usable[key] = sorted(site for site, (port, _) in offered.items() if port >= SYNC_MIN_PORT)
+        for site in usable[key]:
+            queues.setdefault(site, []).append(key)
+        if not usable[key]:
+            refused[key] = SyncRefusal(SYNC_LOW_PORT, min(port for port, _ in offered.values()), tuple(sorted(offered)))
+    new: dict[str, SyncHold] = {}
+    taken = dict.fromkeys(queues, 0)  # site id -> how far into its queue
+    ready = [(charged[site], site) for site in queues if charged[site] < per_site]
+    heapq.heapify(ready)
+    while ready and len(kept) + len(new) < total:
+        _, site = heapq.heappop(ready)
+        queue = queues[site]
+        while taken[site] < len(queue) and queue[taken[site]] in new:
+            taken[site] += 1
+        if taken[site] == len(queue):
+            continue
+        key = queue[taken[site]]
+        protocols = {protocol for _, protocol in offers[key].values()}  # HTTP only if every provider speaks it
+        new[key] = SyncHold(site, offers[key][site][0], "http" if protocols == {"http"} else "tcp")
+        charged[site] += 1
+        if charged[site] < per_site:
+            heapq.heappush(ready, (charged[site], site))
+    for key, sites in usable.items():
+        if sites and key not in new:
+            cause = SYNC_SITE_LIMIT if all(charged[site] >= per_site for site in sites) else SYNC_CAP
+            refused[key] = SyncRefusal(cause, min(offers[key][site][0] for site in sites), tuple(sites))
+    return SyncPlan(holds={**kept, **new}, new=tuple(new), refused=refused)
+
+
 class Site:
     """A site: running when made by `open_site`, stopped (config only) when made by `load_site`."""
 
@@ -277,7 +384,10 @@ class Site:
         self._listeners: dict[str, TcpListener] = {}
         self._listener_errors: dict[str, str] = {}
         self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
-        self._sync_errors: dict[str, tuple[int, str]] = {}  # routing key -> (port, why it could not listen)
+        self._sync_holds: dict[str, SyncHold] = {}  # routing key -> what it is charged to, listening or not
+        self._sync_errors: dict[str, tuple[int, str]] = {}  # routing key -> (port, why it does not listen)
+        self._sync_unlogged: dict[str, tuple[int, str, str]] = {}  # cause -> (keys, one of them, why) not yet said
+        self._sync_logged_at: dict[str, float] = {}  # cause -> when a line last said it
         self._listeners_changed = trio.Event()
         self._sync_wanted_again = trio.Event()
         self._connectors: dict[str, TcpConnector] = {}
@@ -852,56 +962,58 @@ class Site:
     def _all_listeners(self) -> list[TcpListener]:
         return [*self._listeners.values(), *self._synced.values()]
 
-    def _sync_wanted(self) -> dict[str, tuple[int, str]]:
-        """Routing key -> (port, protocol), for every key offered by another site and not listened for here.
-
-        The lowest port any provider advertises; "http" only when every provider speaks HTTP.
-        """
+    def _sync_wanted(self) -> SyncPlan:
+        """What service sync holds now, for the keys other reachable sites offer and nothing here listens for."""
         configured = {l.routing_key for l in self.config.listeners}
-        ports: dict[str, int] = {}
-        protocols: dict[str, set[str]] = {}
+        offers: dict[str, dict[str, tuple[int, str]]] = {}
         for record in self.router.gossip.table.values():
             if record.site_id == self.site_id or record.site_id not in self.router.routes:
                 continue
             for service in record.services:
                 key = service.routing_key
                 if service.connectors and service.port and key not in configured and key not in self.router.connectors:
-                    ports[key] = min(service.port, ports.get(key, service.port))
-                    protocols.setdefault(key, set()).add(service.protocol)
-        return {key: (port, "http" if protocols[key] == {"http"} else "tcp") for key, port in ports.items()}
+                    offers.setdefault(key, {})[record.site_id] = (service.port, service.protocol)
+        return plan_service_sync(
+            offers,
+            self._sync_holds,
+            total=self.settings.max_auto_listeners,
+            per_site=self.settings.max_auto_listeners_per_site,
+        )
 
     async def _sync_services(self) -> None:
-        """Service sync: keep a listener on the service host for each key offered elsewhere."""
+        """Service sync: keep a listener on the service host for each key offered elsewhere, within the limits."""
         assert self._nursery is not None
+        host = self.config.service_host
         while True:
             # Taken before looking: a change while this pass runs (it awaits) wakes the next one.
             changed = self.router.next_change()
             self._sync_wanted_again = trio.Event()
-            wanted = self._sync_wanted()
-            for key in [k for k in self._synced if wanted.get(k) != (self._synced[k].port, self._synced[k].config.protocol)]:
+            plan = self._sync_wanted()
+            gone = [key for key in self._synced if key not in plan.holds]
+            for key in gone:
                 await self._synced.pop(key).aclose()
-                log.info("service sync: listener for %r closed (no site offers it so any more)", key)
                 self._listener_state_changed()
-            for key, (port, protocol) in wanted.items():
-                if key in self._synced or self._sync_errors.get(key, (None,))[0] == port:
-                    continue  # listening, or this port failed before: try again when the offer changes
-                config = ListenerConfig(name=key, routing_key=key, port=port, host=self.config.service_host, protocol=protocol)
+            if gone:
+                log.info("service sync: closed the listener(s) for %s (no site offers them any more)", ", ".join(map(repr, gone)))
+            self._sync_holds = dict(plan.holds)
+            opened: list[str] = []
+            for key in plan.new:
+                hold = plan.holds[key]
+                config = ListenerConfig(name=key, routing_key=key, port=hold.port, host=host, protocol=hold.protocol)
                 listener = _LISTENERS[config.protocol](config, self.router, auto=True, on_state=self._listener_state_changed)
                 try:
                     await self._nursery.start(listener.run)
                 except FabricError as exc:
-                    self._sync_errors[key] = (port, str(exc))
-                    self._listener_state_changed()
-                    log.warning("service sync: %s", exc)
+                    self._sync_holds[key] = attrs.evolve(hold, error=str(exc))
                     continue
-                self._sync_errors.pop(key, None)
                 self._synced[key] = listener
                 self._listener_state_changed()  # it may have started accepting before it was listed
-                log.info("service sync: listener for %r on %s:%d", key, config.host, port)
-            for key in [k for k in self._sync_errors if k not in wanted]:
-                del self._sync_errors[key]
+                opened.append(f"{key!r} on port {hold.port}")
+            if opened:
+                log.info("service sync: listening on %s for %s", host, ", ".join(opened))
+            self._sync_refused(plan)
             if not self._sync_wanted_again.is_set():
-                async with trio.open_nursery() as wait:  # for a gossip change, or a change made here
+                async with trio.open_nursery() as wait:  # for a gossip change, a change made here, or a line due
 
                     async def on(event_wait) -> None:
                         await event_wait()
@@ -909,6 +1021,50 @@ class Site:
 
                     wait.start_soon(on, changed.wait)
                     wait.start_soon(on, self._sync_wanted_again.wait)
+                    if self._sync_unlogged:
+                        due = min(self._sync_logged_at[cause] for cause in self._sync_unlogged) + SYNC_LOG_INTERVAL
+                        wait.start_soon(on, functools.partial(trio.sleep_until, due))
+
+    def _sync_refused(self, plan: SyncPlan) -> None:
+        """Keep the keys service sync does not listen for, with why, for status; log one line per cause, now and then."""
+        errors: dict[str, tuple[int, str]] = {}  # routing key -> (port, why), for status
+        said: dict[str, tuple[str, str]] = {}  # routing key -> (cause, why), for the log
+        for key, hold in self._sync_holds.items():
+            if hold.error is not None:
+                errors[key], said[key] = (hold.port, hold.error), (SYNC_BIND, hold.error)
+        for key, refusal in plan.refused.items():
+            why = self._sync_refusal_text(refusal)
+            errors[key], said[key] = (refusal.port, f"not listened for: {why}"), (refusal.cause, why)
+        for key in sorted(errors):
+            if self._sync_errors.get(key) != errors[key]:  # newly refused, or for another reason
+                cause, why = said[key]
+                count = self._sync_unlogged.get(cause, (0, "", ""))[0]
+                self._sync_unlogged[cause] = (count + 1, key, why)
+        if errors != self._sync_errors:
+            self._sync_errors = errors
+            self._listener_state_changed()
+        now = trio.current_time()
+        for cause, (count, key, why) in sorted(self._sync_unlogged.items()):
+            if cause not in self._sync_logged_at or now - self._sync_logged_at[cause] >= SYNC_LOG_INTERVAL:
+                log.warning(
+                    "service sync: %d routing key(s) not listened for since the last such line, such as %r: %s",
+                    count, key, why, extra=logs.event("sync_refused", reason=why, routing_key=key),
+                )
+                del self._sync_unlogged[cause]
+                self._sync_logged_at[cause] = now
+
+    def _sync_refusal_text(self, refusal: SyncRefusal) -> str:
+        if refusal.cause == SYNC_LOW_PORT:
+            return f"port {refusal.port} is below {SYNC_MIN_PORT} (service sync takes no privileged port)"
+        if refusal.cause == SYNC_CAP:
+            return f"{self.settings.max_auto_listeners} automatic listeners here already (max_auto_listeners)"
+        names = ", ".join(self.router.name_of(site) for site in refusal.providers)
+        one = len(refusal.providers) == 1
+        return (
+            f"{'site' if one else 'sites'} {names}, which {'offers' if one else 'offer'} it, "
+            f"{'has' if one else 'each have'} {self.settings.max_auto_listeners_per_site} automatic listeners here "
+            "already (max_auto_listeners_per_site)"
+        )
 
     async def _as_site(self, run, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """`run(task_status=...)`, logging as this site even when a caller outside it started it."""
@@ -1167,7 +1323,7 @@ class Site:
         listeners += [self._listener_status(l.config, l) for l in self._synced.values()]
         listeners += [
             ListenerStatus(key, key, self.config.service_host, port, 0, False, error, auto=True)
-            for key, (port, error) in self._sync_errors.items()
+            for key, (port, error) in sorted(self._sync_errors.items())
         ]
         connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
         access = self._access_addresses()

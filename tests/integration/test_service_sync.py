@@ -7,9 +7,14 @@ Each site gets its own loopback address as its service host (127.0.0.2, .3,
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Iterator
 
 import pytest
 import trio
+
+import fabric
+from fabric import logs
 
 DEADLINE = 15  # seconds; gossip on loopback converges in milliseconds
 
@@ -187,3 +192,119 @@ async def test_a_service_that_speaks_http_gets_http_listeners(network, start_ser
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok")
             assert a.status().listeners[0].http.statuses == {"2xx": 1}
+
+
+# -- a site that floods the network with routing keys ---------------------------------------
+
+FLOOD_HOST = "127.0.0.5"  # the victim's service host
+FLOOD_SETTINGS = fabric.Settings(max_auto_listeners=12, max_auto_listeners_per_site=5)  # a fraction of the flood
+FLOOD = 100  # keys the flooder offers
+FLOOD_PORT = 21000  # its port hints: FLOOD_PORT + i
+FLOOD_DEADLINE = 60  # seconds; the flooder's 100 connectors take ~1 s, gossip converges in milliseconds
+PRIVILEGED_PORT = 1000  # what a flooder advertises to make the victim bind a system port (tests run as root)
+
+
+def auto_rows(site: fabric.Site) -> dict[str, fabric.ListenerStatus]:
+    return {l.routing_key: l for l in site.status().listeners if l.auto}
+
+
+async def wait_rows(site: fabric.Site, count: int) -> dict[str, fabric.ListenerStatus]:
+    """Service sync's rows (listening or saying why not), once there are `count` of them."""
+    while len(rows := auto_rows(site)) < count:
+        await site.wait_listeners_changed()
+    return rows
+
+
+class Lines(logging.Handler):
+    """Keeps the records of the loggers it is added to, each naming its site."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.addFilter(logs.SiteFilter())
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def of(self, site: str, text: str = "", level: int = logging.INFO) -> list[str]:
+        return [r.getMessage() for r in self.records if r.site == site and text in r.getMessage() and r.levelno >= level]
+
+
+@pytest.fixture
+def site_log() -> Iterator[Lines]:
+    """The sites' own log lines (fabric.site: links, tokens, service sync), from INFO up."""
+    lines, logger = Lines(), logging.getLogger("fabric.site")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(lines)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(old_level)
+
+
+async def test_a_site_flooding_routing_keys_gets_its_share_of_listeners_and_no_more(
+    network, echo_server, counting_echo, tcp, site_log
+):
+    """The attack: one linked site advertises many keys (one at a privileged port, one another site's at another
+    port). The victim listens for at most its per-site share of them, says why not for the rest in status with one
+    log line per cause, keeps its listener for the honest key where it was, and still listens for new honest keys."""
+    per_site = FLOOD_SETTINGS.max_auto_listeners_per_site
+    with trio.fail_after(FLOOD_DEADLINE):
+        async with (
+            network.site("victim", link_port=0, service_host=FLOOD_HOST, settings=FLOOD_SETTINGS) as victim,
+            network.site("honest", service_sync=False) as honest,
+            network.site("flooder", service_sync=False) as flooder,
+        ):
+            await network.link(honest, victim)
+            await network.link(flooder, victim)
+            await honest.create_connector("api", echo_server, host="127.0.0.1")
+            await victim.wait_listening("api")
+            held = await trio.open_tcp_stream(FLOOD_HOST, echo_server)  # a client of the honest key, open throughout
+            async with held:
+                await tcp.echo_round_trip(held, 1000)
+
+                await flooder.create_connector("api", FLOOD_PORT - 1, host="127.0.0.1")  # "move" the honest listener
+                await flooder.create_connector("low", PRIVILEGED_PORT, host="127.0.0.1")
+                for i in range(FLOOD):
+                    await flooder.create_connector(f"flood-{i:03d}", FLOOD_PORT + i, host="127.0.0.1")
+                await flooder.create_connector("web", FLOOD_PORT - 100, host="127.0.0.1")  # the honest site's next key
+                rows = await wait_rows(victim, 3 + FLOOD)  # api, low, web and the flood
+
+                flood = [rows[f"flood-{i:03d}"] for i in range(FLOOD)]
+                assert sum(l.accepting for l in flood) <= per_site
+                limited = [l for l in flood if l.error and "max_auto_listeners_per_site" in l.error]
+                assert len(limited) == FLOOD - per_site and not any(l.accepting for l in limited)
+                assert not rows["web"].accepting and "max_auto_listeners_per_site" in rows["web"].error
+                assert "site flooder, which offers it, has 5 automatic listeners here already" in limited[0].error
+                assert not rows["low"].accepting and f"port {PRIVILEGED_PORT} is below 1024" in rows["low"].error
+                assert await refused(FLOOD_HOST, PRIVILEGED_PORT)
+                assert (rows["api"].port, rows["api"].accepting) == (echo_server, True)  # not moved
+                assert await refused(FLOOD_HOST, FLOOD_PORT - 1)
+                await tcp.echo_round_trip(held, 1000)
+
+                # The flooder's records change, again and again: nothing the victim holds is bound again or moved.
+                opened = site_log.of("victim", "service sync: listening")
+                assert opened
+                for i in range(FLOOD, FLOOD + 10):
+                    await flooder.delete_connector("api")
+                    await flooder.create_connector("api", FLOOD_PORT - 2 - i, host="127.0.0.1")
+                    await flooder.create_connector(f"flood-{i:03d}", FLOOD_PORT + i, host="127.0.0.1")
+                rows = await wait_rows(victim, 3 + FLOOD + 10)  # the last change seen
+                assert site_log.of("victim", "service sync: listening") == opened
+                assert sum(l.accepting for l in rows.values()) == 1 + per_site and rows["api"].port == echo_server
+                await tcp.echo_round_trip(held, 1000)
+
+                # The honest site offers another key, one the flooder offers too: charged to the honest site, which
+                # has room, it gets its listener, on the honest site's port.
+                web = await counting_echo()
+                await honest.create_connector("web", web.port, host="127.0.0.1")
+                await victim.wait_listening("web")
+                assert auto_rows(victim)["web"].port == web.port
+                await echo_once(FLOOD_HOST, web.port, tcp)
+                assert len([l for l in victim.status().listeners if l.accepting]) <= FLOOD_SETTINGS.max_auto_listeners
+
+    said = site_log.of("victim", level=logging.WARNING)
+    assert 2 <= len(said) <= 3, said  # one per cause (per-site limit, low port; a flood port in use, perhaps)
+    assert any("max_auto_listeners_per_site" in line for line in said), said
