@@ -85,10 +85,11 @@ class Settings:
     # Seconds between WebSocket pings on a ws:// or wss:// link, sent with its
     # traffic, for proxies that cut WebSockets they think idle (many at 30-60 s).
     ws_keepalive_interval: float = attrs.field(default=25.0, validator=_positive)
-    # Service sync: automatic listeners (one socket each) in all, and for keys
-    # that only one other site offers, so that no member, however many keys it
-    # advertises, can fill this site's descriptor table; configured listeners
-    # are never counted or touched.
+    # Service sync: automatic listeners (one socket each) in all, and charged
+    # to any one site (each is charged to one site that offers its key; a key
+    # several sites offer goes to one with room), so that no member, however
+    # many keys it advertises, can fill this site's descriptor table.
+    # Configured listeners are never counted or touched.
     max_auto_listeners: int = attrs.field(default=128, validator=_positive)
     max_auto_listeners_per_site: int = attrs.field(default=32, validator=_positive)
     # HTTP listeners: seconds a client may take to send a request's head
