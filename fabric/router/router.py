@@ -45,6 +45,9 @@ from .routes import (
 )
 
 log = logging.getLogger("fabric.router")
+# Changes of one kind in one recompute logged a line each; past this many they
+# are one line, so a member offering thousands of keys or sites costs a line.
+LOG_EACH = 8
 
 # An ingress tries at most this many times (another provider, or another path
 # to the same one) before failing its client, and starts no new try past
@@ -251,34 +254,34 @@ class Router:
         self._follow_dialer_costs()  # may recompute (nested) as it republishes: compare with that
         before = self.routes
         self.routes = compute_routes(self.site_id, self.gossip.table.records)
-        for site in self.routes.keys() ^ before.keys():
+        reachable, unreachable = [], []
+        for site in sorted(self.routes.keys() ^ before.keys(), key=self.name_of):
             name = self.name_of(site)
             if site in self.routes:
                 how = self._describe_route(site)
-                log.info("site %s reachable: %s", name, how, extra=logs.event("site_reachable", peer=name, reason=how))
+                reachable.append((f"site {name} reachable: {how}", dict(peer=name, reason=how)))
             else:
                 why = "no path to it over links both ends advertise" if self.record(site) else "its record is gone"
-                log.info("site %s unreachable: %s", name, why, extra=logs.event("site_unreachable", peer=name, reason=why))
+                unreachable.append((f"site {name} unreachable: {why}", dict(peer=name, reason=why)))
+        _say("site_reachable", reachable, "sites reachable")
+        _say("site_unreachable", unreachable, "sites unreachable")
         for site in self.routes.keys() & before.keys():
             if self.routes[site] != before[site]:
                 self.route_changes[site] += 1
                 name, how = self.name_of(site), self._describe_route(site)
                 log.debug("route to site %s: %s", name, how, extra=logs.event("route_changed", peer=name, reason=how))
         catalog = self._catalog()
+        available, withdrawn = [], []
         for key in sorted(catalog.keys() | self._offered.keys()):
             for site in sorted(catalog.get(key, set()) - self._offered.get(key, set())):
                 name = self.name_of(site)
-                log.info(
-                    "service %r available from site %s", key, name,
-                    extra=logs.event("service_available", peer=name, routing_key=key),
-                )
+                available.append((f"service {key!r} available from site {name}", dict(peer=name, routing_key=key)))
             for site in sorted(self._offered.get(key, set()) - catalog.get(key, set())):
                 name = self.name_of(site)
                 why = "its connectors are gone" if site == self.site_id or site in self.routes else "site unreachable"
-                log.info(
-                    "service %r withdrawn by site %s: %s", key, name, why,
-                    extra=logs.event("service_withdrawn", peer=name, reason=why, routing_key=key),
-                )
+                withdrawn.append((f"service {key!r} withdrawn by site {name}: {why}", dict(peer=name, reason=why, routing_key=key)))
+        _say("service_available", available, "services available")
+        _say("service_withdrawn", withdrawn, "services withdrawn")
         self._offered = catalog
         self._costs.clear()
         self._notify()
@@ -572,3 +575,15 @@ class Router:
         except FlowError as exc:
             peer = a.link.peer.name if isinstance(a, FlowEnd) else None
             log.debug("flow %s reset: %s", getattr(a, "uid", "?"), exc, extra=logs.event("flow_reset", peer=peer, reason=exc))
+
+
+def _say(event: str, lines: list[tuple[str, dict]], what: str) -> None:
+    """One log line per change, or one for them all past LOG_EACH (naming the first few)."""
+    if len(lines) <= LOG_EACH:
+        for text, fields in lines:
+            log.info("%s", text, extra=logs.event(event, **fields))
+        return
+    sample = "; ".join(text for text, _ in lines[:3])
+    log.info(
+        "%d %s, such as: %s", len(lines), what, sample, extra=logs.event(event, reason=f"{len(lines)} {what}")
+    )

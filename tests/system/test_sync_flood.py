@@ -179,3 +179,6 @@ async def test_a_flood_of_1100_routing_keys_leaves_the_victim_its_descriptors(tm
     assert "EMFILE" not in log and "Too many open files" not in log, victim.log_tail()
     about_sync = [line for line in log.splitlines() if "service sync" in line]
     assert 1 <= len(about_sync) <= SYNC_LINES, "\n".join(about_sync)
+    # Nor does anything else write a line per key: the router sums up its service changes.
+    about_flood = [line for line in log.splitlines() if "flood-" in line]
+    assert len(about_flood) <= 2 * SYNC_LINES, "\n".join(about_flood[:20])
