@@ -715,6 +715,25 @@ class _Malformed(Exception):
     """Internal: why a token document was refused (becomes TokenFormatError)."""
 
 
+class _TokenLoader(yaml.SafeLoader):
+    """SafeLoader for plain data only: no anchors, aliases or explicit tags.
+
+    A token never has them, and aliases let a few hundred bytes stand for a
+    document of millions of nodes (a "billion laughs"): each event is refused
+    before any node is built from it.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Malformed("it uses a YAML alias (*), which a token never does")
+        if getattr(event, "anchor", None) is not None:
+            raise _Malformed("it uses a YAML anchor (&), which a token never does")
+        if getattr(event, "tag", None) is not None:
+            raise _Malformed("it uses a YAML tag (!), which a token never does")
+        return super().compose_node(parent, index)
+
+
 _TOKEN_FIELDS = frozenset(field.name for field in attrs.fields(Token))
 _TOKEN_REQUIRED = _TOKEN_FIELDS - {"cost"}
 
@@ -725,7 +744,7 @@ def _parse_token(text: str) -> Token:
     if len(text) > MAX_TOKEN_TEXT:
         raise _Malformed(f"it is {len(text)} characters long, more than {MAX_TOKEN_TEXT}")
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_TokenLoader)
     except yaml.YAMLError as error:
         raise _Malformed(f"not YAML ({_one_line(getattr(error, 'problem', None) or str(error))})") from None
     except RecursionError:

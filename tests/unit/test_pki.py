@@ -8,6 +8,7 @@ import json
 import os
 import ssl
 import stat
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +527,50 @@ def test_loads_untrusted_says_why(issuer: pki.Identity, change: dict[str, Any], 
             document[key] = value
     with pytest.raises(TokenFormatError, match="^not a fabric token: .*" + why.replace("[", r"\[")):
         pki.Token.loads_untrusted(yaml.safe_dump(document))
+
+
+def alias_bomb(depth: int = 8) -> str:
+    """A token-shaped document of ~300 bytes whose `version`, built, would be 9 ** depth strings."""
+    names = "abcdefghij"[:depth]
+    lines = ["kind: fabric-token", f"{names[0]}: &{names[0]} [x,x,x,x,x,x,x,x,x]"]
+    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip(names, names[1:])]
+    return "\n".join([*lines, f"version: *{names[-1]}"]) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    bomb = alias_bomb()
+    assert len(bomb) < 400
+    path = tmp_path / "bomb.token"
+    path.write_text(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenFormatError, match="^not a fabric token: it uses a YAML anchor"):
+            pki.Token.loads_untrusted(bomb)
+        with pytest.raises(TokenFormatError, match="bomb.token is not a fabric token: it uses a YAML anchor"):
+            pki.Token.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # bytes; built, the document takes hundreds of megabytes
+
+
+@pytest.mark.parametrize(
+    "old, new, why",
+    [
+        ("kind: fabric-token", "kind: &k fabric-token", "a YAML anchor"),
+        ("kind: fabric-token", "kind: *k", "a YAML alias"),  # refused before it is found undefined
+        ("kind: fabric-token", "kind: !!str fabric-token", "a YAML tag"),
+        ("kind: fabric-token", "kind: ! fabric-token", "a YAML tag"),
+        ("kind: fabric-token", "kind: !!python/object:os.system {}", "a YAML tag"),
+    ],
+)
+def test_loads_untrusted_refuses_anchors_aliases_and_tags(issuer: pki.Identity, old: str, new: str, why: str) -> None:
+    """A token never has them: refused even in a token that is otherwise valid."""
+    token, _ = pki.new_token(issuer, ["tls://127.0.0.1:4433"], now=0.0)
+    text = token.dumps()
+    assert old in text and pki.Token.loads_untrusted(text) == token
+    with pytest.raises(TokenFormatError, match=f"^not a fabric token: it uses {why}"):
+        pki.Token.loads_untrusted(text.replace(old, new))
 
 
 def test_loads_untrusted_refuses_a_leaf_cert_as_ca(issuer: pki.Identity) -> None:
