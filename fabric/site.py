@@ -79,7 +79,7 @@ MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the li
 # link port cannot take every slot: the other sites still link meanwhile.
 # Behind a reverse proxy every WebSocket link comes from the proxy's address.
 MAX_PENDING_PER_SOURCE = 16
-REFUSALS_LOG_INTERVAL = 10.0  # seconds: at most one line per this long about refused connections
+REFUSALS_LOG_INTERVAL = 10.0  # seconds: at most one line per this long for each cause of refused connections
 REDEEM_TIMEOUT = 10.0  # seconds for a whole redemption, dial included
 _UNSET = object()
 _TOKEN_ERRORS = {
@@ -274,8 +274,7 @@ class Site:
         self._grants_lock = trio.Lock()
         self._server_context = pki.server_context(identity)
         self._pending_handshakes: collections.Counter[str] = collections.Counter()  # source -> how many
-        self._refused_handshakes = 0  # since the last line about them
-        self._refusals_logged_at = -REFUSALS_LOG_INTERVAL
+        self._refusals_log = logs.Throttle(REFUSALS_LOG_INTERVAL)  # what strangers can make fail at will, by cause
         self._listeners: dict[str, TcpListener] = {}
         self._listener_errors: dict[str, str] = {}
         self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
@@ -394,9 +393,17 @@ class Site:
             await self._serve_link(link, f"link from {link.peer.name} ({where})", f"{link.peer.name} ({where})")
         except trio.TooSlowError:
             why = f"handshake did not finish within {self.settings.handshake_timeout:g} s"
-            log.warning("link from %s: %s", where, why, extra=logs.event("handshake_timeout", peer=where, reason=why))
+            self._handshake_failed(
+                ("timeout", websocket), logging.WARNING, "link from %s: %s", where, why, "handshake_timeout"
+            )
         except LinkError as exc:  # ProtocolError and FrameError included
-            log.warning("link from %s refused: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
+            if isinstance(stream, trio.SSLStream):
+                # A certified peer is a cause of its own: a flood from strangers cannot hide that a
+                # site this one knows (say, a revoked one) is being refused.
+                cause = ("refused", websocket, exc.code, stream.getpeercert(binary_form=True))
+            else:
+                cause = ("tls", websocket)  # TLS, or the WebSocket upgrade before it, failed
+            self._handshake_failed(cause, logging.WARNING, "link from %s refused: %s", where, exc, "link_refused")
             if isinstance(stream, trio.SSLStream):  # tell the peer why, inside TLS; never in clear text
                 with trio.move_on_after(0.5, shield=True):
                     try:
@@ -406,25 +413,36 @@ class Site:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # Whoever connected went away mid-handshake: their loss, nobody else's.
             why = exc.__cause__ or exc
-            log.info(
-                "link from %s: connection lost during the handshake: %s", where, why,
-                extra=logs.event("handshake_lost", peer=where, reason=why),
+            self._handshake_failed(
+                ("lost", websocket), logging.INFO, "link from %s: connection lost during the handshake: %s", where, why,
+                "handshake_lost",
             )
         except FabricError as exc:
-            log.warning("link from %s: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
+            self._handshake_failed(("error", websocket), logging.WARNING, "link from %s: %s", where, exc, "link_refused")
         except Exception as exc:
-            log.exception(
-                "link from %s: unexpected failure; this connection is dropped, the site goes on", where,
-                extra=logs.event("link_failed", peer=where, reason=repr(exc)),
+            self._handshake_failed(
+                ("bug", websocket), logging.ERROR,
+                "link from %s: unexpected failure; this connection is dropped, the site goes on: %s", where, repr(exc),
+                "link_failed", exc_info=True,
             )
         finally:
             await trio.aclose_forcefully(stream)
 
+    def _handshake_failed(
+        self, cause: tuple, level: int, message: str, where: str, why: object, event: str, *, exc_info: bool = False
+    ) -> None:
+        """Log a failed handshake: the first of its cause in REFUSALS_LOG_INTERVAL at `level`, saying how
+        many were held back before it, the others at debug. Strangers can fail handshakes at will."""
+        held = self._refusals_log.admit(cause, trio.current_time())
+        log.log(
+            logging.DEBUG if held is None else level, message + "%s", where, why, logs.held_back(held or 0),
+            exc_info=exc_info, extra=logs.event(event, peer=where, reason=why),
+        )
+
     def _refuse_handshake(self, source: str) -> None:
         """Count a connection refused for want of a handshake slot; say so now and then, not per connection."""
-        self._refused_handshakes += 1
-        now = trio.current_time()
-        if now - self._refusals_logged_at < REFUSALS_LOG_INTERVAL:
+        held = self._refusals_log.admit("slots", trio.current_time())
+        if held is None:
             return
         pending = self._pending_handshakes
         why = (
@@ -433,12 +451,9 @@ class Site:
             else f"{pending.total()} handshakes already pending (at most {MAX_PENDING_HANDSHAKES})"
         )
         log.warning(
-            "link port: refused %d connection(s) since the last such line, the latest from %s: %s",
-            self._refused_handshakes, source, why,
+            "link port: refused %d connection(s) since the last such line, the latest from %s: %s", held + 1, source, why,
             extra=logs.event("handshakes_refused", peer=source, reason=why),
         )
-        self._refused_handshakes = 0
-        self._refusals_logged_at = now
 
     async def _accept_hello(self, stream: trio.SSLStream, decoder: FrameDecoder, first) -> Link:
         der = stream.getpeercert(binary_form=True)

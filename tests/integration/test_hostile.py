@@ -44,7 +44,7 @@ from fabric.router.frames import (
 )
 from fabric.router.link import make_hello, read_frame
 from fabric.router.transports import Address, dial
-from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, _source_of
+from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, REFUSALS_LOG_INTERVAL, _source_of
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 2.0  # seconds; short, so held connections are freed within the test
@@ -301,6 +301,7 @@ async def ended_by_hub(arena: Arena, raw: RawLink, name: str, caplog) -> str:
 @pytest.fixture
 def caplog(caplog):
     caplog.set_level(logging.INFO, logger="fabric")
+    caplog.set_level(logging.DEBUG, logger="fabric.site")  # each failed handshake: warnings about them are throttled
     return caplog
 
 
@@ -427,6 +428,8 @@ async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_
     timed_out = held_to_the_deadline(caplog, held)
     assert MAX_PENDING_HANDSHAKES <= len(timed_out) < count / 2
     most_held_at_once(timed_out, MAX_PENDING_HANDSHAKES)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "handshake did not finish" in r.getMessage()]
+    assert 1 <= len(warned) <= (timed_out[-1] - timed_out[0]) / REFUSALS_LOG_INTERVAL + 1  # the rest at debug
     assert any(f"already pending (at most {MAX_PENDING_HANDSHAKES})" in r.getMessage() for r in caplog.records)
     assert not arena.hub._pending_handshakes  # every slot was given back
 
@@ -500,6 +503,106 @@ async def test_a_handshake_that_drips_or_stops_after_tls_is_cut_at_the_deadline(
     for what, seconds in lasted.items():
         assert HANDSHAKE_TIMEOUT * 0.8 <= seconds < HANDSHAKE_TIMEOUT + 10, (what, seconds)
     assert creds.site_id not in arena.hub.router.links
+
+
+# -- a flood of failed handshakes, and what the log makes of it ------------------------------------
+
+FLOOD_LOG_INTERVAL = 1.0  # seconds: REFUSALS_LOG_INTERVAL for the flood below, so that it spans a few
+HELD_BACK = re.compile(r" \((\d+) more like it since the last such line\)$")
+HANDSHAKE_EVENTS = ("link_refused", "handshake_lost", "handshake_timeout", "link_failed")
+
+
+def hello_frame(site_id: str, name: str) -> bytes:
+    return encode_frame(FrameType.HELLO, 0, encode_message(make_hello(site_id, name, "interior", 1, fabric.Settings(), 1)))
+
+
+async def test_thousands_of_failed_handshakes_on_both_link_ports_log_a_line_now_and_then_per_cause(
+    network, hash_server, tmp_path, tcp, caplog, monkeypatch
+):
+    """2,000 connections that fail their handshake three ways (not TLS on the link port, not a
+    WebSocket request on the WebSocket port, a HELLO without a certificate): each cause makes
+    a warning now and then, not one per connection, and the warnings count every one of them.
+    A revoked site that tries to link amid the flood is a cause of its own: its refusal is
+    logged as a warning at once, though another refusal of the same code was just logged."""
+    monkeypatch.setattr(fabric.site, "REFUSALS_LOG_INTERVAL", FLOOD_LOG_INTERVAL)
+    async with network.site("hub", link_port=0, ws_port=0, settings=SETTINGS) as hub, network.site("edge") as edge:
+        await network.link(edge, hub)
+        arena = Arena(network, hub, edge, hash_server, await network.expose(hub, edge, "bulk", hash_server.port), tmp_path)
+        turncoat = await redeem_raw(hub, await new_identity(tmp_path, "turncoat"), tmp_path)
+        await hub.revoke_link("turncoat")
+        anonymous = pki.client_context(hub.identity.ca_cert_pem)  # trusts the hub, has no certificate
+
+        async def not_tls() -> None:
+            stream = await tcp.connect(hub.link_port)
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: fabric\r\n\r\n" + b"x" * 1000)
+                await tcp.read_until_end(stream)
+
+        async def not_websocket() -> None:
+            stream = await tcp.connect(hub.ws_port)
+            async with stream:
+                await stream.send_all(b"GET /index.html HTTP/1.1\r\nHost: fabric\r\n\r\n")
+                await tcp.read_until_end(stream)
+
+        async def anonymous_hello() -> None:
+            stream = await dial(arena.address, anonymous)
+            async with stream:
+                await stream.send_all(hello_frame("ab" * 16, "intruder"))
+                await tcp.read_until_end(stream)
+
+        kinds = {not_tls: 800, not_websocket: 800, anonymous_hello: 400}
+        first_anonymous_refused = trio.Event()
+        made = 0
+
+        async def flood() -> None:
+            nonlocal made
+            limit = trio.CapacityLimiter(8)  # under the per-source slots: each one fails its handshake
+
+            async def one(kind) -> None:
+                nonlocal made
+                async with limit:
+                    await kind()
+                    made += 1
+                    if kind is anonymous_hello:
+                        first_anonymous_refused.set()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(max(kinds.values())):
+                    for kind, count in kinds.items():
+                        if i < count:
+                            nursery.start_soon(one, kind)
+
+        async def revoked_site_tries_to_link() -> tuple:
+            await first_anonymous_refused.wait()  # its warning was logged just now: same code, another cause
+            return await RawLink.open(arena.address, turncoat)
+
+        answer = []
+
+        async def attack() -> float:
+            started = trio.current_time()
+
+            async def revoked() -> None:
+                answer.append(await revoked_site_tries_to_link())
+
+            await concurrently(flood, revoked)
+            return trio.current_time() - started
+
+        took = await arena.under_attack(attack)
+        await trio.sleep(FLOOD_LOG_INTERVAL)  # the interval must pass: the next line of each cause counts the rest
+        for kind in kinds:
+            await kind()
+            made += 1
+
+    code, text = answer[0]
+    assert code == Reason.NOT_AUTHORIZED and "revoked" in text
+    records = [r for r in caplog.records if r.name == "fabric.site" and getattr(r, "event", None) in HANDSHAKE_EVENTS]
+    revoked = [r for r in records if f"the certificate of site {turncoat.site_id[:8]} was revoked" in r.getMessage()]
+    assert len(revoked) == 1 and revoked[0].levelno == logging.WARNING
+    lines = [r for r in records if r.levelno >= logging.INFO and r not in revoked]
+    assert sum(1 + int(m[1]) if (m := HELD_BACK.search(r.getMessage())) else 1 for r in lines) == made == 2003
+    causes = len(kinds)
+    assert len(lines) <= causes * (took // FLOOD_LOG_INTERVAL + 2), [r.getMessage() for r in lines]
+    assert len([r for r in records if r.levelno == logging.DEBUG]) == made - len(lines)  # each one, at debug
 
 
 # -- a certified peer that breaks the protocol ---------------------------------------------------
