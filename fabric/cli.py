@@ -987,14 +987,32 @@ def link_delete(cli: Cli, name: str) -> None:
 @click.argument("name")
 @pass_cli
 def link_revoke(cli: Cli, name: str) -> None:
-    """Refuse links from site NAME from now on (at the issuer).
+    """Revoke site NAME at this site, the one that issued its token.
 
-    NAME is the name of a site that redeemed a token of this site. Its link
-    certificate is refused from now on and its live link dropped; to link
-    again it needs a new token.
+    NAME is the name (or id) of a site that redeemed a token of this site.
+    From now on this site:
+
+    \b
+    - refuses its link certificates, and drops its live link;
+    - refuses its redemptions, of any token (it is known by its key): it
+      cannot link to this site again, not even with a new token;
+    - withdraws the tokens it redeemed, so their unused redemptions are
+      refused to every site (give other sites new tokens);
+    - refuses flows to this site's connectors that say they come from it.
+
+    It does not cut the site off the network: its links with other sites
+    stay up, and through them it still reaches their services, offers its
+    own (this site's listeners may still choose it) and carries traffic. A
+    flow's origin is what the flow says: a site changed to lie about it is
+    not stopped. To keep a site out, every site it links with must revoke it
+    (where it redeemed their token) or delete the link (where they redeemed
+    its token).
     """
-    running, _ = cli.call("revoke_link", name=name)
-    _say(f"site {name}'s link certificate revoked: it cannot link to this site any more")
+    running, result = cli.call("revoke_link", name=name)
+    _say(
+        f"site {name} revoked ({result['revoked']} certificate(s)): it cannot link or redeem a token here any more, "
+        "and the tokens it redeemed are withdrawn; other sites still link with it (see `fabric link revoke --help`)"
+    )
     _not_running_note(running)
 
 

@@ -794,6 +794,8 @@ class TokenGrant:
     expires_at: float = attrs.field(converter=_to_time)  # unix seconds, UTC
     cost: int | None = attrs.field(default=None, validator=_check_cost)
     issued: tuple[IssuedCert, ...] = ()  # one per redemption: the certificates this token led to
+    # No more redemptions: a site that redeemed it was revoked, and may hold its secret still.
+    withdrawn: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         if self.redemptions_used > self.redemptions_allowed:
@@ -850,9 +852,9 @@ def spend_grant(grants: Mapping[str, TokenGrant], token_id: str, secret: str, *,
     """Check a redemption against the grants; returns the grant with one more use.
 
     `token_id` and `secret` come from the redeemer (untrusted). The checks go
-    from "who are you" to "may you still": forged, then expired, then spent,
-    so a forger learns nothing about a real token's state. The caller stores
-    the returned grant before signing anything.
+    from "who are you" to "may you still": forged, then expired, then spent
+    (or withdrawn), so a forger learns nothing about a real token's state.
+    The caller stores the returned grant before signing anything.
     """
     grant = grants.get(token_id) if isinstance(token_id, str) else None
     if grant is None:
@@ -862,11 +864,18 @@ def spend_grant(grants: Mapping[str, TokenGrant], token_id: str, secret: str, *,
         raise TokenForgedError("token secret does not match: the token is forged or damaged")
     if now >= grant.expires_at:
         raise TokenExpiredError(f"token expired at {_format_utc(grant.expires_at)}")
+    if grant.withdrawn:
+        raise TokenSpentError("token withdrawn: a site that redeemed it was revoked; ask for a new token")
     if grant.redemptions_used >= grant.redemptions_allowed:
         raise TokenSpentError(
             f"token already redeemed: it allowed {grant.redemptions_allowed} redemption(s) and all are used"
         )
     return attrs.evolve(grant, redemptions_used=grant.redemptions_used + 1)
+
+
+def revoked_sites(grants: Mapping[str, TokenGrant]) -> dict[str, str]:
+    """Site id -> name, for every site that a certificate revoked here was issued to."""
+    return {cert.site_id: cert.name for grant in grants.values() for cert in grant.issued if cert.revoked}
 
 
 def _sha256_hex(secret: str) -> str:

@@ -70,8 +70,9 @@ class Arena:
     def address(self) -> Address:
         return Address("tls", "127.0.0.1", self.hub.link_port)
 
-    async def exchange(self) -> None:
-        await self.hash_server.exchange(self.port, upload=TRANSFER, download=TRANSFER)
+    async def exchange(self, port: int | None = None) -> None:
+        """One exchange through the edge's listener, or through listener `port` of another site."""
+        await self.hash_server.exchange(port or self.port, upload=TRANSFER, download=TRANSFER)
         self.exchanges += 1
 
     async def under_attack(self, attack):
@@ -839,3 +840,79 @@ async def test_a_revoked_certificate_is_dropped_and_refused_from_then_on(arena):
     code, text = again
     assert code == Reason.NOT_AUTHORIZED and "revoked" in text
     assert creds.site_id not in arena.hub.router.links
+
+
+# -- a revoked site that tries to come back ------------------------------------------------------
+
+
+async def test_a_revoked_site_cannot_redeem_again_with_a_spare_use_or_a_new_token(arena):
+    """The site redeemed a token of two uses; once revoked it redeems the spare use, then a new
+    token: both refused, by its key. The spare use is refused to a new identity too (the revoked
+    site knows the token's secret), and all of it holds in the hub's grants on disk."""
+    hub = arena.hub
+    spare = await hub.issue_token(redemptions_allowed=2, expiration_window=60)
+    async with arena.network.site("turncoat") as turncoat:
+
+        async def attack():
+            with trio.fail_after(ATTACK_DEADLINE):
+                await turncoat.redeem_token(spare)
+                await hub.wait_linked(turncoat.site_id)
+                assert await hub.revoke_link("turncoat") == 1
+                await hub.wait_linked(turncoat.site_id, up=False)
+                await turncoat.delete_link("hub")  # as a user would, to redeem again
+                refusals = []
+                for token in (spare, await hub.issue_token()):
+                    with pytest.raises(fabric.TokenError) as refused:
+                        await turncoat.redeem_token(token)
+                    refusals.append(str(refused.value))
+                return refusals
+
+        refusals = await arena.under_attack(attack)
+        who = f"site turncoat ({turncoat.site_id[:8]}) was revoked by site hub"
+        assert refusals == [f"site hub refused the token: {who}; the token is not spent"] * 2
+        assert turncoat.config.links == () and turncoat.site_id not in hub.router.links
+
+    async with arena.network.site("newcomer") as newcomer:  # a new key, with the old token's secret
+        with trio.fail_after(ATTACK_DEADLINE), pytest.raises(fabric.TokenSpentError, match="token withdrawn"):
+            await newcomer.redeem_token(spare)
+    grants = pki.load_grants(hub._grants_path)
+    assert pki.revoked_sites(grants) == {turncoat.site_id: "turncoat"}
+    assert grants[spare.token_id].withdrawn and grants[spare.token_id].redemptions_used == 1
+
+
+async def test_a_revoked_site_reaching_the_hub_through_another_site_is_refused_at_the_hub(arena, tcp, caplog):
+    """The site links to the hub and to a relay linked to the hub. Revoked at the hub, its flows
+    to the hub's connector go through the relay, and the hub refuses them by their origin; the
+    relay's own flows to the same connector, and everyone else's, go on."""
+    hub, network = arena.hub, arena.network
+    async with network.site("relay", link_port=0) as relay, network.site("turncoat") as turncoat:
+        await network.link(relay, hub)
+        await network.link(turncoat, hub)
+        await network.link(turncoat, relay)
+        relay_port = (await relay.create_listener("bulk", 0)).port
+        turncoat_port = (await turncoat.create_listener("bulk", 0)).port
+        with trio.fail_after(ATTACK_DEADLINE):
+            await relay.wait_reachable("bulk")
+            await turncoat.wait_reachable("bulk")
+        await arena.exchange(turncoat_port)  # before the revocation, it gets through
+
+        async def attack():
+            await hub.revoke_link("turncoat")
+            await turncoat.wait_linked(hub.site_id, up=False)
+            await turncoat.wait_reachable("bulk")  # the hub again, through the relay
+            assert [h.peer for h in turncoat.router.routes[hub.site_id].next_hops] == [relay.site_id]
+            with pytest.raises(fabric.FlowRefused, match="revoked site turncoat") as refused:
+                async with turncoat.router.connect("bulk"):
+                    pass
+            client = await trio.open_tcp_stream("127.0.0.1", turncoat_port)  # as its users see it
+            async with client:
+                received, _ = await tcp.read_until_end(client)
+            await arena.exchange(relay_port)
+            return refused.value, received
+
+        refused, received = await arena.under_attack(attack)
+        assert refused.code == Reason.NOT_AUTHORIZED and received == 0
+        refusals = [r for r in caplog.records if r.getMessage().startswith("flow from site turncoat refused")]
+        assert refusals and refusals[0].levelno == logging.WARNING
+        assert len(refusals) <= 2  # one line per interval, not one per flow
+

@@ -12,6 +12,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -667,6 +668,9 @@ def spend_all(grants: dict[str, pki.TokenGrant], token: pki.Token, times: int, n
         ("expired", TokenExpiredError, "token expired at 2026-11-21 12:00:00 UTC"),
         ("spent and expired", TokenExpiredError, "token expired at 2026-11-21 12:00:00 UTC"),
         ("spent", TokenSpentError, "token already redeemed: it allowed 2 redemption(s) and all are used"),
+        ("withdrawn", TokenSpentError, "token withdrawn: a site that redeemed it was revoked; ask for a new token"),
+        ("withdrawn and expired", TokenExpiredError, "token expired at 2026-11-21 12:00:00 UTC"),
+        ("withdrawn, wrong secret", TokenForgedError, "token secret does not match: the token is forged or damaged"),
     ],
 )
 def test_spend_grant_refusals(
@@ -680,6 +684,8 @@ def test_spend_grant_refusals(
         secret = token.secret[:-1] + ("A" if token.secret[-1] != "A" else "B")
     if "spent" in case:
         spend_all(grants, token, 2, now)
+    if "withdrawn" in case:
+        grants[token.token_id] = attrs.evolve(grants[token.token_id], withdrawn=True)
     if "expired" in case:
         now = EXPIRES
     before = dict(grants)
@@ -749,6 +755,20 @@ def test_grants_round_trip(alpha: pki.Identity, tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["grants.json"]
 
 
+def test_grants_keep_revocations_and_withdrawals(alpha: pki.Identity, beta: pki.Identity, tmp_path: Path) -> None:
+    token, grant = pki.new_token(alpha, ["tls://h:1"], now=1.5, redemptions_allowed=3)
+    issued = (
+        pki.IssuedCert(serial=7, site_id=beta.site_id, name="beta", revoked=True),
+        pki.IssuedCert(serial=8, site_id=alpha.site_id, name="other"),
+    )
+    grants = {token.token_id: attrs.evolve(grant, issued=issued, redemptions_used=2, withdrawn=True)}
+    path = tmp_path / "grants.json"
+    pki.save_grants(path, grants)
+    loaded = pki.load_grants(path)
+    assert loaded == grants
+    assert pki.revoked_sites(loaded) == {beta.site_id: "beta"}
+
+
 def test_missing_grants_file_is_no_grants(tmp_path: Path) -> None:
     assert pki.load_grants(tmp_path / "nothing.json") == {}
 
@@ -784,6 +804,7 @@ def good_grant_document(alpha: pki.Identity) -> dict[str, Any]:
         lambda d: json.dumps({**d, "grants": [{**d["grants"][0], "secret_sha256": "00"}]}).encode(),
         lambda d: json.dumps({**d, "grants": d["grants"] * 2}).encode(),
         lambda d: json.dumps({**d, "grants": "all of them"}).encode(),
+        lambda d: json.dumps({**d, "grants": [{**d["grants"][0], "withdrawn": "yes"}]}).encode(),
     ],
 )
 def test_corrupt_grants_file(alpha: pki.Identity, tmp_path: Path, damage: Any) -> None:
