@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import click
 import trio
@@ -36,7 +37,7 @@ import yaml
 from . import __version__
 from .errors import FabricError
 from .config import PROTOCOLS
-from .pki import Token
+from .pki import Token, write_private_atomic
 from .router.routes import BALANCED, DISTRIBUTIONS
 from .router.transports import hide_password
 from .site import Site, open_site
@@ -986,14 +987,32 @@ def link_delete(cli: Cli, name: str) -> None:
 @click.argument("name")
 @pass_cli
 def link_revoke(cli: Cli, name: str) -> None:
-    """Refuse links from site NAME from now on (at the issuer).
+    """Revoke site NAME at this site, the one that issued its token.
 
-    NAME is the name of a site that redeemed a token of this site. Its link
-    certificate is refused from now on and its live link dropped; to link
-    again it needs a new token.
+    NAME is the name (or id) of a site that redeemed a token of this site.
+    From now on this site:
+
+    \b
+    - refuses its link certificates, and drops its live link;
+    - refuses its redemptions, of any token (it is known by its key): it
+      cannot link to this site again, not even with a new token;
+    - withdraws the tokens it redeemed, so their unused redemptions are
+      refused to every site (give other sites new tokens);
+    - refuses flows to this site's connectors that say they come from it.
+
+    It does not cut the site off the network: its links with other sites
+    stay up, and through them it still reaches their services, offers its
+    own (this site's listeners may still choose it) and carries traffic. A
+    flow's origin is what the flow says: a site changed to lie about it is
+    not stopped. To keep a site out, every site it links with must revoke it
+    (where it redeemed their token) or delete the link (where they redeemed
+    its token).
     """
-    running, _ = cli.call("revoke_link", name=name)
-    _say(f"site {name}'s link certificate revoked: it cannot link to this site any more")
+    running, result = cli.call("revoke_link", name=name)
+    _say(
+        f"site {name} revoked ({result['revoked']} certificate(s)): it cannot link or redeem a token here any more, "
+        "and the tokens it redeemed are withdrawn; other sites still link with it (see `fabric link revoke --help`)"
+    )
     _not_running_note(running)
 
 
@@ -1215,26 +1234,41 @@ def debug() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @pass_cli
 def debug_dump(cli: Cli, file: Path) -> None:
-    """Write FILE, a tar.gz of what a bug report needs.
+    """Write FILE, a tar.gz of what a bug report needs (mode 0600).
 
     It holds the config, status, network status, recent log lines and versions.
     Of the site directory it copies site.yaml only, and lists the other files
     by name and mode: private keys (identity/) and the secrets of issued
-    tokens (state/) never leave it, so the file can go with a bug report.
+    tokens (state/) never leave it, and proxy passwords are shown as ***, so
+    the file can go with a bug report.
     """
     if not (cli.site_dir / "site.yaml").is_file():
         raise Failure(f"no site directory at {cli.site_dir}: create one with `fabric site create NAME`")
     members: dict[str, bytes] = {}
     problems: list[str] = []
+    proxies: set[str] = {os.environ[name] for name in _PROXY_VARIABLES if os.environ.get(name)}
 
     raw = _read_quietly(cli.site_dir / "site.yaml", problems)
     if raw is not None:
-        members["site.yaml"] = raw
+        try:
+            document = yaml.safe_load(raw)
+        except yaml.YAMLError as error:  # its message quotes the file: say only where
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            why = getattr(error, "problem", None) or "unreadable"
+            problems.append(f"site.yaml: not YAML{where} ({why}); left out, as it may hold a proxy password")
+        else:
+            hidden = _hide_proxies(document, proxies)
+            members["site.yaml"] = raw if hidden == document else (
+                "# site.yaml as read, with proxy passwords hidden (comments and layout are not the file's)\n"
+                + yaml.safe_dump(hidden, sort_keys=False, allow_unicode=True)
+            ).encode()
 
     async def gather(site: Any) -> bool:
         for op, member in (("status", "status.json"), ("network_status", "network-status.json"), ("config", "config.json")):
             try:
-                members[member] = json.dumps(await site.call(op), indent=2).encode()
+                result = _hide_proxies(await site.call(op), proxies)
+                members[member] = json.dumps(result, indent=2).encode()
             except FabricError as error:
                 problems.append(f"{op}: {describe(error)}")
         try:
@@ -1251,18 +1285,62 @@ def debug_dump(cli: Cli, file: Path) -> None:
         running = False
     members["versions.txt"] = _versions().encode()
     members["files.txt"] = _site_files(cli.site_dir).encode()
+    # Belt and braces: a password that shows anywhere else (a log line, an error) is hidden too.
+    secrets = _password_spellings(proxies)
     for member in list(members):
-        if b"PRIVATE KEY" in members[member]:  # belt and braces: keys never leave the site directory
+        members[member] = _scrub(members[member], secrets)
+        if b"PRIVATE KEY" in members[member]:  # keys never leave the site directory
             members[member] = b"(left out: it contained a private key)\n"
             problems.append(f"{member}: it contained a private key")
     if problems:
-        members["errors.txt"] = "".join(f"{p}\n" for p in problems).encode()
+        members["errors.txt"] = _scrub("".join(f"{p}\n" for p in problems).encode(), secrets)
     _write_tar(file, f"fabric-debug-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}", members)
     _say(f"debug dump written to {file}: {', '.join(sorted(members))}")
     if not running:
         _say("the site is not running: no live status, no log lines")
     for problem in problems:
         _say(f"  could not collect {problem}")
+
+
+# The environment's proxy settings: a link without its own dials through them (transports.proxy_for).
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+
+
+def _hide_proxies(data: Any, seen: set[str]) -> Any:
+    """`data` (plain JSON or YAML data) with every `proxy` setting's password hidden; the settings go to `seen`."""
+    if isinstance(data, dict):
+        hidden = {}
+        for key, value in data.items():
+            if key == "proxy" and isinstance(value, str):
+                seen.add(value)
+                hidden[key] = hide_password(value)
+            else:
+                hidden[key] = _hide_proxies(value, seen)
+        return hidden
+    if isinstance(data, list):
+        return [_hide_proxies(value, seen) for value in data]
+    return data
+
+
+def _password_spellings(proxies: Iterable[str]) -> set[bytes]:
+    """The passwords of these proxy settings, as they may show in text: as given, %-decoded, and JSON-escaped."""
+    spellings = set()
+    for setting in proxies:
+        hidden = hide_password(setting)
+        if hidden == setting:
+            continue  # no password
+        before, _, after = hidden.partition(":***@")
+        given = setting[len(before) + 1 : len(setting) - len(after) - 1]
+        for password in filter(None, {given, unquote(given)}):
+            for text in (password, json.dumps(password)[1:-1], json.dumps(password, ensure_ascii=False)[1:-1]):
+                spellings.add(text.encode())
+    return spellings
+
+
+def _scrub(data: bytes, secrets: Iterable[bytes]) -> bytes:
+    for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
+        data = data.replace(secret, b"***")
+    return data
 
 
 def _read_quietly(path: Path, problems: list[str]) -> bytes | None:
@@ -1315,7 +1393,10 @@ def _write_tar(file: Path, top: str, members: dict[str, bytes]) -> None:
             info.mtime = int(now)
             info.mode = 0o600
             tar.addfile(info, io.BytesIO(data))
-    file.write_bytes(buffer.getvalue())
+    try:
+        write_private_atomic(file, buffer.getvalue())  # 0600 from the first byte: it tells a lot about the site
+    except OSError as error:
+        raise Failure(f"cannot write {file}: {describe(error)}") from None
 
 
 # -- demo --------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ machines: one JSON object a line with `ts`, `level`, `site`, `event`,
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import datetime as dt
 import json
 import logging
+from collections.abc import Hashable
 from typing import IO, Any
 
 FORMATS = ("text", "json")
@@ -42,6 +44,35 @@ def event(name: str, *, peer: Any = None, reason: Any = None, routing_key: str |
     if routing_key is not None:
         fields["routing_key"] = routing_key
     return fields
+
+
+class Throttle:
+    """At most one line per `interval` seconds for each cause; the ones held back in between are counted.
+
+    For what strangers can make happen at will (failed handshakes): each
+    cause is still seen at once, but a flood of it costs one line per
+    interval, not one per event. `cause` is any hashable; callers keep the
+    set of causes bounded.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval  # seconds
+        self._logged_at: dict[Hashable, float] = {}
+        self._held: collections.Counter[Hashable] = collections.Counter()
+
+    def admit(self, cause: Hashable, now: float) -> int | None:
+        """None: hold this one back (it is counted). Otherwise log it, with how many were held back since the last."""
+        logged_at = self._logged_at.get(cause)
+        if logged_at is not None and now - logged_at < self.interval:
+            self._held[cause] += 1
+            return None
+        self._logged_at[cause] = now
+        return self._held.pop(cause, 0)
+
+
+def held_back(count: int) -> str:
+    """What a throttled line adds about the lines held back before it ("" for none)."""
+    return f" ({count} more like it since the last such line)" if count else ""
 
 
 class SiteFilter(logging.Filter):

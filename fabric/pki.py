@@ -715,6 +715,25 @@ class _Malformed(Exception):
     """Internal: why a token document was refused (becomes TokenFormatError)."""
 
 
+class _TokenLoader(yaml.SafeLoader):
+    """SafeLoader for plain data only: no anchors, aliases or explicit tags.
+
+    A token never has them, and aliases let a few hundred bytes stand for a
+    document of millions of nodes (a "billion laughs"): each event is refused
+    before any node is built from it.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Malformed("it uses a YAML alias (*), which a token never does")
+        if getattr(event, "anchor", None) is not None:
+            raise _Malformed("it uses a YAML anchor (&), which a token never does")
+        if getattr(event, "tag", None) is not None:
+            raise _Malformed("it uses a YAML tag (!), which a token never does")
+        return super().compose_node(parent, index)
+
+
 _TOKEN_FIELDS = frozenset(field.name for field in attrs.fields(Token))
 _TOKEN_REQUIRED = _TOKEN_FIELDS - {"cost"}
 
@@ -725,7 +744,7 @@ def _parse_token(text: str) -> Token:
     if len(text) > MAX_TOKEN_TEXT:
         raise _Malformed(f"it is {len(text)} characters long, more than {MAX_TOKEN_TEXT}")
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_TokenLoader)
     except yaml.YAMLError as error:
         raise _Malformed(f"not YAML ({_one_line(getattr(error, 'problem', None) or str(error))})") from None
     except RecursionError:
@@ -775,6 +794,8 @@ class TokenGrant:
     expires_at: float = attrs.field(converter=_to_time)  # unix seconds, UTC
     cost: int | None = attrs.field(default=None, validator=_check_cost)
     issued: tuple[IssuedCert, ...] = ()  # one per redemption: the certificates this token led to
+    # No more redemptions: a site that redeemed it was revoked, and may hold its secret still.
+    withdrawn: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         if self.redemptions_used > self.redemptions_allowed:
@@ -831,9 +852,9 @@ def spend_grant(grants: Mapping[str, TokenGrant], token_id: str, secret: str, *,
     """Check a redemption against the grants; returns the grant with one more use.
 
     `token_id` and `secret` come from the redeemer (untrusted). The checks go
-    from "who are you" to "may you still": forged, then expired, then spent,
-    so a forger learns nothing about a real token's state. The caller stores
-    the returned grant before signing anything.
+    from "who are you" to "may you still": forged, then expired, then spent
+    (or withdrawn), so a forger learns nothing about a real token's state.
+    The caller stores the returned grant before signing anything.
     """
     grant = grants.get(token_id) if isinstance(token_id, str) else None
     if grant is None:
@@ -843,11 +864,18 @@ def spend_grant(grants: Mapping[str, TokenGrant], token_id: str, secret: str, *,
         raise TokenForgedError("token secret does not match: the token is forged or damaged")
     if now >= grant.expires_at:
         raise TokenExpiredError(f"token expired at {_format_utc(grant.expires_at)}")
+    if grant.withdrawn:
+        raise TokenSpentError("token withdrawn: a site that redeemed it was revoked; ask for a new token")
     if grant.redemptions_used >= grant.redemptions_allowed:
         raise TokenSpentError(
             f"token already redeemed: it allowed {grant.redemptions_allowed} redemption(s) and all are used"
         )
     return attrs.evolve(grant, redemptions_used=grant.redemptions_used + 1)
+
+
+def revoked_sites(grants: Mapping[str, TokenGrant]) -> dict[str, str]:
+    """Site id -> name, for every site that a certificate revoked here was issued to."""
+    return {cert.site_id: cert.name for grant in grants.values() for cert in grant.issued if cert.revoked}
 
 
 def _sha256_hex(secret: str) -> str:

@@ -79,7 +79,7 @@ MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the li
 # link port cannot take every slot: the other sites still link meanwhile.
 # Behind a reverse proxy every WebSocket link comes from the proxy's address.
 MAX_PENDING_PER_SOURCE = 16
-REFUSALS_LOG_INTERVAL = 10.0  # seconds: at most one line per this long about refused connections
+REFUSALS_LOG_INTERVAL = 10.0  # seconds: at most one line per this long for each cause of refused connections
 REDEEM_TIMEOUT = 10.0  # seconds for a whole redemption, dial included
 _UNSET = object()
 _TOKEN_ERRORS = {
@@ -267,15 +267,16 @@ class Site:
             incarnation=incarnation,
             settings=config.settings,
             sign=functools.partial(sign_record, identity=identity),
+            refuse_origin=self._refused_origin,
         )
         self.link_port: int | None = None
         self.ws_port: int | None = None
         self._grants = pki.load_grants(self._grants_path)
+        self._revoked_sites = pki.revoked_sites(self._grants)  # site id -> name, kept as grants change
         self._grants_lock = trio.Lock()
         self._server_context = pki.server_context(identity)
         self._pending_handshakes: collections.Counter[str] = collections.Counter()  # source -> how many
-        self._refused_handshakes = 0  # since the last line about them
-        self._refusals_logged_at = -REFUSALS_LOG_INTERVAL
+        self._refusals_log = logs.Throttle(REFUSALS_LOG_INTERVAL)  # what strangers can make fail at will, by cause
         self._listeners: dict[str, TcpListener] = {}
         self._listener_errors: dict[str, str] = {}
         self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
@@ -394,9 +395,17 @@ class Site:
             await self._serve_link(link, f"link from {link.peer.name} ({where})", f"{link.peer.name} ({where})")
         except trio.TooSlowError:
             why = f"handshake did not finish within {self.settings.handshake_timeout:g} s"
-            log.warning("link from %s: %s", where, why, extra=logs.event("handshake_timeout", peer=where, reason=why))
+            self._handshake_failed(
+                ("timeout", websocket), logging.WARNING, "link from %s: %s", where, why, "handshake_timeout"
+            )
         except LinkError as exc:  # ProtocolError and FrameError included
-            log.warning("link from %s refused: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
+            if isinstance(stream, trio.SSLStream):
+                # A certified peer is a cause of its own: a flood from strangers cannot hide that a
+                # site this one knows (say, a revoked one) is being refused.
+                cause = ("refused", websocket, exc.code, stream.getpeercert(binary_form=True))
+            else:
+                cause = ("tls", websocket)  # TLS, or the WebSocket upgrade before it, failed
+            self._handshake_failed(cause, logging.WARNING, "link from %s refused: %s", where, exc, "link_refused")
             if isinstance(stream, trio.SSLStream):  # tell the peer why, inside TLS; never in clear text
                 with trio.move_on_after(0.5, shield=True):
                     try:
@@ -406,25 +415,36 @@ class Site:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # Whoever connected went away mid-handshake: their loss, nobody else's.
             why = exc.__cause__ or exc
-            log.info(
-                "link from %s: connection lost during the handshake: %s", where, why,
-                extra=logs.event("handshake_lost", peer=where, reason=why),
+            self._handshake_failed(
+                ("lost", websocket), logging.INFO, "link from %s: connection lost during the handshake: %s", where, why,
+                "handshake_lost",
             )
         except FabricError as exc:
-            log.warning("link from %s: %s", where, exc, extra=logs.event("link_refused", peer=where, reason=exc))
+            self._handshake_failed(("error", websocket), logging.WARNING, "link from %s: %s", where, exc, "link_refused")
         except Exception as exc:
-            log.exception(
-                "link from %s: unexpected failure; this connection is dropped, the site goes on", where,
-                extra=logs.event("link_failed", peer=where, reason=repr(exc)),
+            self._handshake_failed(
+                ("bug", websocket), logging.ERROR,
+                "link from %s: unexpected failure; this connection is dropped, the site goes on: %s", where, repr(exc),
+                "link_failed", exc_info=True,
             )
         finally:
             await trio.aclose_forcefully(stream)
 
+    def _handshake_failed(
+        self, cause: tuple, level: int, message: str, where: str, why: object, event: str, *, exc_info: bool = False
+    ) -> None:
+        """Log a failed handshake: the first of its cause in REFUSALS_LOG_INTERVAL at `level`, saying how
+        many were held back before it, the others at debug. Strangers can fail handshakes at will."""
+        held = self._refusals_log.admit(cause, trio.current_time())
+        log.log(
+            logging.DEBUG if held is None else level, message + "%s", where, why, logs.held_back(held or 0),
+            exc_info=exc_info, extra=logs.event(event, peer=where, reason=why),
+        )
+
     def _refuse_handshake(self, source: str) -> None:
         """Count a connection refused for want of a handshake slot; say so now and then, not per connection."""
-        self._refused_handshakes += 1
-        now = trio.current_time()
-        if now - self._refusals_logged_at < REFUSALS_LOG_INTERVAL:
+        held = self._refusals_log.admit("slots", trio.current_time())
+        if held is None:
             return
         pending = self._pending_handshakes
         why = (
@@ -433,12 +453,9 @@ class Site:
             else f"{pending.total()} handshakes already pending (at most {MAX_PENDING_HANDSHAKES})"
         )
         log.warning(
-            "link port: refused %d connection(s) since the last such line, the latest from %s: %s",
-            self._refused_handshakes, source, why,
+            "link port: refused %d connection(s) since the last such line, the latest from %s: %s", held + 1, source, why,
             extra=logs.event("handshakes_refused", peer=source, reason=why),
         )
-        self._refused_handshakes = 0
-        self._refusals_logged_at = now
 
     async def _accept_hello(self, stream: trio.SSLStream, decoder: FrameDecoder, first) -> Link:
         der = stream.getpeercert(binary_form=True)
@@ -459,23 +476,26 @@ class Site:
         request = decode_message_untrusted(payload, Redeem)
         try:
             self._check_modes(request.mode, request.name)
-        except LinkError as exc:
-            log.warning(
-                "token redemption from %s refused: %s", where, exc, extra=logs.event("redeem_refused", peer=where, reason=exc)
-            )
-            await stream.send_all(goaway_frame(exc.code, f"{exc}; the token is not spent"))
-            return
-        try:
-            grant = pki.spend_grant(self._grants, request.token_id, request.secret, now=time.time())
             cert_pem, serial = pki.sign_csr(self.identity, request.csr_pem.encode())
-        except TokenError as exc:
-            code = next((c for c, cls in _TOKEN_ERRORS.items() if isinstance(exc, cls)), Reason.TOKEN_INVALID)
-            log.warning(
-                "token redemption from %s refused: %s", where, exc, extra=logs.event("redeem_refused", peer=where, reason=exc)
+            peer_id = pki.cert_site_id(pki.pem_to_der(cert_pem))
+            if (revoked := self._revoked_sites.get(peer_id)) is not None:
+                # Known by its key, whatever token it brings and whatever name it gives now.
+                raise LinkError(f"site {revoked} ({peer_id[:8]}) was revoked by site {self.name}", code=Reason.NOT_AUTHORIZED)
+            grant = pki.spend_grant(self._grants, request.token_id, request.secret, now=time.time())
+        except (LinkError, TokenError) as exc:
+            if isinstance(exc, LinkError):
+                code, why = exc.code or Reason.PROTOCOL, f"{exc}; the token is not spent"
+            else:
+                code = next((c for c, cls in _TOKEN_ERRORS.items() if isinstance(exc, cls)), Reason.TOKEN_INVALID)
+                why = str(exc)
+            held = self._refusals_log.admit(("redeem", code), trio.current_time())
+            log.log(
+                logging.DEBUG if held is None else logging.WARNING,
+                "token redemption from %s refused: %s%s", where, exc, logs.held_back(held or 0),
+                extra=logs.event("redeem_refused", peer=where, reason=exc),
             )
-            await stream.send_all(goaway_frame(code, str(exc)))
+            await stream.send_all(goaway_frame(code, why))
             return
-        peer_id = pki.cert_site_id(pki.pem_to_der(cert_pem))
         grant = attrs.evolve(grant, issued=(*grant.issued, pki.IssuedCert(serial=serial, site_id=peer_id, name=request.name)))
         self._grants = {**self._grants, grant.token_id: grant}
         await self._save_grants()
@@ -1103,22 +1123,29 @@ class Site:
         await trio.to_thread.run_sync(shutil.rmtree, link_dir(self.site_dir, name), True)
 
     async def revoke_link(self, name: str) -> int:
-        """Refuse, from now on, the certificates this site issued to site `name` (or id); drop its live link.
+        """Revoke the certificates this site issued to site `name` (or id), and with them the site itself.
 
-        Returns how many certificates were revoked.
+        From now on this site refuses those certificates (and drops the
+        site's live link), any redemption by that site's key whatever the
+        token, any further use of the tokens it redeemed (it knows their
+        secret), and flows to this site's connectors that claim to come from
+        it. Other sites still link with it and carry its traffic. Returns how
+        many certificates were revoked.
         """
-        grants, revoked, peers = {}, 0, set()
+        peers = {c.site_id for g in self._grants.values() for c in g.issued if name in (c.name, c.site_id) and not c.revoked}
+        if not peers:
+            raise FabricError(f"site {self.name} issued no certificate to a site named {name!r} that is not revoked already")
+        grants, revoked = {}, 0
         for token_id, grant in self._grants.items():
             issued = []
             for cert in grant.issued:
-                if name in (cert.name, cert.site_id) and not cert.revoked:
+                if cert.site_id in peers and not cert.revoked:  # every certificate of the site, whatever name it gave
                     cert, revoked = attrs.evolve(cert, revoked=True), revoked + 1
-                    peers.add(cert.site_id)
                 issued.append(cert)
-            grants[token_id] = attrs.evolve(grant, issued=tuple(issued))
-        if not revoked:
-            raise FabricError(f"site {self.name} issued no certificate to a site named {name!r} that is not revoked already")
+            withdrawn = grant.withdrawn or any(c.site_id in peers for c in issued)
+            grants[token_id] = attrs.evolve(grant, issued=tuple(issued), withdrawn=withdrawn)
         self._grants = grants
+        self._revoked_sites = pki.revoked_sites(grants)
         await self._save_grants()
         for peer in peers:
             if (live := self.router.links.get(peer)) is not None and not live.dialer:
@@ -1127,6 +1154,23 @@ class Site:
 
     def _revoked(self, serial: int) -> bool:
         return any(c.serial == serial and c.revoked for g in self._grants.values() for c in g.issued)
+
+    def _refused_origin(self, origin: str) -> str | None:
+        """Why flows to this site's connectors from site `origin` are refused: it was revoked here (None: they are not).
+
+        The origin is what the flow claims: this stops a revoked site that
+        runs fabric as it is, not one changed to claim another site's id.
+        """
+        name = self._revoked_sites.get(origin)
+        if name is None:
+            return None
+        why = f"site {self.name} revoked site {name} ({origin[:8]}): it takes no flows from it"
+        if (held := self._refusals_log.admit(("origin", origin), trio.current_time())) is not None:
+            log.warning(
+                "flow from site %s refused: %s%s", name, why, logs.held_back(held),
+                extra=logs.event("flow_refused", peer=name, reason=why),
+            )
+        return why
 
     def _save(self, config: SiteConfig) -> None:
         self.config = config

@@ -54,9 +54,10 @@ LOG_EACH = 8
 # RETRY_WINDOW seconds: a client waits for a failover, not for an outage.
 MAX_TRIES = 3
 RETRY_WINDOW = 2.0
-# Refusals that say the provider itself cannot serve (its target refused);
-# anything else is the path's fault, and another path may reach it.
-_PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR})
+# Refusals that say the provider itself cannot serve (its target refused, or
+# it refuses flows from here); anything else is the path's fault, and another
+# path may reach it.
+_PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR, Reason.NOT_AUTHORIZED})
 # Keepalive intervals without an answer to a PING after which an OPEN waiting
 # on a link gives up on it and tries another way, before keepalive declares
 # the link dead: a new client is not kept waiting on a path gone silent.
@@ -110,6 +111,8 @@ class Router:
         incarnation: int,
         settings: Settings,
         sign: Callable[[SiteRecord], SiteRecord],
+        # Why flows from a site (by the origin they claim) may not reach connectors here; None: they may.
+        refuse_origin: Callable[[str], str | None] = lambda origin: None,
     ) -> None:
         self.site_id = site_id
         self.name = name
@@ -141,6 +144,7 @@ class Router:
         self._changed = trio.Event()
         self._offered: dict[str, set[str]] = {}  # the catalog as last logged
         self._flow_serial = itertools.count(1)
+        self._refuse_origin = refuse_origin
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -504,7 +508,10 @@ class Router:
         if self._nursery is None:
             flow.refuse(Reason.SHUTDOWN, f"site {self.name} is not ready")
         elif request.dest == self.site_id:
-            self._nursery.start_soon(self._contained, self._egress, flow, request)
+            if (why := self._refuse_origin(request.origin)) is not None:
+                flow.refuse(Reason.NOT_AUTHORIZED, why)
+            else:
+                self._nursery.start_soon(self._contained, self._egress, flow, request)
         else:
             self._transit(link, flow, request)
 

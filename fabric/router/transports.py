@@ -182,8 +182,19 @@ def parse_proxy(text: str) -> Proxy:
 
 
 def hide_password(text: str) -> str:
-    """A proxy URL fit for logs and terminals: `http://user:***@host:port`."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", text)
+    """A proxy setting fit for logs and terminals: `http://user:***@host:port`.
+
+    Read as `parse_proxy` reads it (the credentials end at the last "@"), so
+    a password with "/", "@" or ":" in it, or a setting without a scheme, is
+    hidden as well.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    userinfo, at, hostport = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{hostport}"
 
 
 def proxy_for(address: Address, setting: str | None, environ: Mapping[str, str] = os.environ) -> Proxy | None:

@@ -44,7 +44,7 @@ from fabric.router.frames import (
 )
 from fabric.router.link import make_hello, read_frame
 from fabric.router.transports import Address, dial
-from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, _source_of
+from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, REFUSALS_LOG_INTERVAL, _source_of
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 2.0  # seconds; short, so held connections are freed within the test
@@ -70,8 +70,9 @@ class Arena:
     def address(self) -> Address:
         return Address("tls", "127.0.0.1", self.hub.link_port)
 
-    async def exchange(self) -> None:
-        await self.hash_server.exchange(self.port, upload=TRANSFER, download=TRANSFER)
+    async def exchange(self, port: int | None = None) -> None:
+        """One exchange through the edge's listener, or through listener `port` of another site."""
+        await self.hash_server.exchange(port or self.port, upload=TRANSFER, download=TRANSFER)
         self.exchanges += 1
 
     async def under_attack(self, attack):
@@ -301,6 +302,7 @@ async def ended_by_hub(arena: Arena, raw: RawLink, name: str, caplog) -> str:
 @pytest.fixture
 def caplog(caplog):
     caplog.set_level(logging.INFO, logger="fabric")
+    caplog.set_level(logging.DEBUG, logger="fabric.site")  # each failed handshake: warnings about them are throttled
     return caplog
 
 
@@ -427,6 +429,8 @@ async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_
     timed_out = held_to_the_deadline(caplog, held)
     assert MAX_PENDING_HANDSHAKES <= len(timed_out) < count / 2
     most_held_at_once(timed_out, MAX_PENDING_HANDSHAKES)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "handshake did not finish" in r.getMessage()]
+    assert 1 <= len(warned) <= (timed_out[-1] - timed_out[0]) / REFUSALS_LOG_INTERVAL + 1  # the rest at debug
     assert any(f"already pending (at most {MAX_PENDING_HANDSHAKES})" in r.getMessage() for r in caplog.records)
     assert not arena.hub._pending_handshakes  # every slot was given back
 
@@ -500,6 +504,106 @@ async def test_a_handshake_that_drips_or_stops_after_tls_is_cut_at_the_deadline(
     for what, seconds in lasted.items():
         assert HANDSHAKE_TIMEOUT * 0.8 <= seconds < HANDSHAKE_TIMEOUT + 10, (what, seconds)
     assert creds.site_id not in arena.hub.router.links
+
+
+# -- a flood of failed handshakes, and what the log makes of it ------------------------------------
+
+FLOOD_LOG_INTERVAL = 1.0  # seconds: REFUSALS_LOG_INTERVAL for the flood below, so that it spans a few
+HELD_BACK = re.compile(r" \((\d+) more like it since the last such line\)$")
+HANDSHAKE_EVENTS = ("link_refused", "handshake_lost", "handshake_timeout", "link_failed")
+
+
+def hello_frame(site_id: str, name: str) -> bytes:
+    return encode_frame(FrameType.HELLO, 0, encode_message(make_hello(site_id, name, "interior", 1, fabric.Settings(), 1)))
+
+
+async def test_thousands_of_failed_handshakes_on_both_link_ports_log_a_line_now_and_then_per_cause(
+    network, hash_server, tmp_path, tcp, caplog, monkeypatch
+):
+    """2,000 connections that fail their handshake three ways (not TLS on the link port, not a
+    WebSocket request on the WebSocket port, a HELLO without a certificate): each cause makes
+    a warning now and then, not one per connection, and the warnings count every one of them.
+    A revoked site that tries to link amid the flood is a cause of its own: its refusal is
+    logged as a warning at once, though another refusal of the same code was just logged."""
+    monkeypatch.setattr(fabric.site, "REFUSALS_LOG_INTERVAL", FLOOD_LOG_INTERVAL)
+    async with network.site("hub", link_port=0, ws_port=0, settings=SETTINGS) as hub, network.site("edge") as edge:
+        await network.link(edge, hub)
+        arena = Arena(network, hub, edge, hash_server, await network.expose(hub, edge, "bulk", hash_server.port), tmp_path)
+        turncoat = await redeem_raw(hub, await new_identity(tmp_path, "turncoat"), tmp_path)
+        await hub.revoke_link("turncoat")
+        anonymous = pki.client_context(hub.identity.ca_cert_pem)  # trusts the hub, has no certificate
+
+        async def not_tls() -> None:
+            stream = await tcp.connect(hub.link_port)
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: fabric\r\n\r\n" + b"x" * 1000)
+                await tcp.read_until_end(stream)
+
+        async def not_websocket() -> None:
+            stream = await tcp.connect(hub.ws_port)
+            async with stream:
+                await stream.send_all(b"GET /index.html HTTP/1.1\r\nHost: fabric\r\n\r\n")
+                await tcp.read_until_end(stream)
+
+        async def anonymous_hello() -> None:
+            stream = await dial(arena.address, anonymous)
+            async with stream:
+                await stream.send_all(hello_frame("ab" * 16, "intruder"))
+                await tcp.read_until_end(stream)
+
+        kinds = {not_tls: 800, not_websocket: 800, anonymous_hello: 400}
+        first_anonymous_refused = trio.Event()
+        made = 0
+
+        async def flood() -> None:
+            nonlocal made
+            limit = trio.CapacityLimiter(8)  # under the per-source slots: each one fails its handshake
+
+            async def one(kind) -> None:
+                nonlocal made
+                async with limit:
+                    await kind()
+                    made += 1
+                    if kind is anonymous_hello:
+                        first_anonymous_refused.set()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(max(kinds.values())):
+                    for kind, count in kinds.items():
+                        if i < count:
+                            nursery.start_soon(one, kind)
+
+        async def revoked_site_tries_to_link() -> tuple:
+            await first_anonymous_refused.wait()  # its warning was logged just now: same code, another cause
+            return await RawLink.open(arena.address, turncoat)
+
+        answer = []
+
+        async def attack() -> float:
+            started = trio.current_time()
+
+            async def revoked() -> None:
+                answer.append(await revoked_site_tries_to_link())
+
+            await concurrently(flood, revoked)
+            return trio.current_time() - started
+
+        took = await arena.under_attack(attack)
+        await trio.sleep(FLOOD_LOG_INTERVAL)  # the interval must pass: the next line of each cause counts the rest
+        for kind in kinds:
+            await kind()
+            made += 1
+
+    code, text = answer[0]
+    assert code == Reason.NOT_AUTHORIZED and "revoked" in text
+    records = [r for r in caplog.records if r.name == "fabric.site" and getattr(r, "event", None) in HANDSHAKE_EVENTS]
+    revoked = [r for r in records if f"the certificate of site {turncoat.site_id[:8]} was revoked" in r.getMessage()]
+    assert len(revoked) == 1 and revoked[0].levelno == logging.WARNING
+    lines = [r for r in records if r.levelno >= logging.INFO and r not in revoked]
+    assert sum(1 + int(m[1]) if (m := HELD_BACK.search(r.getMessage())) else 1 for r in lines) == made == 2003
+    causes = len(kinds)
+    assert len(lines) <= causes * (took // FLOOD_LOG_INTERVAL + 2), [r.getMessage() for r in lines]
+    assert len([r for r in records if r.levelno == logging.DEBUG]) == made - len(lines)  # each one, at debug
 
 
 # -- a certified peer that breaks the protocol ---------------------------------------------------
@@ -736,3 +840,79 @@ async def test_a_revoked_certificate_is_dropped_and_refused_from_then_on(arena):
     code, text = again
     assert code == Reason.NOT_AUTHORIZED and "revoked" in text
     assert creds.site_id not in arena.hub.router.links
+
+
+# -- a revoked site that tries to come back ------------------------------------------------------
+
+
+async def test_a_revoked_site_cannot_redeem_again_with_a_spare_use_or_a_new_token(arena):
+    """The site redeemed a token of two uses; once revoked it redeems the spare use, then a new
+    token: both refused, by its key. The spare use is refused to a new identity too (the revoked
+    site knows the token's secret), and all of it holds in the hub's grants on disk."""
+    hub = arena.hub
+    spare = await hub.issue_token(redemptions_allowed=2, expiration_window=60)
+    async with arena.network.site("turncoat") as turncoat:
+
+        async def attack():
+            with trio.fail_after(ATTACK_DEADLINE):
+                await turncoat.redeem_token(spare)
+                await hub.wait_linked(turncoat.site_id)
+                assert await hub.revoke_link("turncoat") == 1
+                await hub.wait_linked(turncoat.site_id, up=False)
+                await turncoat.delete_link("hub")  # as a user would, to redeem again
+                refusals = []
+                for token in (spare, await hub.issue_token()):
+                    with pytest.raises(fabric.TokenError) as refused:
+                        await turncoat.redeem_token(token)
+                    refusals.append(str(refused.value))
+                return refusals
+
+        refusals = await arena.under_attack(attack)
+        who = f"site turncoat ({turncoat.site_id[:8]}) was revoked by site hub"
+        assert refusals == [f"site hub refused the token: {who}; the token is not spent"] * 2
+        assert turncoat.config.links == () and turncoat.site_id not in hub.router.links
+
+    async with arena.network.site("newcomer") as newcomer:  # a new key, with the old token's secret
+        with trio.fail_after(ATTACK_DEADLINE), pytest.raises(fabric.TokenSpentError, match="token withdrawn"):
+            await newcomer.redeem_token(spare)
+    grants = pki.load_grants(hub._grants_path)
+    assert pki.revoked_sites(grants) == {turncoat.site_id: "turncoat"}
+    assert grants[spare.token_id].withdrawn and grants[spare.token_id].redemptions_used == 1
+
+
+async def test_a_revoked_site_reaching_the_hub_through_another_site_is_refused_at_the_hub(arena, tcp, caplog):
+    """The site links to the hub and to a relay linked to the hub. Revoked at the hub, its flows
+    to the hub's connector go through the relay, and the hub refuses them by their origin; the
+    relay's own flows to the same connector, and everyone else's, go on."""
+    hub, network = arena.hub, arena.network
+    async with network.site("relay", link_port=0) as relay, network.site("turncoat") as turncoat:
+        await network.link(relay, hub)
+        await network.link(turncoat, hub)
+        await network.link(turncoat, relay)
+        relay_port = (await relay.create_listener("bulk", 0)).port
+        turncoat_port = (await turncoat.create_listener("bulk", 0)).port
+        with trio.fail_after(ATTACK_DEADLINE):
+            await relay.wait_reachable("bulk")
+            await turncoat.wait_reachable("bulk")
+        await arena.exchange(turncoat_port)  # before the revocation, it gets through
+
+        async def attack():
+            await hub.revoke_link("turncoat")
+            await turncoat.wait_linked(hub.site_id, up=False)
+            await turncoat.wait_reachable("bulk")  # the hub again, through the relay
+            assert [h.peer for h in turncoat.router.routes[hub.site_id].next_hops] == [relay.site_id]
+            with pytest.raises(fabric.FlowRefused, match="revoked site turncoat") as refused:
+                async with turncoat.router.connect("bulk"):
+                    pass
+            client = await trio.open_tcp_stream("127.0.0.1", turncoat_port)  # as its users see it
+            async with client:
+                received, _ = await tcp.read_until_end(client)
+            await arena.exchange(relay_port)
+            return refused.value, received
+
+        refused, received = await arena.under_attack(attack)
+        assert refused.code == Reason.NOT_AUTHORIZED and received == 0
+        refusals = [r for r in caplog.records if r.getMessage().startswith("flow from site turncoat refused")]
+        assert refusals and refusals[0].levelno == logging.WARNING
+        assert len(refusals) <= 2  # one line per interval, not one per flow
+

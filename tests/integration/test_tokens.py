@@ -103,3 +103,18 @@ async def test_a_second_link_between_two_sites_is_refused_at_redemption(network)
             with pytest.raises(fabric.TokenError, match="edge already links to site hub; one link carries traffic both ways"):
                 await hub.redeem_token(await edge.issue_token())
             assert hub.config.links == ()
+
+
+async def test_a_revocation_outlives_a_restart_of_the_issuer(network):
+    """Revoked, then the issuer restarts: a new token for the site is refused all the same."""
+    async with network.site("edge") as edge:
+        with trio.fail_after(DEADLINE):
+            async with network.site("hub", link_port=0) as hub:
+                await network.link(edge, hub)
+                await hub.revoke_link("edge")
+                await edge.wait_linked(hub.site_id, up=False)
+            async with network.site("hub") as hub:  # the same directory: a restart
+                await edge.delete_link("hub")
+                with pytest.raises(fabric.TokenError, match=f"site edge \\({edge.site_id[:8]}\\) was revoked by site hub"):
+                    await edge.redeem_token(await hub.issue_token())
+                assert_unlinked(edge)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import stat
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from cli_support import fabric, free_port, ok, running
+from cli_support import as_json, fabric, free_port, ok, running
 
 pytestmark = pytest.mark.system
 
@@ -79,3 +81,47 @@ def test_a_dump_of_a_stopped_site(tmp_path: Path):
     assert json.loads(files["status.json"])["running"] is False
     assert files["logs.txt"] == b""
     assert_nothing_secret(files, secrets_of(site, token))
+
+
+@pytest.mark.parametrize(
+    "password, meant",
+    [
+        ("S3cret-proxy-pw", "S3cret-proxy-pw"),
+        ("S3cr/et@pw:x", "S3cr/et@pw:x"),  # "/", "@" and ":" unquoted: the credentials end at the last "@"
+        ("S3cr%40et%2Fpw", "S3cr@et/pw"),  # %-quoted, as a URL has it
+    ],
+)
+def test_a_dump_never_holds_the_password_of_a_links_proxy_and_is_0600(tmp_path: Path, password: str, meant: str):
+    """The edge's link to the hub goes through a proxy with a password (nothing listens there, so
+    every dial fails and the log talks about the proxy). The password is in site.yaml; the dump
+    of the edge shows it as *** in every file, holds no private key, and is 0600 even where a
+    0644 file was before."""
+    hub, edge = tmp_path / "hub", tmp_path / "edge"
+    ok(fabric(hub, "site", "create", "hub", "--link-access", "--link-port", "0"))
+    ok(fabric(edge, "site", "create", "edge"))
+    proxy = f"http://alice:{password}@127.0.0.1:{free_port()}"
+    token = tmp_path / "hub.token"
+    with running(hub):
+        ok(fabric(hub, "token", "issue", str(token)))
+        ok(fabric(edge, "token", "redeem", str(token)))  # the edge is stopped: the link comes up when it starts
+    said = ok(fabric(edge, "link", "update", "hub", "--proxy", proxy))
+    assert "alice:***@" in said and password not in said and meant not in said
+    assert password in (edge / "site.yaml").read_text()  # where a dump would find it
+    dump = tmp_path / "edge.tar.gz"
+    dump.write_bytes(b"an older file, world-readable")
+    dump.chmod(0o644)
+    with running(edge):
+        deadline = time.monotonic() + 30
+        while not (links := as_json(fabric(edge, "link", "status", "-o", "json"))["links"])[0].get("error"):
+            assert time.monotonic() < deadline, f"the link through the proxy did not fail: {links}"
+            time.sleep(0.2)
+        out = ok(fabric(edge, "debug", "dump", str(dump)))
+    assert password not in out and meant not in out
+    assert stat.S_IMODE(dump.stat().st_mode) == 0o600
+
+    files = members(dump)
+    assert {"site.yaml", "config.json", "status.json", "logs.txt"} <= set(files)
+    assert_nothing_secret(files, secrets_of(edge) + [password.encode(), meant.encode()])
+    assert yaml.safe_load(files["site.yaml"])["links"][0]["proxy"].startswith("http://alice:***@127.0.0.1:")
+    assert json.loads(files["config.json"])["links"][0]["proxy"].startswith("http://alice:***@127.0.0.1:")
+    assert b"alice:***@" in files["logs.txt"]  # the log speaks of the proxy, without its password

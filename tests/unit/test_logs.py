@@ -61,3 +61,13 @@ def test_text_lines_name_the_site_in_brackets():
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="text, json"):
         logs.stream_handler(io.StringIO(), "xml")
+
+
+def test_a_throttle_lets_one_line_a_cause_through_per_interval_and_counts_the_rest():
+    throttle = logs.Throttle(10.0)
+    seen = [
+        (throttle.admit(cause, now), cause, now)
+        for cause, now in [("a", 0.0), ("a", 1.0), ("b", 1.5), ("a", 9.9), ("a", 10.0), ("a", 12.0), ("a", 25.0)]
+    ]
+    assert [admitted for admitted, _, _ in seen] == [0, None, 0, None, 2, None, 1]  # b has a line of its own
+    assert logs.held_back(0) == "" and logs.held_back(2) == " (2 more like it since the last such line)"

@@ -8,9 +8,11 @@ import json
 import os
 import ssl
 import stat
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -528,6 +530,50 @@ def test_loads_untrusted_says_why(issuer: pki.Identity, change: dict[str, Any], 
         pki.Token.loads_untrusted(yaml.safe_dump(document))
 
 
+def alias_bomb(depth: int = 8) -> str:
+    """A token-shaped document of ~300 bytes whose `version`, built, would be 9 ** depth strings."""
+    names = "abcdefghij"[:depth]
+    lines = ["kind: fabric-token", f"{names[0]}: &{names[0]} [x,x,x,x,x,x,x,x,x]"]
+    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip(names, names[1:])]
+    return "\n".join([*lines, f"version: *{names[-1]}"]) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    bomb = alias_bomb()
+    assert len(bomb) < 400
+    path = tmp_path / "bomb.token"
+    path.write_text(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenFormatError, match="^not a fabric token: it uses a YAML anchor"):
+            pki.Token.loads_untrusted(bomb)
+        with pytest.raises(TokenFormatError, match="bomb.token is not a fabric token: it uses a YAML anchor"):
+            pki.Token.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # bytes; built, the document takes hundreds of megabytes
+
+
+@pytest.mark.parametrize(
+    "old, new, why",
+    [
+        ("kind: fabric-token", "kind: &k fabric-token", "a YAML anchor"),
+        ("kind: fabric-token", "kind: *k", "a YAML alias"),  # refused before it is found undefined
+        ("kind: fabric-token", "kind: !!str fabric-token", "a YAML tag"),
+        ("kind: fabric-token", "kind: ! fabric-token", "a YAML tag"),
+        ("kind: fabric-token", "kind: !!python/object:os.system {}", "a YAML tag"),
+    ],
+)
+def test_loads_untrusted_refuses_anchors_aliases_and_tags(issuer: pki.Identity, old: str, new: str, why: str) -> None:
+    """A token never has them: refused even in a token that is otherwise valid."""
+    token, _ = pki.new_token(issuer, ["tls://127.0.0.1:4433"], now=0.0)
+    text = token.dumps()
+    assert old in text and pki.Token.loads_untrusted(text) == token
+    with pytest.raises(TokenFormatError, match=f"^not a fabric token: it uses {why}"):
+        pki.Token.loads_untrusted(text.replace(old, new))
+
+
 def test_loads_untrusted_refuses_a_leaf_cert_as_ca(issuer: pki.Identity) -> None:
     document = valid_document(issuer)
     document["ca_pem"] = issuer.cert_pem.decode("ascii")
@@ -622,6 +668,9 @@ def spend_all(grants: dict[str, pki.TokenGrant], token: pki.Token, times: int, n
         ("expired", TokenExpiredError, "token expired at 2026-11-21 12:00:00 UTC"),
         ("spent and expired", TokenExpiredError, "token expired at 2026-11-21 12:00:00 UTC"),
         ("spent", TokenSpentError, "token already redeemed: it allowed 2 redemption(s) and all are used"),
+        ("withdrawn", TokenSpentError, "token withdrawn: a site that redeemed it was revoked; ask for a new token"),
+        ("withdrawn and expired", TokenExpiredError, "token expired at 2026-11-21 12:00:00 UTC"),
+        ("withdrawn, wrong secret", TokenForgedError, "token secret does not match: the token is forged or damaged"),
     ],
 )
 def test_spend_grant_refusals(
@@ -635,6 +684,8 @@ def test_spend_grant_refusals(
         secret = token.secret[:-1] + ("A" if token.secret[-1] != "A" else "B")
     if "spent" in case:
         spend_all(grants, token, 2, now)
+    if "withdrawn" in case:
+        grants[token.token_id] = attrs.evolve(grants[token.token_id], withdrawn=True)
     if "expired" in case:
         now = EXPIRES
     before = dict(grants)
@@ -704,6 +755,20 @@ def test_grants_round_trip(alpha: pki.Identity, tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["grants.json"]
 
 
+def test_grants_keep_revocations_and_withdrawals(alpha: pki.Identity, beta: pki.Identity, tmp_path: Path) -> None:
+    token, grant = pki.new_token(alpha, ["tls://h:1"], now=1.5, redemptions_allowed=3)
+    issued = (
+        pki.IssuedCert(serial=7, site_id=beta.site_id, name="beta", revoked=True),
+        pki.IssuedCert(serial=8, site_id=alpha.site_id, name="other"),
+    )
+    grants = {token.token_id: attrs.evolve(grant, issued=issued, redemptions_used=2, withdrawn=True)}
+    path = tmp_path / "grants.json"
+    pki.save_grants(path, grants)
+    loaded = pki.load_grants(path)
+    assert loaded == grants
+    assert pki.revoked_sites(loaded) == {beta.site_id: "beta"}
+
+
 def test_missing_grants_file_is_no_grants(tmp_path: Path) -> None:
     assert pki.load_grants(tmp_path / "nothing.json") == {}
 
@@ -739,6 +804,7 @@ def good_grant_document(alpha: pki.Identity) -> dict[str, Any]:
         lambda d: json.dumps({**d, "grants": [{**d["grants"][0], "secret_sha256": "00"}]}).encode(),
         lambda d: json.dumps({**d, "grants": d["grants"] * 2}).encode(),
         lambda d: json.dumps({**d, "grants": "all of them"}).encode(),
+        lambda d: json.dumps({**d, "grants": [{**d["grants"][0], "withdrawn": "yes"}]}).encode(),
     ],
 )
 def test_corrupt_grants_file(alpha: pki.Identity, tmp_path: Path, damage: Any) -> None:

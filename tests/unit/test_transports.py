@@ -62,6 +62,22 @@ def test_parse_proxy_reads_credentials_and_never_prints_the_password() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "hidden", "password"),
+    [
+        ("http://alice:s3cret@proxy:1", "http://alice:***@proxy:1", "s3cret"),
+        ("http://alice:se/cr@t:x@proxy:1/", "http://alice:***@proxy:1/", "se/cr@t:x"),  # "/", "@", ":" unquoted
+        ("alice:s3cret@proxy:1", "alice:***@proxy:1", "s3cret"),  # no scheme: curl's convention, as parse_proxy
+        ("http://alice:@proxy:1", "http://alice:***@proxy:1", ""),
+        ("http://alice@proxy:1", "http://alice@proxy:1", ""),  # a user, no password
+        ("http://proxy:3128", "http://proxy:3128", None),
+    ],
+)
+def test_hide_password_hides_what_parse_proxy_reads_as_the_password(text: str, hidden: str, password) -> None:
+    assert transports.hide_password(text) == hidden
+    assert parse_proxy(text).password == password
+
+
+@pytest.mark.parametrize(
     ("text", "why"),
     [
         ("https://proxy:3128", "only http:// proxies"),
