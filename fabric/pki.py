@@ -57,6 +57,7 @@ __all__ = [
     "TokenGrant",
     "cert_serial",
     "cert_site_id",
+    "csr_site_id",
     "client_context",
     "create_identity",
     "load_grants",
@@ -276,6 +277,15 @@ def sign_csr(identity: Identity, csr_pem: bytes, *, now: dt.datetime | None = No
     ca_cert = x509.load_pem_x509_certificate(identity.ca_cert_pem)
     cert = _issue_site_cert(identity._ca_key, ca_cert, public_key, name, _utc(now))
     return cert.public_bytes(serialization.Encoding.PEM), cert.serial_number
+
+
+def csr_site_id(csr_pem: bytes) -> str:
+    """The site id of the key a redeemer's request asks to certify: who it is, before anything is signed.
+
+    `csr_pem` is untrusted: raises `TokenError` as `sign_csr` does.
+    """
+    public_key, _ = _check_csr_untrusted(csr_pem)
+    return site_id_of(public_key)
 
 
 def cert_site_id(cert_der: bytes) -> str:

@@ -476,12 +476,12 @@ class Site:
         request = decode_message_untrusted(payload, Redeem)
         try:
             self._check_modes(request.mode, request.name)
-            cert_pem, serial = pki.sign_csr(self.identity, request.csr_pem.encode())
-            peer_id = pki.cert_site_id(pki.pem_to_der(cert_pem))
+            peer_id = pki.csr_site_id(request.csr_pem.encode())
             if (revoked := self._revoked_sites.get(peer_id)) is not None:
                 # Known by its key, whatever token it brings and whatever name it gives now.
                 raise LinkError(f"site {revoked} ({peer_id[:8]}) was revoked by site {self.name}", code=Reason.NOT_AUTHORIZED)
             grant = pki.spend_grant(self._grants, request.token_id, request.secret, now=time.time())
+            cert_pem, serial = pki.sign_csr(self.identity, request.csr_pem.encode())
         except (LinkError, TokenError) as exc:
             if isinstance(exc, LinkError):
                 code, why = exc.code or Reason.PROTOCOL, f"{exc}; the token is not spent"
