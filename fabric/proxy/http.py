@@ -15,8 +15,10 @@ the target keeps its connections.
 Bodies stream both ways under flow control (nothing is buffered whole);
 chunked bodies are re-framed, HEAD and 1xx (`Expect: 100-continue`) pass
 through, and an `Upgrade` (WebSocket) answered with 101 turns the connection
-into a plain tunnel. The listener adds X-Forwarded-For, X-Forwarded-Proto,
-Forwarded and Via, and drops hop-by-hop headers (RFC 9110, 7.6.1).
+into a plain tunnel. The listener adds X-Forwarded-For, Forwarded and Via,
+sets X-Forwarded-Proto to `http` (what it takes: a client's own value would
+tell the target it came over TLS), and drops hop-by-hop headers (RFC 9110,
+7.6.1).
 
 Failures become answers: 503 when no reachable site offers the key, 502
 when the providers' targets refuse or fail before answering (a request that
@@ -557,8 +559,7 @@ class HttpListener(TcpListener):
         else:
             ip, forwarded = client.forwarding
             get = seen.get
-            lines.append(self._forwarding_lines(ip, get(b"x-forwarded-for"), get(b"x-forwarded-proto", b"http"),
-                                                forwarded, get(b"forwarded"), get(b"via")))
+            lines.append(self._forwarding_lines(ip, get(b"x-forwarded-for"), forwarded, get(b"forwarded"), get(b"via")))
         if head.version == b"1.0" and not any(len(name) == 4 and name.lower() == b"host" for name, _ in head.headers):
             # Without a Host, HTTP/1.1 is malformed (a target answers 400): it goes on as it came, in HTTP/1.0.
             return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), lines)
@@ -568,17 +569,19 @@ class HttpListener(TcpListener):
         """The forwarding lines of a request that came with none: the same four for each of a client's requests."""
         if client.forwarding_lines is None:
             ip, forwarded = client.forwarding
-            client.forwarding_lines = self._forwarding_lines(ip, None, b"http", forwarded, None)
+            client.forwarding_lines = self._forwarding_lines(ip, None, forwarded, None)
         return client.forwarding_lines
 
     def _forwarding_lines(
-        self, ip: bytes, prior_for: bytes | None, proto: bytes, forwarded: bytes, prior_forwarded: bytes | None,
+        self, ip: bytes, prior_for: bytes | None, forwarded: bytes, prior_forwarded: bytes | None,
         prior_via: bytes | None = None,
     ) -> bytes:
-        """X-Forwarded-For, X-Forwarded-Proto, Forwarded and Via as they go on: what came, extended by this hop."""
+        """X-Forwarded-For, X-Forwarded-Proto, Forwarded and Via as they go on: what came, extended by this hop;
+        but the protocol is the one the client spoke here, plain HTTP, whatever it claims (a client's own
+        `X-Forwarded-Proto: https` would tell the target that it came over TLS)."""
         return b"\r\n".join((
             b"x-forwarded-for: " + (prior_for + b", " + ip if prior_for else ip),
-            b"x-forwarded-proto: " + proto,
+            b"x-forwarded-proto: http",
             b"forwarded: " + (prior_forwarded + b", " + forwarded if prior_forwarded else forwarded),
             b"via: " + (prior_via + b", " + self._via if prior_via else self._via),
         ))
