@@ -15,8 +15,23 @@ the target keeps its connections.
 Bodies stream both ways under flow control (nothing is buffered whole);
 chunked bodies are re-framed, HEAD and 1xx (`Expect: 100-continue`) pass
 through, and an `Upgrade` (WebSocket) answered with 101 turns the connection
-into a plain tunnel. The listener adds X-Forwarded-For, X-Forwarded-Proto,
-Forwarded and Via, and drops hop-by-hop headers (RFC 9110, 7.6.1).
+into a plain tunnel. The listener adds X-Forwarded-For, Forwarded and Via,
+sets X-Forwarded-Proto to `http` (what it takes: a client's own value would
+tell the target it came over TLS), and drops hop-by-hop headers (RFC 9110,
+7.6.1).
+
+A client holds a connection, and a descriptor, only while it uses it
+(Settings.http_*): a request's head must come whole within the header
+timeout of its first byte (of the accept, for a connection's first
+request), else it is answered 408 and the connection closes (closed
+unanswered, if nothing came); a keep-alive connection with no request
+begun for the idle timeout is closed; and at the connection cap
+a new client closes the connection that has waited longest, idle or in a
+head, or is turned away (503) when every one has a request in progress.
+One task per listener keeps those timers (`_sweep`), so a request pays
+for them with a few stores and no timer of its own; what it cut is
+counted (`HttpStats`) and said in the log at most once per
+LIMITS_LOG_INTERVAL, never a line per connection.
 
 Failures become answers: 503 when no reachable site offers the key, 502
 when the providers' targets refuse or fail before answering (a request that
@@ -46,12 +61,15 @@ import collections
 import http
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 
 import attrs
 import trio
 
+from .. import logs
 from ..errors import FlowError
 from ..router.frames import Reason
 from ..router.relay import End, SocketEnd, relay
@@ -83,6 +101,7 @@ CHUNK = 64 * 1024  # bytes per read from a client or a flow, and of answer bytes
 IDLE_FLOWS = 128  # idle flows kept per provider by one listener: enough for as many clients at once
 IDLE_TIMEOUT = 30.0  # seconds an idle flow is kept (targets close theirs after 60-75 s)
 LINGER = 1.0  # seconds to drain a client's unread bytes after the last answer, before closing
+LIMITS_LOG_INTERVAL = 10.0  # seconds: at most one line per listener this often about connections cut or refused
 # Methods a request may be repeated with (RFC 9110, 9.2.2) when its first
 # try failed before an answer began and before any body byte was sent.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -105,6 +124,14 @@ _FLUSH = "flush"  # the bytes gathered written to the client, before going on
 _DONE = "done"  # the answer is whole (its last bytes wait to be written)
 _SWITCHED = "switched"  # 101: the connection is a tunnel from now on
 _SOCKET_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError)
+# Where a client's connection stands, for its timers and the cap (HttpListener._sweep, _evict).
+_FRESH = "fresh"  # accepted, nothing read: its first head is due within the header timeout of the accept
+_HEAD = "head"  # part of a request's head read: the rest is due within the header timeout of its first byte
+_IDLE = "idle"  # between requests: the next is due to begin within the idle timeout
+_BUSY = "busy"  # a request in progress, its answer not done: no timer, never evicted
+_EVICTED = "evicted"  # closed to make room for a new connection
+# Connections cut or turned away, as HttpStats counts them.
+_CUT_KINDS = ("header_timeouts", "idle_closed", "evicted", "refused")
 # The clock for latencies and idle times: paid several times per request, and trio.current_time()
 # costs three Python calls on top of this one.
 _now = time.perf_counter
@@ -124,6 +151,11 @@ class HttpStats:
     latency_ms: dict[str, int] = attrs.Factory(dict)  # "<=N" (N in LATENCY_BUCKETS_MS) or ">10000": requests
     p50_ms: float | None = None  # from the buckets: an upper bound
     p99_ms: float | None = None
+    # Client connections cut or turned away, so that slow or idle ones cannot hold every descriptor:
+    header_timeouts: int = 0  # no whole request head within http_header_timeout (answered 408 if one began)
+    idle_closed: int = 0  # no request begun within http_idle_timeout
+    evicted: int = 0  # closed at http_max_connections for a new one: waiting the longest, idle or in a head
+    refused: int = 0  # turned away at http_max_connections (503): every connection had a request in progress
 
 
 class _Metrics:
@@ -156,7 +188,7 @@ class _Metrics:
                 return float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else math.inf
         return math.inf
 
-    def snapshot(self) -> HttpStats:
+    def snapshot(self, cuts: dict[str, int]) -> HttpStats:
         names = [f"<={b}" for b in LATENCY_BUCKETS_MS] + [f">{LATENCY_BUCKETS_MS[-1]}"]
         return HttpStats(
             requests=self.requests,
@@ -169,7 +201,47 @@ class _Metrics:
             latency_ms={name: n for name, n in zip(names, self.buckets) if n},
             p50_ms=self._quantile(0.5),
             p99_ms=self._quantile(0.99),
+            **cuts,
         )
+
+
+class _Cuts:
+    """Client connections a listener cut or turned away: counted for its stats, and said in the log with
+    the counts since the last such line, at most once per LIMITS_LOG_INTERVAL: an attack of thousands of
+    connections makes a line or two, not one per connection."""
+
+    def __init__(self, listener: str, routing_key: str, phrases: dict[str, str]) -> None:
+        self.total = dict.fromkeys(_CUT_KINDS, 0)
+        self._unsaid = dict.fromkeys(_CUT_KINDS, 0)
+        self._pending = False  # some counted are not said yet
+        self._said_at = -math.inf
+        self._listener = listener
+        self._routing_key = routing_key
+        self._phrases = phrases  # kind -> what happened to that many connections
+
+    def count(self, kind: str) -> None:
+        self.total[kind] += 1
+        self._unsaid[kind] += 1
+        self._pending = True
+        if _now() - self._said_at >= LIMITS_LOG_INTERVAL:
+            self.say()
+
+    def due(self) -> float:
+        """When the counts not said yet may be (_now()); inf when there are none."""
+        return self._said_at + LIMITS_LOG_INTERVAL if self._pending else math.inf
+
+    def say(self) -> None:
+        """One line with the counts since the last: a warning, unless only idle connections were closed (routine)."""
+        unsaid = self._unsaid
+        parts = "; ".join(f"{n} {self._phrases[kind]}" for kind, n in unsaid.items() if n)
+        quiet = unsaid["idle_closed"] == sum(unsaid.values())
+        (log.debug if quiet else log.warning)(
+            "listener %s: client connections cut since the last such line: %s", self._listener, parts,
+            extra=logs.event("http_connections_cut", reason=parts, routing_key=self._routing_key),
+        )
+        self._unsaid = dict.fromkeys(_CUT_KINDS, 0)
+        self._pending = False
+        self._said_at = _now()
 
 
 class _Broken(Exception):
@@ -191,7 +263,7 @@ class _Client:
 
     __slots__ = (
         "end", "reader", "out", "out_bytes", "started", "answering", "forwarding", "forwarding_lines", "exchange",
-        "interrupt", "keep",
+        "interrupt", "keep", "state", "since", "timer",
     )
 
     def __init__(self, stream: trio.SocketStream, ip: str) -> None:
@@ -204,6 +276,9 @@ class _Client:
         self.exchange: _Exchange | None = None  # the request whose answer a flow's sink is writing (_answer_in_sink)
         self.interrupt = trio.CancelScope()  # what that sink cancels to give the answer back to the client's task
         self.keep = True  # the last answer a sink wrote leaves the connection open
+        self.state = _FRESH  # for its timers and the cap: _FRESH, _HEAD, _IDLE, _BUSY or _EVICTED
+        self.since = _now()  # when it began to wait in that state (not _BUSY)
+        self.timer = trio.CancelScope()  # what `HttpListener._sweep` cancels when its wait has lasted too long
         address = ip.encode()
         node = b'"[' + address + b']"' if b":" in address else address
         self.forwarding = (address, b"for=" + node + b";proto=http")  # its parts of X-Forwarded-For, Forwarded
@@ -385,15 +460,48 @@ class HttpListener(TcpListener):
         self._pool = _Pool(router.release)
         self._via = f"1.1 {router.name}".encode()
         self._via_line = b"via: " + self._via
+        settings = router.settings
+        self._header_timeout = settings.http_header_timeout
+        self._idle_timeout = settings.http_idle_timeout
+        self._max_connections = settings.http_max_connections
+        self._clients: set[_Client] = set()  # the open connections that hold a place under the cap
+        self._arrived = trio.Event()  # set when a connection comes while none is open (`_sweep` waits for it)
+        cap = self._max_connections
+        self._cuts = _Cuts(config.name, config.routing_key, {
+            "header_timeouts": f"sent no whole request head within {self._header_timeout:g} s (408)",
+            "idle_closed": f"closed after {self._idle_timeout:g} s idle",
+            "evicted": f"evicted at the cap of {cap} connections (the one idle or in a head the longest)",
+            "refused": f"refused at the cap of {cap} connections, every one busy (503)",
+        })
+        self._timeout_answer = self._own_answer(408, f"no whole request head within {self._header_timeout:g} s")
+        self._full_answer = self._own_answer(503, f"listener {config.name} holds {cap} connections, all busy")
 
     def stats(self) -> HttpStats:
-        return self._metrics.snapshot()
+        return self._metrics.snapshot(self._cuts.total)
+
+    async def run(self, *, task_status: trio.TaskStatus[TcpListener] = trio.TASK_STATUS_IGNORED) -> None:
+        """TcpListener.run, with the task that keeps the clients' timers (`_sweep`) beside it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sweep)
+                try:
+                    await super().run(task_status=task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None  # (a port in use is the caller's FabricError, not a group)
+            raise
 
     async def aclose(self) -> None:
         await super().aclose()
         self._pool.close()
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        clients = self._clients
+        if len(clients) >= self._max_connections and not self._evict():
+            await self._refuse(stream)
+            return
         try:
             peer = stream.socket.getpeername()
         except OSError:
@@ -401,36 +509,49 @@ class HttpListener(TcpListener):
         ip = peer[0] if isinstance(peer, tuple) else "unknown"  # (a unix socket's peer is a path, often "")
         self.connections += 1
         client = _Client(stream, ip)
+        if not clients:
+            self._arrived.set()
+        clients.add(client)
         clean = False
         try:
-            while True:
-                with client.interrupt:
-                    await self._requests(client)
-                    break
-                # A flow's sink wrote an answer after which the connection closes, or gave back the
-                # one it was writing: the client's task finishes that one.
-                client.interrupt = trio.CancelScope()
-                if client.exchange is None:
-                    break
-                exchange, upstream = client.exchange, client.exchange.upstream
-                client.exchange = exchange.upstream = None
-                if not await self._counted(client, exchange, upstream):
-                    break
-            clean = True
+            with client.timer:
+                while True:
+                    with client.interrupt:
+                        await self._requests(client)
+                        break
+                    # A flow's sink wrote an answer after which the connection closes, or gave back the
+                    # one it was writing: the client's task finishes that one.
+                    client.interrupt = trio.CancelScope()
+                    if client.exchange is None:
+                        break
+                    exchange, upstream = client.exchange, client.exchange.upstream
+                    client.exchange = exchange.upstream = None
+                    if not await self._counted(client, exchange, upstream):
+                        break
+                clean = True
+            if client.timer.cancelled_caught:  # its wait lasted too long (`_sweep`)
+                if client.state is _HEAD:
+                    client.end.send_nowait(self._timeout_answer)  # (the socket takes it: nothing else is waiting)
+                clean = client.state is not _BUSY  # (busy: a request began as the timer ran out, and is lost)
+            client.timer.cancel()  # closing: no timer runs for it any more
         except _Broken as exc:
-            log.debug("listener %s: client %s: %s", self.config.name, ip, exc)
+            if client.state is not _EVICTED:
+                log.debug("listener %s: client %s: %s", self.config.name, ip, exc)
         except Exception:
             log.exception("listener %s: connection from %s failed", self.config.name, ip)
         finally:
             self.connections -= 1
             if client.exchange is not None:
                 self._abandon(client)
-            if stream.socket.fileno() == -1:
-                pass  # a tunnel closed it already
-            elif clean:
-                await _close_gracefully(stream)
-            else:
-                client.end.abort(Reason.UNSPECIFIED, "connection ended")
+            try:
+                if stream.socket.fileno() == -1:
+                    pass  # a tunnel closed it already, or it was evicted
+                elif clean:
+                    await _close_gracefully(stream)
+                else:
+                    client.end.abort(Reason.UNSPECIFIED, "connection ended")
+            finally:
+                clients.discard(client)  # (only now: while it lingers, it still holds a descriptor)
 
     async def _requests(self, client: _Client) -> None:
         """Serve the client's requests, one after the other, until the connection may carry no more.
@@ -441,6 +562,8 @@ class HttpListener(TcpListener):
         reader = client.reader
         metrics = self._metrics
         while True:
+            if client.state is _BUSY and client.exchange is None:  # its last answer is done (a sink's says so itself)
+                client.state, client.since = _IDLE, _now()
             message = None  # a plain request that came whole in one read (Reader.whole): no events
             while not reader.has_events():
                 if reader.eof:
@@ -451,6 +574,12 @@ class HttpListener(TcpListener):
                 if message is not None:
                     break
                 reader.receive_data_untrusted(data)
+                state = client.state
+                if state is _IDLE or state is _FRESH:  # a head begun (its timer runs from the accept for the first)
+                    client.state = _HEAD
+                    if state is _IDLE:
+                        client.since = _now()
+            client.state = _BUSY
             if client.exchange is not None:
                 await self._settle(client)
             if not client.keep:
@@ -557,8 +686,7 @@ class HttpListener(TcpListener):
         else:
             ip, forwarded = client.forwarding
             get = seen.get
-            lines.append(self._forwarding_lines(ip, get(b"x-forwarded-for"), get(b"x-forwarded-proto", b"http"),
-                                                forwarded, get(b"forwarded"), get(b"via")))
+            lines.append(self._forwarding_lines(ip, get(b"x-forwarded-for"), forwarded, get(b"forwarded"), get(b"via")))
         if head.version == b"1.0" and not any(len(name) == 4 and name.lower() == b"host" for name, _ in head.headers):
             # Without a Host, HTTP/1.1 is malformed (a target answers 400): it goes on as it came, in HTTP/1.0.
             return write_head(b"%s %s HTTP/1.0" % (head.method, head.target), lines)
@@ -568,17 +696,19 @@ class HttpListener(TcpListener):
         """The forwarding lines of a request that came with none: the same four for each of a client's requests."""
         if client.forwarding_lines is None:
             ip, forwarded = client.forwarding
-            client.forwarding_lines = self._forwarding_lines(ip, None, b"http", forwarded, None)
+            client.forwarding_lines = self._forwarding_lines(ip, None, forwarded, None)
         return client.forwarding_lines
 
     def _forwarding_lines(
-        self, ip: bytes, prior_for: bytes | None, proto: bytes, forwarded: bytes, prior_forwarded: bytes | None,
+        self, ip: bytes, prior_for: bytes | None, forwarded: bytes, prior_forwarded: bytes | None,
         prior_via: bytes | None = None,
     ) -> bytes:
-        """X-Forwarded-For, X-Forwarded-Proto, Forwarded and Via as they go on: what came, extended by this hop."""
+        """X-Forwarded-For, X-Forwarded-Proto, Forwarded and Via as they go on: what came, extended by this hop;
+        but the protocol is the one the client spoke here, plain HTTP, whatever it claims (a client's own
+        `X-Forwarded-Proto: https` would tell the target that it came over TLS)."""
         return b"\r\n".join((
             b"x-forwarded-for: " + (prior_for + b", " + ip if prior_for else ip),
-            b"x-forwarded-proto: " + proto,
+            b"x-forwarded-proto: http",
             b"forwarded: " + (prior_forwarded + b", " + forwarded if prior_forwarded else forwarded),
             b"via: " + (prior_via + b", " + self._via if prior_via else self._via),
         ))
@@ -801,6 +931,8 @@ class HttpListener(TcpListener):
                     exchange.done.set()
                 elif not client.keep:
                     client.interrupt.cancel()  # the client's task waits for a request that must not come
+                else:
+                    client.state, client.since = _IDLE, _now()  # (the client's task waits for the next request)
             elif step is not _MORE or not client.flush_nowait():
                 give_back()
             return len(data)
@@ -931,6 +1063,14 @@ class HttpListener(TcpListener):
         (log.info if status >= 500 else log.debug)("listener %s: %d %s", self.config.name, status, text)
         if client.answering:
             raise _Broken(f"cannot answer {status} mid-response: {text}")
+        self._metrics.answered(status, client.started)
+        client.answering = True
+        client.out.append(self._own_answer(status, text))
+        await client.flush()
+        return False
+
+    def _own_answer(self, status: int, text: str) -> bytes:
+        """The bytes of a short answer of the listener's own, after which the connection closes."""
         body = f"{status} {text}\n".encode()
         lines = [
             b"content-type: text/plain; charset=utf-8",
@@ -938,9 +1078,66 @@ class HttpListener(TcpListener):
             b"connection: close",
             self._via_line,
         ]
-        self._metrics.answered(status, client.started)
-        client.answering = True
-        client.out.append(write_head(b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()), lines))
-        client.out.append(body)
-        await client.flush()
-        return False
+        return write_head(b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()), lines) + body
+
+    # -- what a client may hold: timers and the connection cap ---------------------------------------
+
+    async def _sweep(self) -> None:
+        """Close the connections that waited too long: a head not whole within the header timeout of its
+        first byte (or of the accept), or no request begun within the idle timeout of the last answer.
+
+        One task for all of a listener's clients, which wakes when the first of their timers is due, or
+        when counts are due in the log: a request pays a few stores for its timers, not a timer's
+        upkeep. A timer that starts after a pass runs out no sooner than the shorter timeout after
+        it, so sleeping at most that long misses none.
+        """
+        header, idle = self._header_timeout, self._idle_timeout
+        cuts = self._cuts
+        while True:
+            now = _now()
+            if cuts.due() <= now:
+                cuts.say()
+            wake = min(now + min(header, idle), cuts.due())
+            for client in self._clients:
+                state = client.state
+                if state is _BUSY or client.timer.cancel_called:  # (cancelled: cut, or closing)
+                    continue
+                due = client.since + (idle if state is _IDLE else header)
+                if due <= now:
+                    client.timer.cancel()  # its task answers 408 if a head began, and closes
+                    cuts.count("idle_closed" if state is _IDLE else "header_timeouts")
+                elif due < wake:
+                    wake = due
+            if self._clients or cuts.due() < math.inf:
+                await trio.sleep(wake - now)
+            else:
+                await self._arrived.wait()
+                self._arrived = trio.Event()
+
+    def _evict(self) -> bool:
+        """Make room under the cap: close at once the connection that has waited longest, idle or in a
+        head (never one with a request in progress); False if every one has a request in progress."""
+        victim = None
+        oldest = math.inf
+        for client in self._clients:
+            if client.state is not _BUSY and client.since < oldest:
+                victim, oldest = client, client.since
+        if victim is None:
+            return False
+        self._clients.discard(victim)
+        victim.state = _EVICTED
+        victim.end.abort(Reason.UNSPECIFIED, "evicted")  # (its descriptor goes now; its task then ends)
+        self._cuts.count("evicted")
+        return True
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Turn a connection away at once: a 503 (taken by the socket now, or never) and closed."""
+        self._cuts.count("refused")
+        sock = stream.socket
+        try:
+            os.write(sock.fileno(), self._full_answer)
+            sock.shutdown(socket.SHUT_WR)
+            os.read(sock.fileno(), MAX_HEAD)  # what came of a request: unread, closing would reset the answer
+        except OSError:
+            pass  # (BlockingIOError: nothing came yet)
+        await trio.aclose_forcefully(stream)

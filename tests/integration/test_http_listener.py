@@ -7,17 +7,29 @@ these tests hold the cases where it must give the answer back, or where
 the client's task must learn that it is done: whatever path an answer
 took, the client gets it whole or sees the connection broken, and the
 listener's counts and the router's outstanding flows come back to rest.
+
+The last tests hold what a client may keep (Settings.http_*), short here:
+a head not whole in time is answered 408, an idle keep-alive connection is
+closed, and at the cap a new client evicts the one that has waited
+longest, or is refused (503) when every one has a request in progress; a
+request in progress is never cut, however long its answer takes.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
 import socket
 from contextlib import asynccontextmanager
 
 import trio
 
+from fabric.config import Settings
+
 DEADLINE = 20  # seconds for a test that waits on the network
+SHORT = 0.5  # seconds: the header or idle timeout under test
+SLACK = 0.5  # seconds a timer may fire late on a loaded machine
 MiB = 1024 * 1024
 BIG = random.Random(7).randbytes(8 * MiB)
 
@@ -66,10 +78,12 @@ async def target(stream: trio.SocketStream, release: trio.Event) -> None:
 
 
 @asynccontextmanager
-async def http_pair(network, start_server, release: trio.Event):
-    """Sites hub (connector "web", protocol http, to `target`) and edge (an HTTP listener): edge and its port."""
+async def http_pair(network, start_server, release: trio.Event, settings: Settings | None = None):
+    """Sites hub (connector "web", protocol http, to `target`) and edge (an HTTP listener, with `settings`
+    if given): edge and its port."""
     port = await start_server(lambda stream: target(stream, release))
-    async with network.site("hub", link_port=0) as hub, network.site("edge") as edge:
+    options = {} if settings is None else {"settings": settings}
+    async with network.site("hub", link_port=0) as hub, network.site("edge", **options) as edge:
         with trio.fail_after(DEADLINE):
             await network.link(edge, hub)
             await hub.create_connector("web", port, host="127.0.0.1", protocol="http")
@@ -223,3 +237,166 @@ async def test_a_malformed_answer_and_an_answer_that_closes_the_connection(netwo
                 assert body is None or received.endswith(b"\r\n\r\n" + body), received
             stats = await at_rest(edge)
             assert (stats.requests, stats.statuses, stats.errors) == (2, {"2xx": 1, "5xx": 1}, 0)
+
+
+async def until_closed(stream: trio.SocketStream) -> tuple[bytes, float]:
+    """What the listener sends until it closes the connection, and when it closed it (a reset counts as a close)."""
+    received = b""
+    try:
+        while data := await stream.receive_some(65536):
+            received += data
+    except trio.BrokenResourceError:
+        pass
+    return received, trio.current_time()
+
+
+async def listener_stats(edge, **wanted: int):
+    """The listener's stats once the counts named are as `wanted` (the listener has no event for them)."""
+    while True:
+        (listener,) = edge.status().listeners
+        if all(getattr(listener.http, name) == n for name, n in wanted.items()):
+            return listener.http
+        await trio.sleep(0.01)
+
+
+async def slowloris(stream: trio.SocketStream, started: float, *, dribble: bool = True) -> tuple[bytes, float]:
+    """The start of a head, then a line of it now and then, never the blank line that ends it (nothing at all
+    if not `dribble`): what the listener sent until it closed the connection, and when, counted from `started`."""
+
+    async def send() -> None:
+        try:
+            await stream.send_all(b"GET /small HTTP/1.1\r\nHost: web\r\n")
+            while True:
+                await trio.sleep(SHORT / 5)
+                await stream.send_all(b"X-Dribble: 1\r\n")
+        except trio.BrokenResourceError:
+            pass  # cut
+
+    async with trio.open_nursery() as nursery:
+        if dribble:
+            nursery.start_soon(send)
+        received, closed = await until_closed(stream)
+        nursery.cancel_scope.cancel()
+    return received, closed - started
+
+
+async def test_a_head_not_whole_within_the_header_timeout_is_answered_408_and_closed(network, start_server):
+    """Slowloris: a head dribbled a line at a time is cut SHORT s after its first byte (of the accept, for
+    a connection's first head), with a 408; a connection that sends nothing is closed, unanswered. A
+    request whose answer takes longer than that is not cut."""
+    release = trio.Event()
+    settings = Settings(http_header_timeout=SHORT, http_idle_timeout=30.0)
+    async with http_pair(network, start_server, release, settings) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            results: list[tuple[bytes, float]] = []
+
+            async def client(stream: trio.SocketStream | None, *, dribble: bool = True) -> None:
+                started = trio.current_time()
+                stream = stream or await trio.open_tcp_stream("127.0.0.1", port)
+                results.append(await slowloris(stream, started, dribble=dribble))
+
+            kept = await trio.open_tcp_stream("127.0.0.1", port)
+            await kept.send_all(get(b"/small"))
+            assert (await answer(kept, bytearray()))[1] == b"small"
+            slow_answer = await trio.open_tcp_stream("127.0.0.1", port)
+            await slow_answer.send_all(get(b"/wait"))
+            await trio.sleep(SHORT / 2)  # (less than the timeout: a head after it is timed from its own first byte)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client, kept)  # a second head on a keep-alive connection
+                nursery.start_soon(client, None)  # a connection's first head
+                nursery.start_soon(functools.partial(client, None, dribble=False))
+                await trio.sleep(2 * SHORT)
+                release.set()  # an answer that took 2.5 times the header timeout
+                assert (await answer(slow_answer, bytearray()))[1] == b"late"
+            assert all(SHORT <= after <= SHORT + SLACK for _, after in results), results
+            answers = sorted(received.split(b"\r\n")[0] for received, _ in results)
+            assert answers == [b"", b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 408 Request Timeout"], results
+            assert all(b"\r\nconnection: close\r\n" in received for received, _ in results if received)
+            await slow_answer.send_all(get(b"/small"))  # (still open)
+            assert (await answer(slow_answer, bytearray()))[1] == b"small"
+            stats = await listener_stats(edge, header_timeouts=3)
+            assert (stats.idle_closed, stats.evicted, stats.refused, stats.statuses) == (0, 0, 0, {"2xx": 3}), stats
+
+
+async def test_a_keep_alive_connection_left_idle_is_closed_quietly(network, start_server):
+    """A connection with no request begun for the idle timeout is closed with nothing said; one whose
+    requests come more often than that stays open however long it lasts."""
+    settings = Settings(http_header_timeout=30.0, http_idle_timeout=SHORT)
+    async with http_pair(network, start_server, trio.Event(), settings) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            buffer = bytearray()
+            await idle.send_all(get(b"/small"))
+            assert (await answer(idle, buffer))[1] == b"small"
+            answered = trio.current_time()
+            closing = []
+
+            async def watch() -> None:
+                closing.append(await until_closed(idle))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                for _ in range(4):  # 4 x SHORT / 2: longer than the idle timeout in all
+                    await busy.send_all(get(b"/small"))
+                    assert (await answer(busy, bytearray()))[1] == b"small"
+                    await trio.sleep(SHORT / 2)
+            ((received, closed),) = closing
+            assert received == b"" and SHORT <= closed - answered <= SHORT + SLACK, (received, closed - answered)
+            await busy.send_all(get(b"/small"))
+            assert (await answer(busy, bytearray()))[1] == b"small"
+            stats = await listener_stats(edge, idle_closed=1)
+            assert (stats.header_timeouts, stats.evicted, stats.refused) == (0, 0, 0), stats
+
+
+async def test_at_the_cap_a_new_client_evicts_the_longest_waiting_or_is_refused_when_all_are_busy(
+    network, start_server, caplog
+):
+    """http_max_connections 4. All four with a request in progress: a fifth client gets 503 at once, and
+    the four their answers. Three in a head and one idle: a new client's request closes the one that has
+    waited longest (the first head), and is served; the others carry on. The log says so in one line."""
+    caplog.set_level(logging.DEBUG, "fabric.proxy.http")
+    release = trio.Event()
+    settings = Settings(http_max_connections=4, http_header_timeout=30.0, http_idle_timeout=30.0)
+    async with http_pair(network, start_server, release, settings) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            busy = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
+            for stream in busy:
+                await stream.send_all(get(b"/wait"))
+            while edge.status().listeners[0].http.active < 4:
+                await trio.sleep(0.01)  # (the listener has no event for it)
+            refused = await trio.open_tcp_stream("127.0.0.1", port)
+            await refused.send_all(get(b"/small"))
+            received, _ = await until_closed(refused)
+            assert received.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), received
+            assert b"\r\nconnection: close\r\n" in received and b"holds 4 connections, all busy" in received
+            release.set()
+            for stream in busy:
+                assert (await answer(stream, bytearray()))[1] == b"late"
+                await stream.aclose()
+            while edge.status().listeners[0].connections:
+                await trio.sleep(0.01)
+
+            heads = []
+            for i in range(3):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"GET /small HTTP/1.1\r\nHost: web\r\n")
+                heads.append(stream)
+                while edge.status().listeners[0].connections < i + 1:
+                    await trio.sleep(0.01)  # accepted in this order: the first has waited longest
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            await idle.send_all(get(b"/small"))
+            assert (await answer(idle, bytearray()))[1] == b"small"
+            new = await trio.open_tcp_stream("127.0.0.1", port)
+            await new.send_all(get(b"/small"))
+            assert (await answer(new, bytearray()))[1] == b"small"
+            received, _ = await until_closed(heads[0])
+            assert received == b"", received
+            for stream in (*heads[1:], idle):
+                await stream.send_all(b"\r\n" if stream is not idle else get(b"/small"))
+                assert (await answer(stream, bytearray()))[1] == b"small"
+            stats = await listener_stats(edge, evicted=1, refused=1)
+            assert (stats.header_timeouts, stats.idle_closed, stats.statuses) == (0, 0, {"2xx": 9}), stats
+    lines = [r.getMessage() for r in caplog.records if "client connections cut" in r.getMessage()]
+    # The first cut is said at once; the eviction after it waits for the next line, LIMITS_LOG_INTERVAL later.
+    assert len(lines) == 1 and "1 refused at the cap of 4 connections" in lines[0], lines

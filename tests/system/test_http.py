@@ -8,7 +8,8 @@ curl and wrk are processes. What is held (issue 7):
 - bodies stream both ways, chunked or not, a gigabyte each way in bounded
   memory; Expect: 100-continue, HEAD and Upgrade (WebSocket) pass;
 - failures are HTTP answers (503, 502, 400, 431) and the listener goes on;
-- forwarding headers are added, hop-by-hop ones dropped; requests counted.
+- forwarding headers are added (X-Forwarded-Proto set to http, whatever the
+  client claims), hop-by-hop ones dropped; requests counted.
 """
 
 from __future__ import annotations
@@ -280,14 +281,14 @@ async def test_forwarding_headers_are_added_and_hop_by_hop_ones_dropped(network,
         async with serving(network, [port]) as (a, listen, _):
             got = await run(
                 "curl", "-sf", "-H", "Connection: keep-alive, X-Secret", "-H", "X-Secret: 1", "-H", "Keep-Alive: 5",
-                "-H", "X-Forwarded-For: 10.1.2.3", f"http://127.0.0.1:{listen}/headers",
+                "-H", "X-Forwarded-For: 10.1.2.3", "-H", "X-Forwarded-Proto: https", f"http://127.0.0.1:{listen}/headers",
             )
             headers = {}
             for line in got.stdout.decode().splitlines():
                 name, _, value = line.partition(": ")
                 headers[name.lower()] = value
             assert headers["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
-            assert headers["x-forwarded-proto"] == "http"
+            assert headers["x-forwarded-proto"] == "http"  # (what the client spoke here, not what it claimed)
             assert headers["forwarded"] == "for=127.0.0.1;proto=http"
             assert headers["via"] == "1.1 a"
             assert "x-secret" not in headers and "keep-alive" not in headers
@@ -399,7 +400,7 @@ EXCHANGES = [
     (b"GET /0 HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Length: 5\r\n\r\nhello"),
     (b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody",
      b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\n\r\nabc"),
-    (b"GET /2 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.9\r\nVia: 1.0 c\r\n\r\n",
+    (b"GET /2 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\nVia: 1.0 c\r\n\r\n",
      b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
     (b"HEAD /3 HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
     (b"DELETE /4 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
@@ -485,6 +486,7 @@ async def test_plain_messages_read_whole_are_forwarded_as_the_events_would_forwa
     assert answers[0].startswith(b"HTTP/1.1 200 OK\r\nServer: t\r\n") and answers[0].endswith(b"\r\n\r\nhello")
     assert answers[-1].endswith(b"connection: close\r\n\r\nbusy")
     assert b"\r\nx-forwarded-for: 10.0.0.9, 127.0.0.1\r\n" in requests[2]
+    assert b"\r\nx-forwarded-proto: http\r\n" in requests[2] and b"https" not in requests[2]  # (plain HTTP here)
     assert requests[1].endswith(b"\r\n\r\nbody")
     assert once == (8, {"GET": 4, "POST": 1, "HEAD": 1, "DELETE": 1, "PUT": 1}, {"2xx": 6, "4xx": 1, "5xx": 1}, 0, 6, 21)
     assert twice == (16, {k: 2 * v for k, v in once[1].items()}, {k: 2 * v for k, v in once[2].items()}, 0, 12, 42)

@@ -405,6 +405,7 @@ class _FakeRouter:
     """What an HTTP listener asks of its router, with one provider whose flows are `_FakeTarget`s."""
 
     name = "fuzz"
+    settings = Settings()
 
     def __init__(self) -> None:
         import collections
