@@ -46,6 +46,12 @@ def event(name: str, *, peer: Any = None, reason: Any = None, routing_key: str |
     return fields
 
 
+# Seconds: at most one line per cause this often about what outsiders can make
+# happen at will (failed handshakes, cut connections, refused keys); what is
+# held back in between is counted and said with the next line.
+LINE_INTERVAL = 10.0
+
+
 class Throttle:
     """At most one line per `interval` seconds for each cause; the ones held back in between are counted.
 

@@ -79,7 +79,6 @@ MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the li
 # link port cannot take every slot: the other sites still link meanwhile.
 # Behind a reverse proxy every WebSocket link comes from the proxy's address.
 MAX_PENDING_PER_SOURCE = 16
-REFUSALS_LOG_INTERVAL = 10.0  # seconds: at most one line per this long for each cause of refused connections
 REDEEM_TIMEOUT = 10.0  # seconds for a whole redemption, dial included
 _UNSET = object()
 _TOKEN_ERRORS = {
@@ -89,7 +88,6 @@ _TOKEN_ERRORS = {
 }
 # Refusals of a link that no redial can change, with what the user can do.
 _LISTENERS = {"tcp": TcpListener, "http": HttpListener}  # listener class by protocol
-SYNC_LOG_INTERVAL = 10.0  # seconds: at most one line per cause per this long about keys service sync refused
 
 
 def _source_of(tcp: trio.SocketStream) -> str:
@@ -276,7 +274,7 @@ class Site:
         self._grants_lock = trio.Lock()
         self._server_context = pki.server_context(identity)
         self._pending_handshakes: collections.Counter[str] = collections.Counter()  # source -> how many
-        self._refusals_log = logs.Throttle(REFUSALS_LOG_INTERVAL)  # what strangers can make fail at will, by cause
+        self._refusals_log = logs.Throttle(logs.LINE_INTERVAL)  # what strangers can make fail at will, by cause
         self._listeners: dict[str, TcpListener] = {}
         self._listener_errors: dict[str, str] = {}
         self._synced: dict[str, TcpListener] = {}  # service sync: routing key -> its listener here
@@ -433,7 +431,7 @@ class Site:
     def _handshake_failed(
         self, cause: tuple, level: int, message: str, where: str, why: object, event: str, *, exc_info: bool = False
     ) -> None:
-        """Log a failed handshake: the first of its cause in REFUSALS_LOG_INTERVAL at `level`, saying how
+        """Log a failed handshake: the first of its cause in logs.LINE_INTERVAL at `level`, saying how
         many were held back before it, the others at debug. Strangers can fail handshakes at will."""
         held = self._refusals_log.admit(cause, trio.current_time())
         log.log(
@@ -937,7 +935,7 @@ class Site:
                     wait.start_soon(on, changed.wait)
                     wait.start_soon(on, self._sync_wanted_again.wait)
                     if self._sync_unlogged:
-                        due = min(self._sync_logged_at[cause] for cause in self._sync_unlogged) + SYNC_LOG_INTERVAL
+                        due = min(self._sync_logged_at[cause] for cause in self._sync_unlogged) + logs.LINE_INTERVAL
                         wait.start_soon(on, functools.partial(trio.sleep_until, due))
 
     def _sync_refused(self, plan: SyncPlan) -> None:
@@ -960,7 +958,7 @@ class Site:
             self._listener_state_changed()
         now = trio.current_time()
         for cause, (count, key, why) in sorted(self._sync_unlogged.items()):
-            if cause not in self._sync_logged_at or now - self._sync_logged_at[cause] >= SYNC_LOG_INTERVAL:
+            if cause not in self._sync_logged_at or now - self._sync_logged_at[cause] >= logs.LINE_INTERVAL:
                 log.warning(
                     "service sync: %d routing key(s) not listened for since the last such line, such as %r: %s",
                     count, key, why, extra=logs.event("sync_refused", reason=why, routing_key=key),

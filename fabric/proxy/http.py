@@ -31,7 +31,7 @@ head, or is turned away (503) when every one has a request in progress.
 One task per listener keeps those timers (`_sweep`), so a request pays
 for them with a few stores and no timer of its own; what it cut is
 counted (`HttpStats`) and said in the log at most once per
-LIMITS_LOG_INTERVAL, never a line per connection.
+logs.LINE_INTERVAL, never a line per connection.
 
 Failures become answers: 503 when no reachable site offers the key, 502
 when the providers' targets refuse or fail before answering (a request that
@@ -101,7 +101,6 @@ CHUNK = 64 * 1024  # bytes per read from a client or a flow, and of answer bytes
 IDLE_FLOWS = 128  # idle flows kept per provider by one listener: enough for as many clients at once
 IDLE_TIMEOUT = 30.0  # seconds an idle flow is kept (targets close theirs after 60-75 s)
 LINGER = 1.0  # seconds to drain a client's unread bytes after the last answer, before closing
-LIMITS_LOG_INTERVAL = 10.0  # seconds: at most one line per listener this often about connections cut or refused
 # Methods a request may be repeated with (RFC 9110, 9.2.2) when its first
 # try failed before an answer began and before any body byte was sent.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -207,7 +206,7 @@ class _Metrics:
 
 class _Cuts:
     """Client connections a listener cut or turned away: counted for its stats, and said in the log with
-    the counts since the last such line, at most once per LIMITS_LOG_INTERVAL: an attack of thousands of
+    the counts since the last such line, at most once per logs.LINE_INTERVAL: an attack of thousands of
     connections makes a line or two, not one per connection."""
 
     def __init__(self, listener: str, routing_key: str, phrases: dict[str, str]) -> None:
@@ -223,12 +222,12 @@ class _Cuts:
         self.total[kind] += 1
         self._unsaid[kind] += 1
         self._pending = True
-        if _now() - self._said_at >= LIMITS_LOG_INTERVAL:
+        if _now() - self._said_at >= logs.LINE_INTERVAL:
             self.say()
 
     def due(self) -> float:
         """When the counts not said yet may be (_now()); inf when there are none."""
-        return self._said_at + LIMITS_LOG_INTERVAL if self._pending else math.inf
+        return self._said_at + logs.LINE_INTERVAL if self._pending else math.inf
 
     def say(self) -> None:
         """One line with the counts since the last: a warning, unless only idle connections were closed (routine)."""

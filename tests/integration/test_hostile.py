@@ -44,7 +44,8 @@ from fabric.router.frames import (
 )
 from fabric.router.link import make_hello, read_frame
 from fabric.router.transports import Address, dial
-from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, REFUSALS_LOG_INTERVAL, _source_of
+from fabric.logs import LINE_INTERVAL
+from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, _source_of
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 2.0  # seconds; short, so held connections are freed within the test
@@ -430,7 +431,7 @@ async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_
     assert MAX_PENDING_HANDSHAKES <= len(timed_out) < count / 2
     most_held_at_once(timed_out, MAX_PENDING_HANDSHAKES)
     warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "handshake did not finish" in r.getMessage()]
-    assert 1 <= len(warned) <= (timed_out[-1] - timed_out[0]) / REFUSALS_LOG_INTERVAL + 1  # the rest at debug
+    assert 1 <= len(warned) <= (timed_out[-1] - timed_out[0]) / LINE_INTERVAL + 1  # the rest at debug
     assert any(f"already pending (at most {MAX_PENDING_HANDSHAKES})" in r.getMessage() for r in caplog.records)
     assert not arena.hub._pending_handshakes  # every slot was given back
 
@@ -508,7 +509,7 @@ async def test_a_handshake_that_drips_or_stops_after_tls_is_cut_at_the_deadline(
 
 # -- a flood of failed handshakes, and what the log makes of it ------------------------------------
 
-FLOOD_LOG_INTERVAL = 1.0  # seconds: REFUSALS_LOG_INTERVAL for the flood below, so that it spans a few
+FLOOD_LOG_INTERVAL = 1.0  # seconds: logs.LINE_INTERVAL for the flood below, so that it spans a few
 HELD_BACK = re.compile(r" \((\d+) more like it since the last such line\)$")
 HANDSHAKE_EVENTS = ("link_refused", "handshake_lost", "handshake_timeout", "link_failed")
 
@@ -525,7 +526,7 @@ async def test_thousands_of_failed_handshakes_on_both_link_ports_log_a_line_now_
     a warning now and then, not one per connection, and the warnings count every one of them.
     A revoked site that tries to link amid the flood is a cause of its own: its refusal is
     logged as a warning at once, though another refusal of the same code was just logged."""
-    monkeypatch.setattr(fabric.site, "REFUSALS_LOG_INTERVAL", FLOOD_LOG_INTERVAL)
+    monkeypatch.setattr(fabric.logs, "LINE_INTERVAL", FLOOD_LOG_INTERVAL)
     async with network.site("hub", link_port=0, ws_port=0, settings=SETTINGS) as hub, network.site("edge") as edge:
         await network.link(edge, hub)
         arena = Arena(network, hub, edge, hash_server, await network.expose(hub, edge, "bulk", hash_server.port), tmp_path)
@@ -556,7 +557,6 @@ async def test_thousands_of_failed_handshakes_on_both_link_ports_log_a_line_now_
         made = 0
 
         async def flood() -> None:
-            nonlocal made
             limit = trio.CapacityLimiter(8)  # under the per-source slots: each one fails its handshake
 
             async def one(kind) -> None:

@@ -398,5 +398,5 @@ async def test_at_the_cap_a_new_client_evicts_the_longest_waiting_or_is_refused_
             stats = await listener_stats(edge, evicted=1, refused=1)
             assert (stats.header_timeouts, stats.idle_closed, stats.statuses) == (0, 0, {"2xx": 9}), stats
     lines = [r.getMessage() for r in caplog.records if "client connections cut" in r.getMessage()]
-    # The first cut is said at once; the eviction after it waits for the next line, LIMITS_LOG_INTERVAL later.
+    # The first cut is said at once; the eviction after it waits for the next line, logs.LINE_INTERVAL later.
     assert len(lines) == 1 and "1 refused at the cap of 4 connections" in lines[0], lines

@@ -14,7 +14,7 @@ the attack; no slow client holds its connection past the header timeout:
 the ones the cap cannot hold are evicted at once, the others are answered
 408 when their time is up; `site status` counts them; the log has no
 EMFILE and says all that in two lines (the first cut at once, the rest in
-one line LIMITS_LOG_INTERVAL later) with the counts status shows.
+one line logs.LINE_INTERVAL later) with the counts status shows.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ LATE = 2.0  # seconds a cut may come after the header timeout, seen from a clien
 LOAD_INTERVAL = 0.05  # seconds between curl's requests
 CURL_DEADLINE = 5  # seconds for one of curl's requests (--max-time); ~10 ms on loopback
 SERVED_WITHIN = 1.0  # seconds: the slowest of curl's requests during the attack
-LOG_INTERVAL = 10.0  # seconds between the log's lines about cut connections (http.LIMITS_LOG_INTERVAL)
+LOG_INTERVAL = 10.0  # seconds between the log's lines about cut connections (logs.LINE_INTERVAL)
 LOG_LINES = 20  # most lines in the site's whole log, at debug level: a start, a listener, a connector, two cut lines
 DEADLINE = 120  # seconds for the whole test; it takes ~20 s
 LOOK_INTERVAL = 0.02  # seconds between looks at the site's descriptors (another process: no event)
