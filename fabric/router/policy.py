@@ -63,8 +63,10 @@ def check_unambiguous(entries: Iterable[str], names: Mapping[str, str]) -> None:
             raise ValueError(ambiguity(entry, index[entry]))
 
 
-def notes(policy: Iterable[str], names: Mapping[str, str]) -> tuple[str, ...]:
+def notes(policy: tuple[str, ...], names: Mapping[str, str]) -> tuple[str, ...]:
     """What status says about a policy's entries that admit nobody now: ambiguous, or unknown."""
+    if not policy:
+        return ()
     index = by_name(names)
     said = []
     for entry in policy:
