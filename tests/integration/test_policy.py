@@ -155,22 +155,25 @@ async def test_an_http_listener_with_a_provider_policy_sends_every_request_to_th
     listener = await arena.a.create_listener("web", 0, protocol="http", providers=["honest"])
     bodies = []
 
+    async def receive(stream: trio.SocketStream, buffer: bytearray) -> None:
+        data = await stream.receive_some(65536)
+        assert data, "the listener closed the connection"
+        buffer += data
+
     async def client() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", listener.port)
         async with stream:
             buffer = bytearray()
             for _ in range(4):  # keep-alive: each request picks its provider anew
                 await stream.send_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-                while b"\r\n\r\n" not in buffer or len(buffer) < buffer.index(b"\r\n\r\n") + 4 + len(b"honest"):
-                    data = await stream.receive_some(65536)
-                    assert data, "the listener closed the connection"
-                    buffer += data
-                head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                while len(rest) < length:
-                    rest += await stream.receive_some(65536)
-                bodies.append(rest[:length])
-                buffer[:] = rest[length:]
+                while b"\r\n\r\n" not in buffer:
+                    await receive(stream, buffer)
+                end = buffer.index(b"\r\n\r\n") + 4
+                length = int(bytes(buffer[:end]).lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(buffer) < end + length:
+                    await receive(stream, buffer)
+                bodies.append(bytes(buffer[end : end + length]))
+                del buffer[: end + length]
 
     with trio.fail_after(DEADLINE):
         await in_turns(CLIENTS // 4, client)
