@@ -342,7 +342,25 @@ def _links_table(links: list[dict]) -> str:
         empty="none (see `fabric token --help`)",
     )
     notes = [(link["name"], _route_note(link)) for link in links] + [(link["name"], link.get("error")) for link in links]
+    notes += [(link["name"], _offers_note(link)) for link in links]
     return text + _notes(notes)
+
+
+def _offers_note(link: dict) -> str | None:
+    """The routing keys a linked site may offer through its link, and those of its offers ignored for that."""
+    if link.get("offers") is None:
+        return None
+    note = f"may offer only {', '.join(link['offers'])}" if link["offers"] else "may offer nothing"
+    if link.get("ignored"):
+        note += f"; ignored: {', '.join(link['ignored'])}"
+    return note
+
+
+def _policy_note(what: str, entries: list[str], notes: list[str]) -> str | None:
+    """A listener's or connector's access policy, and its entries that admit no site now."""
+    if not entries:
+        return None
+    return f"{what}: {', '.join(entries)}" + "".join(f"; {note}" for note in notes)
 
 
 def _listener_state(item: dict) -> str:
@@ -367,7 +385,13 @@ def _listeners_table(listeners: list[dict]) -> str:
     ]
     headers = ("NAME", "ROUTING KEY", "ADDRESS", "PROTOCOL", "CONNECTIONS", "STATE")
     text = _section("Listeners", headers, rows, empty="none")
-    text += _notes((item["name"], item.get("error")) for item in listeners)
+    text += _notes(
+        [(item["name"], item.get("error")) for item in listeners]
+        + [
+            (item["name"], _policy_note("providers", item.get("providers", []), item.get("policy_notes", [])))
+            for item in listeners
+        ]
+    )
     http = [item for item in listeners if item.get("http")]
     if http:
         text += "\n\n" + _http_table(http)
@@ -412,7 +436,27 @@ def _http_table(listeners: list[dict]) -> str:
 
 def _connectors_table(connectors: list[dict]) -> str:
     rows = [(item["name"], item["routing_key"], _address(item["host"], item.get("port"))) for item in connectors]
-    return _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
+    text = _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
+    notes = [
+        (item["name"], _policy_note("allowed sites", item.get("allow", []), item.get("policy_notes", [])))
+        for item in connectors
+    ]
+    notes += [
+        (item["name"], f"refused {item['refused']} flow(s) from sites not allowed, the latest from {item.get('refused_from')}")
+        for item in connectors
+        if item.get("refused")
+    ]
+    return text + _notes(notes)
+
+
+def _site_name(site: dict) -> str:
+    """A site's name, marked * when another known site carries it too (the ID column tells them apart)."""
+    return site["name"] + ("*" if site.get("name_shared") else "")
+
+
+def _lines(title: str, lines: list[str]) -> str:
+    """Notes under a table, with a title; nothing when there are none."""
+    return f"\n{title}:\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
 
 
 def _routes_table(sites: list[dict]) -> str:
@@ -462,7 +506,7 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
             ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "ROUTE CHANGES", "SERVICES"),
             [
                 (
-                    s["name"],
+                    _site_name(s),
                     _short_id(s.get("site_id")),
                     s["mode"],
                     s["reachable"],
@@ -474,7 +518,8 @@ def site_status_table(status: dict, config: dict | None = None) -> str:
                 for s in status.get("sites", [])
             ],
             empty="no other site known yet",
-        ),
+        )
+        + _lines("Names", status.get("notes", [])),
         "",
         _routes_table(status.get("sites", [])),
         "",
@@ -504,7 +549,7 @@ def network_status_table(network: dict) -> str:
             "Sites",
             ("NAME", "ID", "MODE", "REACHABLE", "COST", "SERVICES"),
             [
-                (s["name"], _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("services"))
+                (_site_name(s), _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("services"))
                 for s in sites
             ],
             empty="none known",
@@ -517,7 +562,8 @@ def network_status_table(network: dict) -> str:
             ("ROUTING KEY", "PROVIDERS", "LISTENERS HERE"),
             [(s["routing_key"], s.get("providers"), s.get("listeners")) for s in network.get("services", [])],
             empty="none (create a connector: `fabric connector create --help`)",
-        ),
+        )
+        + _lines("Notes", network.get("notes", [])),
     ]
     return "\n".join(parts)
 
@@ -823,9 +869,23 @@ def token() -> None:
     "wss://host:port/path (say, what a reverse proxy in front of --ws-port exposes). Repeat it to give "
     "several; they are tried in order.",
 )
+@click.option(
+    "--offer",
+    "offers",
+    multiple=True,
+    metavar="KEY",
+    help="A routing key the sites that redeem it may offer through their links here; their other services are "
+    "ignored here. Repeat it to allow several.  [default: any routing key]",
+)
 @pass_cli
 def token_issue(
-    cli: Cli, file: Path, redemptions_allowed: int, expiration_window: float, cost: int | None, link_urls: tuple[str, ...]
+    cli: Cli,
+    file: Path,
+    redemptions_allowed: int,
+    expiration_window: float,
+    cost: int | None,
+    link_urls: tuple[str, ...],
+    offers: tuple[str, ...],
 ) -> None:
     """Write a token FILE that lets other sites link to this one.
 
@@ -840,6 +900,8 @@ def token_issue(
       fabric token issue edge.token --link-url wss://hub.example.com/fabric
     """
     options: dict[str, Any] = {"link_urls": list(link_urls)} if link_urls else {}
+    if offers:
+        options["offers"] = list(offers)
     _, answer = cli.call(
         "issue_token", redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost, **options
     )
@@ -850,6 +912,8 @@ def token_issue(
         f"token written to {file}: {allowed} redemption{'s' if allowed != 1 else ''}, "
         f"valid for {format_duration(expiration_window)} (until {expires})"
     )
+    if offers:
+        _say(f"the sites that redeem it may offer only {', '.join(offers)} through their links here")
     _say(f"redeem it at the other site: fabric token redeem {file}")
 
 
@@ -948,23 +1012,40 @@ def link_status(cli: Cli, output: str) -> None:
 @click.argument("name")
 @click.option("--cost", type=click.IntRange(1, MAX_COST), default=None, help="New cost of the link (lower is preferred).")
 @click.option("--proxy", default=None, metavar="URL", help=PROXY_HELP + " `env`: back to the environment's.")
+@click.option(
+    "--offer",
+    "offers",
+    multiple=True,
+    metavar="KEY",
+    help="A routing key the linked site may offer through this link; its other services are ignored here. "
+    "Repeat it to allow several.",
+)
+@click.option("--any-offer", is_flag=True, help="The linked site may offer any routing key again (the default).")
 @pass_cli
-def link_update(cli: Cli, name: str, cost: int | None, proxy: str | None) -> None:
-    """Change the cost of link NAME, or how it gets out (--proxy).
+def link_update(
+    cli: Cli, name: str, cost: int | None, proxy: str | None, offers: tuple[str, ...], any_offer: bool
+) -> None:
+    """Change the cost of link NAME, how it gets out (--proxy), or what it may offer (--offer).
 
     NAME is a link this site made by redeeming a token. Routes prefer the
-    lowest total cost; a running site applies a cost at once, and a proxy
-    the next time it dials the link.
+    lowest total cost; a running site applies a cost and offers at once, and
+    a proxy the next time it dials the link.
     """
-    if cost is None and proxy is None:
-        raise click.UsageError("nothing to change: give --cost, --proxy or both")
+    if offers and any_offer:
+        raise click.UsageError("--offer and --any-offer contradict each other: give one")
+    if cost is None and proxy is None and not offers and not any_offer:
+        raise click.UsageError("nothing to change: give --cost, --proxy, --offer or --any-offer")
     args: dict[str, Any] = {"name": name}
     if cost is not None:
         args["cost"] = cost
     if proxy is not None:
         args["proxy"] = None if proxy == "env" else proxy
+    if offers or any_offer:
+        args["offers"] = list(offers) if offers else None
     running, _ = cli.call("update_link", **args)
     changes = ([f"cost {cost}"] if cost is not None else []) + ([f"proxy {hide_password(proxy)}"] if proxy is not None else [])
+    if offers or any_offer:
+        changes.append(f"offers {', '.join(offers)}" if offers else "offers any routing key")
     _say(f"link {name}: {', '.join(changes)}")
     _not_running_note(running)
 
@@ -1059,6 +1140,14 @@ def listener() -> None:
     help="How each connection picks a site that offers the key: balanced (nearer sites first, farther ones as "
     "the nearer carry more connections) or closest (only the nearest).",
 )
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    metavar="SITE",
+    help="A site this listener may carry clients to, by site id or name (a name that two known sites carry "
+    "names neither). Repeat it to allow several.  [default: any site that offers the routing key]",
+)
 @wait_options("a site offers the routing key", default=False)
 @pass_cli
 def listener_create(
@@ -1069,19 +1158,22 @@ def listener_create(
     host: str,
     protocol: str,
     distribution: str,
+    providers: tuple[str, ...],
     wait: bool,
     timeout: float,
 ) -> None:
     """Listen on HOST:PORT for clients of a routing key.
 
     Each client is carried to a connector for the routing key, at whichever
-    site offers it. PORT 0 picks a free port (printed). Clients that connect
-    while no site offers the routing key are refused. A site whose target
-    refuses a connection is avoided for a few seconds, and the client is
-    carried to another site instead.
+    site offers it (with --provider: only at those sites). PORT 0 picks a
+    free port (printed). Clients that connect while no such site offers the
+    routing key are refused. A site whose target refuses a connection is
+    avoided for a few seconds, and the client is carried to another site
+    instead.
     """
 
     async def body(site: Any) -> None:
+        options: dict[str, Any] = {"providers": list(providers)} if providers else {}
         made = await site.call(
             "create_listener",
             name=name,
@@ -1090,9 +1182,11 @@ def listener_create(
             routing_key=routing_key,
             distribution=distribution,
             protocol=protocol,
+            **options,
         )
         key = made.get("routing_key") or routing_key or name
-        _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}")
+        only = f" (providers: {', '.join(providers)})" if providers else ""
+        _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
         if not site.running:
             _say(NOT_RUNNING)
         elif wait:
@@ -1163,18 +1257,31 @@ def connector() -> None:
     show_default=True,
     help="What the service speaks: tcp, or http (then other sites' service sync listens for it with HTTP).",
 )
+@click.option(
+    "--allow",
+    multiple=True,
+    metavar="SITE",
+    help="A site whose clients may reach this connector, by site id or name (a name that two known sites "
+    "carry names neither). Repeat it to allow several; this site's own listeners always may.  [default: any site]",
+)
 @pass_cli
-def connector_create(cli: Cli, name: str, port: int, routing_key: str | None, host: str, protocol: str) -> None:
+def connector_create(
+    cli: Cli, name: str, port: int, routing_key: str | None, host: str, protocol: str, allow: tuple[str, ...]
+) -> None:
     """Offer HOST:PORT to every site of the network under a routing key.
 
     Each flow that arrives for the key is a new connection to HOST:PORT, made
-    when the flow arrives (the service need not be up now).
+    when the flow arrives (the service need not be up now). With --allow,
+    flows from other sites are refused (their clients' connections are
+    closed, and their site logs why).
     """
+    options: dict[str, Any] = {"allow": list(allow)} if allow else {}
     running, made = cli.call(
-        "create_connector", name=name, port=port, host=host, routing_key=routing_key, protocol=protocol
+        "create_connector", name=name, port=port, host=host, routing_key=routing_key, protocol=protocol, **options
     )
     key = made.get("routing_key") or routing_key or name
-    _say(f"connector {name} created: routing key {key} -> {_address(made.get('host', host), made.get('port', port))}")
+    only = f" (allowed sites: {', '.join(allow)})" if allow else ""
+    _say(f"connector {name} created: routing key {key} -> {_address(made.get('host', host), made.get('port', port))}{only}")
     _not_running_note(running)
 
 

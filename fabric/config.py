@@ -20,7 +20,7 @@ import yaml
 from cattrs.preconf.pyyaml import make_converter
 
 from .errors import ConfigError
-from .names import check_name
+from .names import brief, check_name
 from .pki import write_private_atomic
 from .strict import strict
 from .router.routes import BALANCED, DISTRIBUTIONS
@@ -126,6 +126,21 @@ def _proxy(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         parse_proxy(value)
 
 
+def _listed(value: Any) -> Any:
+    """A list given to the API, as the tuple the config holds (anything else is left to `_names`)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A list of names: site ids (which are names too), site names or routing keys. None passes."""
+    if value is None:
+        return
+    if not isinstance(value, tuple):
+        raise TypeError(f"{attribute.name} must be a list, not {brief(value)}")
+    for entry in value:
+        check_name(entry, f"{attribute.name} entry")
+
+
 @attrs.frozen
 class LinkConfig:
     """An outgoing link, made by redeeming a token of the peer."""
@@ -138,6 +153,9 @@ class LinkConfig:
     # How to get out: None, through the proxy the environment names (HTTPS_PROXY,
     # HTTP_PROXY, NO_PROXY); "none", directly; or "http://[user:password@]host:port".
     proxy: str | None = attrs.field(default=None, validator=_proxy)
+    # The routing keys the linked site may offer through this link; its
+    # services outside the list are ignored here. None: any key (open).
+    offers: tuple[str, ...] | None = attrs.field(default=None, converter=_listed, validator=_names)
 
 
 @attrs.frozen
@@ -151,6 +169,9 @@ class ListenerConfig:
     # flows plus cost: farther providers take flows as nearer ones fill) or
     # "closest" (only the lowest-cost providers).
     distribution: str = attrs.field(default=BALANCED, validator=attrs.validators.in_(DISTRIBUTIONS))
+    # The only sites its clients are carried to, by site id or name (see
+    # router/policy.py); empty: any site that offers the routing key.
+    providers: tuple[str, ...] = attrs.field(default=(), converter=_listed, validator=_names)
 
 
 @attrs.frozen
@@ -160,6 +181,9 @@ class ConnectorConfig:
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_CONNECTOR_HOST
     protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
+    # The only sites whose flows it takes, by site id or name (see
+    # router/policy.py); empty: any site. This site's own listeners always may.
+    allow: tuple[str, ...] = attrs.field(default=(), converter=_listed, validator=_names)
 
 
 @attrs.frozen
@@ -183,6 +207,17 @@ class SiteConfig:
 
 # A typo in site.yaml is an error, not ignored: an unknown key, or a value of the wrong type.
 _converter = strict(make_converter(forbid_extra_keys=True))
+_structure_names = _converter.get_structure_hook(tuple[str, ...])
+
+
+def _structure_list(value: Any, type_: Any) -> tuple[str, ...]:
+    """A list as written; one string would otherwise be taken as a list of its characters."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list, got {brief(value)}")
+    return _structure_names(value, type_)
+
+
+_converter.register_structure_hook_func(lambda type_: type_ == tuple[str, ...], _structure_list)
 
 
 def config_path(site_dir: Path) -> Path:

@@ -57,6 +57,7 @@ __all__ = [
     "TokenGrant",
     "cert_serial",
     "cert_site_id",
+    "cert_site_name",
     "csr_site_id",
     "client_context",
     "create_identity",
@@ -303,6 +304,18 @@ def cert_site_id(cert_der: bytes) -> str:
     if claimed != key_id:
         raise ProtocolError(f"peer certificate names site {claimed} but its key is {key_id}")
     return key_id
+
+
+def cert_site_name(cert_der: bytes) -> str | None:
+    """The site name (organizationName) a peer certificate that TLS has already verified carries.
+
+    The CA that signed it vouches for the name, as for the id. None when it
+    carries none. Raises `ProtocolError`.
+    """
+    try:
+        return _single_attribute(_load_peer_cert(cert_der).subject, NameOID.ORGANIZATION_NAME)
+    except ValueError as error:
+        raise ProtocolError(f"peer certificate is unusable: {error}") from None
 
 
 def check_issued_cert_untrusted(identity: Identity, cert_pem: str, issuer_ca_pem: str) -> None:
@@ -591,6 +604,15 @@ def _check_site_name(instance: Any, attribute: attrs.Attribute, value: Any) -> N
     check_name(value, attribute.name)
 
 
+def _check_routing_keys(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple):
+        raise TypeError(f"{attribute.name} must be a list of routing keys, not {_brief(value)}")
+    for key in value:
+        check_name(key, "routing key")
+
+
 def _check_urlsafe(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str) or not 1 <= len(value) <= 128 or not _URLSAFE.fullmatch(value):
         raise ValueError(f"{attribute.name} must be 1 to 128 characters of A-Z a-z 0-9 _ -")
@@ -806,6 +828,9 @@ class TokenGrant:
     issued: tuple[IssuedCert, ...] = ()  # one per redemption: the certificates this token led to
     # No more redemptions: a site that redeemed it was revoked, and may hold its secret still.
     withdrawn: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    # The only routing keys the sites that redeem it may offer through their
+    # links here; their other services are ignored here. None: any key.
+    offers: tuple[str, ...] | None = attrs.field(default=None, validator=_check_routing_keys)
 
     def __attrs_post_init__(self) -> None:
         if self.redemptions_used > self.redemptions_allowed:
@@ -820,12 +845,17 @@ def new_token(
     redemptions_allowed: int = 1,
     expiration_window: float = DEFAULT_EXPIRATION_WINDOW,
     cost: int | None = None,
+    offers: Sequence[str] | None = None,
 ) -> tuple[Token, TokenGrant]:
     """Issue a token (for the redeemer) and its grant (for us to keep and check against).
 
     Raises `TokenError` for a bad request: no or malformed addresses, fewer
-    than one redemption, a window that is not a positive number of seconds.
+    than one redemption, a window that is not a positive number of seconds,
+    `offers` (the routing keys its redeemers may offer) that are not a list
+    of routing keys.
     """
+    if isinstance(offers, str):
+        raise TokenError("offers must be a list of routing keys, not one string")
     if isinstance(addresses, str):
         raise TokenError("addresses must be a list of link addresses (tls://host:port, ws://host:port/path), not one string")
     if type(redemptions_allowed) is not int or redemptions_allowed < 1:
@@ -847,14 +877,18 @@ def new_token(
         )
     except ValueError as error:
         raise TokenError(f"cannot issue a token: {error}") from None
-    grant = TokenGrant(
-        token_id=token.token_id,
-        secret_sha256=_sha256_hex(secret),
-        redemptions_allowed=redemptions_allowed,
-        redemptions_used=0,
-        expires_at=token.expires_at,
-        cost=cost,
-    )
+    try:
+        grant = TokenGrant(
+            token_id=token.token_id,
+            secret_sha256=_sha256_hex(secret),
+            redemptions_allowed=redemptions_allowed,
+            redemptions_used=0,
+            expires_at=token.expires_at,
+            cost=cost,
+            offers=None if offers is None else tuple(offers),
+        )
+    except (ValueError, TypeError) as error:
+        raise TokenError(f"cannot issue a token: {error}") from None
     return token, grant
 
 

@@ -67,6 +67,8 @@ from .router.frames import (
     encode_message,
 )
 from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
+from .router.policy import ambiguity, check_unambiguous
+from .router.policy import notes as policy_notes
 from .router.router import Router
 from .router.routes import BALANCED, DISTRIBUTIONS
 from .router.transports import WS_PATH, Address, WebSocketStream, accept_tls, dial, listen_tcp, parse_address
@@ -136,6 +138,8 @@ class LinkStatus:
     transport: str | None = None  # "tls", "ws" or "wss" (outgoing: of the address dialled first)
     address: str | None = None  # outgoing: the address dialled first (the one that worked last); incoming: the peer's
     proxy: str | None = None  # outgoing: the forward proxy it goes through, if any (without its password)
+    offers: tuple[str, ...] | None = None  # the only routing keys the linked site may offer through it (None: any)
+    ignored: tuple[str, ...] = ()  # routing keys the linked site offers that are ignored here for that
 
 
 @attrs.frozen
@@ -161,6 +165,7 @@ class SiteInfo:
     age_s: float = 0.0
     services: tuple[str, ...] = ()  # routing keys it has connectors for
     route_changes: int = 0  # times its route (cost or next hops) changed while it stayed reachable
+    name_shared: bool = False  # another known site has the same name: name it by its id
 
 
 @attrs.frozen
@@ -192,6 +197,8 @@ class ListenerStatus:
     distribution: str = BALANCED  # how it picks a provider per connection
     protocol: str = "tcp"
     http: HttpStats | None = None  # requests, statuses, bytes and latency of an HTTP listener
+    providers: tuple[str, ...] = ()  # its provider policy, as given: the only sites it uses (empty: any)
+    policy_notes: tuple[str, ...] = ()  # entries of that policy that admit no site now, and why
 
 
 @attrs.frozen
@@ -200,6 +207,10 @@ class ConnectorStatus:
     routing_key: str
     host: str
     port: int
+    allow: tuple[str, ...] = ()  # its policy, as given: the only sites whose flows it takes (empty: any)
+    policy_notes: tuple[str, ...] = ()  # entries of that policy that admit no site now, and why
+    refused: int = 0  # flows for its routing key refused since the start: no connector's policy took their origin
+    refused_from: str | None = None  # the site the latest of them claimed to come from
 
 
 @attrs.frozen
@@ -214,6 +225,7 @@ class SiteStatus:
     services: tuple[ServiceStatus, ...]
     listeners: tuple[ListenerStatus, ...]
     connectors: tuple[ConnectorStatus, ...]
+    notes: tuple[str, ...] = ()  # names that several known sites carry
 
 
 @attrs.frozen
@@ -233,13 +245,18 @@ class NetworkSite:
     cost: float | None  # of the best path from this site
     links: tuple[NetworkLink, ...]
     services: tuple[str, ...]  # routing keys it has connectors for
+    name_shared: bool = False  # another known site has the same name: name it by its id
 
 
 @attrs.frozen
 class NetworkService:
     routing_key: str
-    providers: tuple[str, ...]  # names of reachable sites with a connector for it
+    # Reachable sites with a connector for it whose offer this site takes: names,
+    # with the short id for a name that several sites carry.
+    providers: tuple[str, ...]
     listeners: tuple[str, ...]  # names of this site's listeners for it
+    shared: bool = False  # more than one reachable site offers it (a listener's provider policy picks)
+    ignored: tuple[str, ...] = ()  # reachable sites that offer it but whose link here may not
 
 
 @attrs.frozen
@@ -248,6 +265,7 @@ class NetworkStatus:
 
     sites: tuple[NetworkSite, ...]
     services: tuple[NetworkService, ...]
+    notes: tuple[str, ...] = ()  # routing keys several sites offer, names several sites carry
 
 
 class Site:
@@ -325,7 +343,10 @@ class Site:
                 self.link_port = await nursery.start(self._serve_links, "link_port")
             if self.config.ws_port is not None:
                 self.ws_port = await nursery.start(self._serve_links, "ws_port")
+            for site_id in {c.site_id for g in self._grants.values() for c in g.issued}:
+                self.router.limit_offers(site_id, self._granted_offers(site_id))
             for link in self.config.links:
+                self.router.limit_offers(link.peer_id, link.offers)
                 self._start_dialer(link)
             for connector in self.config.connectors:
                 self._add_connector(connector)
@@ -466,7 +487,10 @@ class Site:
         peer = read_hello_untrusted(first, local)
         if peer.site_id != peer_id:
             raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {peer_id[:8]}")
+        # Its certificate says the name it redeemed the token with: it cannot call itself anything else.
+        self._check_name_bound(peer.name, der, code=Reason.NOT_AUTHORIZED)
         self._check_modes(peer.mode, peer.name)
+        self.router.limit_offers(peer_id, self._granted_offers(peer_id))  # (the first link after a redemption)
         await stream.send_all(encode_frame(FrameType.HELLO, 0, encode_message(local)))
         return self._make_link(stream, decoder, local=local, peer=peer, dialer=False, cost=max(1, peer.cost))
 
@@ -595,7 +619,8 @@ class Site:
         log.info("link %s: reached at %s, which is tried first from now on", name, text, extra=logs.event("link_address", peer=name))
 
     async def _dial_hello(self, stream: trio.SSLStream, config: LinkConfig) -> Link:
-        server_id = pki.cert_site_id(stream.getpeercert(binary_form=True))
+        der = stream.getpeercert(binary_form=True)
+        server_id = pki.cert_site_id(der)
         if server_id != config.peer_id:
             raise LinkError(f"expected site {config.peer_id[:8]} but reached site {server_id[:8]}")
         local = self._hello(cost=config.cost)
@@ -607,8 +632,16 @@ class Site:
             raise LinkError(f"peer {config.name} ended the handshake: {exc.__cause__ or exc}") from None
         if peer.site_id != server_id:
             raise LinkError(f"HELLO names site {peer.site_id[:8]} but its certificate is for {server_id[:8]}")
+        self._check_name_bound(peer.name, der)
         self._check_modes(peer.mode, peer.name)
         return self._make_link(stream, decoder, local=local, peer=peer, dialer=True, cost=config.cost)
+
+    @staticmethod
+    def _check_name_bound(name: str, der: bytes, *, code: int | None = None) -> None:
+        """A HELLO's name must be the one in the peer's certificate: names bind to keys, as ids do."""
+        certified = pki.cert_site_name(der)
+        if name != certified:
+            raise LinkError(f"HELLO names site {name!r} but its certificate is for site {certified!r}", code=code)
 
     def _check_modes(self, peer_mode: str, peer_name: str) -> None:
         """Edge sites link only to interior sites: two edges would have no one to carry their traffic."""
@@ -647,6 +680,7 @@ class Site:
         expiration_window: float = 900.0,
         cost: int | None = None,
         link_urls: Sequence[str] | None = None,
+        offers: Sequence[str] | None = None,
     ) -> pki.Token:
         """A token another site redeems to link to this one (default: one use, 15 minutes).
 
@@ -654,7 +688,9 @@ class Site:
         `wss://` address a reverse proxy exposes for this site's WebSocket
         port), tried in order; by default this site's own addresses, its TLS
         link port first. Works while the site is stopped too, once its ports
-        are known.
+        are known. `offers`: the only routing keys the sites that redeem it
+        may offer through their links here (None: any); this site ignores
+        their other services.
         """
         fields = [f for f in ("link_port", "ws_port") if getattr(self.config, f) is not None]
         if not fields:
@@ -676,6 +712,7 @@ class Site:
             redemptions_allowed=redemptions_allowed,
             expiration_window=expiration_window,
             cost=cost,
+            offers=offers,
         )
         self._grants = {**self._grants, grant.token_id: grant}
         await self._save_grants()
@@ -792,16 +829,24 @@ class Site:
         host: str = DEFAULT_CONNECTOR_HOST,
         routing_key: str | None = None,
         protocol: str = "tcp",
+        allow: Sequence[str] = (),
     ) -> ConnectorConfig:
         """Offer `host:port` to the network under `routing_key` (default: the name).
 
         `protocol="http"` tells other sites that it speaks HTTP, so that their
-        service sync listens for it with an HTTP listener.
+        service sync listens for it with an HTTP listener. `allow`: the only
+        sites whose flows it takes, by site id or name (empty: any site);
+        the others are refused, NOT_AUTHORIZED. This site's own listeners
+        always reach it.
         """
         if any(c.name == name for c in self.config.connectors):
             raise FabricError(f"connector {name!r} exists already")
         _check_protocol(protocol)
-        config = _checked(ConnectorConfig, name=name, routing_key=routing_key or name, port=port, host=host, protocol=protocol)
+        config = _checked(
+            ConnectorConfig,
+            name=name, routing_key=routing_key or name, port=port, host=host, protocol=protocol, allow=allow,
+        )
+        self._check_policy(config.allow)
         if self.running:
             self._add_connector(config)
         self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
@@ -812,7 +857,7 @@ class Site:
     def _add_connector(self, config: ConnectorConfig) -> None:
         connector = TcpConnector(config, dial_timeout=self.settings.dial_timeout)
         self._connectors[config.name] = connector
-        self.router.add_connector(config.routing_key, connector)
+        self.router.add_connector(config.routing_key, connector, config.allow)
 
     async def delete_connector(self, name: str) -> None:
         if not any(c.name == name for c in self.config.connectors):
@@ -833,6 +878,7 @@ class Site:
         routing_key: str | None = None,
         distribution: str = BALANCED,
         protocol: str = "tcp",
+        providers: Sequence[str] = (),
     ) -> ListenerStatus:
         """Accept clients on `host:port` for `routing_key` (default: the name).
 
@@ -841,6 +887,9 @@ class Site:
         `distribution` is how each connection picks a provider: "balanced"
         (nearer ones first, farther ones as they fill) or "closest" (only the
         nearest). With `protocol="http"` each request picks its own.
+        `providers`: the only sites it carries clients to, by site id or name
+        (empty: any site that offers the key); while none of them is
+        reachable, it accepts no clients (an HTTP listener answers 503).
         """
         if any(l.name == name for l in self.config.listeners):
             raise FabricError(f"listener {name!r} exists already")
@@ -849,8 +898,10 @@ class Site:
         _check_protocol(protocol)
         config = _checked(
             ListenerConfig,
-            name=name, routing_key=routing_key or name, port=port, host=host, distribution=distribution, protocol=protocol
+            name=name, routing_key=routing_key or name, port=port, host=host, distribution=distribution, protocol=protocol,
+            providers=providers,
         )
+        self._check_policy(config.providers)
         if self.running:
             if (synced := self._synced.pop(config.routing_key, None)) is not None:
                 await synced.aclose()  # a configured listener takes over from service sync (maybe its very port)
@@ -858,6 +909,13 @@ class Site:
         self._save(attrs.evolve(self.config, listeners=(*self.config.listeners, config)))
         self._resync()
         return self._listener_status(config, self._listeners.get(name))
+
+    def _check_policy(self, entries: tuple[str, ...]) -> None:
+        """Refuse an entry that is a name several known sites carry: it would admit none of them."""
+        try:
+            check_unambiguous(entries, self.router.known_names())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _listener_state_changed(self) -> None:
         self._listeners_changed.set()
@@ -884,7 +942,13 @@ class Site:
                 continue
             for service in record.services:
                 key = service.routing_key
-                if service.connectors and service.port and key not in configured and key not in self.router.connectors:
+                if (
+                    service.connectors
+                    and service.port
+                    and key not in configured
+                    and key not in self.router.connectors
+                    and self.router.accepts_offer(record.site_id, key)
+                ):
                     offers.setdefault(key, {})[record.site_id] = (service.port, service.protocol)
         return plan_service_sync(
             offers,
@@ -990,7 +1054,8 @@ class Site:
 
     async def _start_listener(self, config: ListenerConfig) -> TcpListener:
         assert self._nursery is not None
-        listener = _LISTENERS[config.protocol](config, self.router, on_state=self._listener_state_changed)
+        router = self.router.within(config.providers)
+        listener = _LISTENERS[config.protocol](config, router, on_state=self._listener_state_changed)
         await self._nursery.start(self._as_site, listener.run)
         self._listeners[config.name] = listener
         self._listener_errors.pop(config.name, None)
@@ -1041,20 +1106,44 @@ class Site:
                     cost=0.0 if me else (route.cost if route else None),
                     links=tuple(sorted(links, key=lambda l: l.peer_name)),
                     services=tuple(sorted(s.routing_key for s in record.services if s.connectors)),
+                    name_shared=len(router.sites_named(record.name)) > 1,
                 )
             )
         keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services} | {
             l.routing_key for l in self.config.listeners
         })
-        services = tuple(
-            NetworkService(
+        ignored = router.ignored_offers()
+        services = []
+        notes = []
+        for key in keys:
+            providers = router.providers(key)
+            offering = [*providers, *sorted(ignored.get(key, ()))]
+            service = NetworkService(
                 routing_key=key,
-                providers=tuple(sorted(router.name_of(p) for p in router.providers(key))),
+                providers=tuple(sorted(router.label(p) for p in providers)),
                 listeners=tuple(l.name for l in self.config.listeners if l.routing_key == key),
+                shared=len(offering) > 1,
+                ignored=tuple(sorted(router.label(p) for p in ignored.get(key, ()))),
             )
-            for key in keys
+            services.append(service)
+            if service.shared:
+                notes.append(
+                    f"routing key {key!r} is offered by {len(offering)} sites: "
+                    + ", ".join(router.describe(p) for p in offering)
+                    + (f" (ignored here: {', '.join(service.ignored)})" if service.ignored else "")
+                )
+        return NetworkStatus(
+            sites=tuple(sorted(sites, key=lambda s: (s.cost is None, s.cost or 0, s.name))),
+            services=tuple(services),
+            notes=(*notes, *self._name_notes()),
         )
-        return NetworkStatus(sites=tuple(sorted(sites, key=lambda s: (s.cost is None, s.cost or 0, s.name))), services=services)
+
+    def _name_notes(self) -> list[str]:
+        """A line for each name that several known sites carry: by name, a policy admits none of them."""
+        return [
+            f"{len(ids)} sites are named {name}*: {', '.join(ids)} (name them by site id)"
+            for name, ids in sorted(self.router.shared_names().items())
+        ]
 
     @staticmethod
     def _dial_status(config: LinkConfig) -> dict:
@@ -1078,11 +1167,23 @@ class Site:
             port=running.port if running else config.port,
             connections=running.connections if running else 0,
             accepting=running.accepting if running else False,
-            error=running.error if running else self._listener_errors.get(config.name),
+            error=(self._policy_error(config) or running.error) if running else self._listener_errors.get(config.name),
             auto=running.auto if running else False,
             distribution=config.distribution,
             protocol=config.protocol,
             http=running.stats() if isinstance(running, HttpListener) else None,
+            providers=config.providers,
+            policy_notes=policy_notes(config.providers, self.router.known_names()),
+        )
+
+    def _policy_error(self, config: ListenerConfig) -> str | None:
+        """Why a running listener has no provider, when sites offer its key but its policy admits none of them."""
+        key, router = config.routing_key, self.router
+        if not config.providers or router.providers(key, config.providers) or not (offered := router.providers(key)):
+            return None
+        return (
+            f"no reachable site its provider policy admits offers routing key {key!r}; "
+            f"{', '.join(router.describe(p) for p in offered)} offer it"
         )
 
     # -- links ---------------------------------------------------------------------------------
@@ -1095,19 +1196,30 @@ class Site:
             f"no link named {name!r} at site {self.name} (links made with another site's token are changed there)"
         )
 
-    async def update_link(self, name: str, *, cost: int | object = _UNSET, proxy: str | None | object = _UNSET) -> None:
-        """Change an outgoing link's cost or proxy setting (see `redeem_token`).
+    async def update_link(
+        self,
+        name: str,
+        *,
+        cost: int | object = _UNSET,
+        proxy: str | None | object = _UNSET,
+        offers: Sequence[str] | None | object = _UNSET,
+    ) -> None:
+        """Change an outgoing link's cost, proxy setting or offers (see `redeem_token`).
 
-        A running site applies a cost at once, without dropping the link, and
-        a proxy setting the next time it dials the link.
+        `offers`: the only routing keys the linked site may offer through this
+        link (None: any); this site ignores its services outside them. A
+        running site applies a cost and offers at once, without dropping the
+        link, and a proxy setting the next time it dials the link.
         """
-        changes = {k: v for k, v in dict(cost=cost, proxy=proxy).items() if v is not _UNSET}
+        changes = {k: v for k, v in dict(cost=cost, proxy=proxy, offers=offers).items() if v is not _UNSET}
         try:
             link = attrs.evolve(self._outgoing(name), **changes)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"link {name}: {exc}") from None
         self._save(attrs.evolve(self.config, links=tuple(link if l.name == name else l for l in self.config.links)))
         self.router.set_link_cost(link.peer_id, link.cost)
+        if self.running:
+            self.router.limit_offers(link.peer_id, link.offers)
         await trio.lowlevel.checkpoint()
 
     async def delete_link(self, name: str) -> None:
@@ -1118,6 +1230,8 @@ class Site:
             dialer.cancel()
         if (live := self.router.links.get(link.peer_id)) is not None:
             live.close(Reason.SHUTDOWN, f"site {self.name} deleted its link")
+        if self.running:
+            self.router.limit_offers(link.peer_id, None)
         await trio.to_thread.run_sync(shutil.rmtree, link_dir(self.site_dir, name), True)
 
     async def revoke_link(self, name: str) -> int:
@@ -1128,9 +1242,14 @@ class Site:
         token, any further use of the tokens it redeemed (it knows their
         secret), and flows to this site's connectors that claim to come from
         it. Other sites still link with it and carry its traffic. Returns how
-        many certificates were revoked.
+        many certificates were revoked. A name that certificates of several
+        sites carry is refused: give the site id.
         """
-        peers = {c.site_id for g in self._grants.values() for c in g.issued if name in (c.name, c.site_id) and not c.revoked}
+        live_certs = [c for g in self._grants.values() for c in g.issued if not c.revoked]
+        carriers = {c.site_id for c in live_certs if c.name == name}
+        if len(carriers) > 1:
+            raise FabricError(ambiguity(name, carriers))
+        peers = carriers or {c.site_id for c in live_certs if c.site_id == name}
         if not peers:
             raise FabricError(f"site {self.name} issued no certificate to a site named {name!r} that is not revoked already")
         grants, revoked = {}, 0
@@ -1149,6 +1268,16 @@ class Site:
             if (live := self.router.links.get(peer)) is not None and not live.dialer:
                 live.close(Reason.NOT_AUTHORIZED, f"site {self.name} revoked the certificate of this link")
         return revoked
+
+    def _granted_offers(self, site_id: str) -> frozenset[str] | None:
+        """The routing keys a site that redeemed tokens here may offer through its link: what its
+        tokens allowed, together (None: any, as soon as one of them allowed any, or none is in force)."""
+        limits = [
+            grant.offers
+            for grant in self._grants.values()
+            if any(c.site_id == site_id and not c.revoked for c in grant.issued)
+        ]
+        return None if not limits or None in limits else frozenset().union(*limits)
 
     def _revoked(self, serial: int) -> bool:
         return any(c.serial == serial and c.revoked for g in self._grants.values() for c in g.issued)
@@ -1190,6 +1319,7 @@ class Site:
         router = self.router
         links = []
         outgoing = {l.peer_id: l for l in self.config.links}
+        ignored = router.ignored_offers()
         for link in router.links.values():
             config = outgoing.get(link.peer_id)
             links.append(
@@ -1204,6 +1334,7 @@ class Site:
                     **(self._dial_status(config) if config else {
                         "transport": transport_of(link.stream), "address": peer_address(link.stream),
                     }),
+                    **self._offers_status(link.peer_id, config, ignored),
                 )
             )
         for config in self.config.links:
@@ -1219,6 +1350,7 @@ class Site:
                         flows=0,
                         error=self._link_errors.get(config.name),
                         **self._dial_status(config),
+                        **self._offers_status(config.peer_id, config, ignored),
                     )
                 )
         sites = []
@@ -1238,6 +1370,7 @@ class Site:
                     age_s=round(ages.get(record.site_id, 0.0), 1),
                     services=tuple(sorted(s.routing_key for s in record.services if s.connectors)),
                     route_changes=router.route_changes[record.site_id],
+                    name_shared=len(router.sites_named(record.name)) > 1,
                 )
             )
         keys = sorted({s.routing_key for r in router.gossip.table.values() for s in r.services})
@@ -1247,7 +1380,7 @@ class Site:
                 providers=tuple(
                     sorted(
                         (
-                            ProviderStatus(router.name_of(c.site_id), c.cost, c.outstanding, round(c.penalty, 1))
+                            ProviderStatus(router.label(c.site_id), c.cost, c.outstanding, round(c.penalty, 1))
                             for c in router.candidates(key)
                         ),
                         key=lambda p: p.name,
@@ -1262,7 +1395,7 @@ class Site:
             ListenerStatus(key, key, self.config.service_host, port, 0, False, error, auto=True)
             for key, (port, error) in sorted(self._sync_errors.items())
         ]
-        connectors = [ConnectorStatus(c.name, c.routing_key, c.host, c.port) for c in self.config.connectors]
+        connectors = [self._connector_status(c) for c in self.config.connectors]
         access = self._access_addresses()
         return SiteStatus(
             site_id=self.site_id,
@@ -1275,6 +1408,31 @@ class Site:
             services=services,
             listeners=tuple(listeners),
             connectors=tuple(connectors),
+            notes=tuple(self._name_notes()),
+        )
+
+    def _offers_status(self, peer_id: str, config: LinkConfig | None, ignored: dict[str, set[str]]) -> dict:
+        """What a linked site may offer through its link (as applied, or as configured while stopped), and
+        which of its offers are ignored for that, for status."""
+        limit = self.router.offer_limit(peer_id)
+        if self.running:
+            offers = None if limit is None else tuple(sorted(limit))
+        else:
+            offers = config.offers if config else None
+        return {"offers": offers, "ignored": tuple(sorted(k for k, sites in ignored.items() if peer_id in sites))}
+
+    def _connector_status(self, config: ConnectorConfig) -> ConnectorStatus:
+        slot = self.router.connectors.get(config.routing_key)
+        refused_from = slot.refused_origin if slot else None
+        return ConnectorStatus(
+            config.name,
+            config.routing_key,
+            config.host,
+            config.port,
+            allow=config.allow,
+            policy_notes=policy_notes(config.allow, self.router.known_names()),
+            refused=slot.refused if slot else 0,
+            refused_from=None if refused_from is None else self.router.describe(refused_from),
         )
 
 

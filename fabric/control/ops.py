@@ -43,9 +43,16 @@ async def create_listener(
     routing_key: str | None = None,
     distribution: str = BALANCED,
     protocol: str = "tcp",
+    providers: list[str] | None = None,
 ) -> dict:
     made = await site.create_listener(
-        name, port, host=host, routing_key=routing_key, distribution=distribution, protocol=protocol
+        name,
+        port,
+        host=host,
+        routing_key=routing_key,
+        distribution=distribution,
+        protocol=protocol,
+        providers=providers or (),
     )
     return _plain.unstructure(made)
 
@@ -56,9 +63,16 @@ async def delete_listener(site: Site, name: str) -> dict:
 
 
 async def create_connector(
-    site: Site, name: str, port: int, host: str = "localhost", routing_key: str | None = None, protocol: str = "tcp"
+    site: Site,
+    name: str,
+    port: int,
+    host: str = "localhost",
+    routing_key: str | None = None,
+    protocol: str = "tcp",
+    allow: list[str] | None = None,
 ) -> dict:
-    return _plain.unstructure(await site.create_connector(name, port, host=host, routing_key=routing_key, protocol=protocol))
+    made = await site.create_connector(name, port, host=host, routing_key=routing_key, protocol=protocol, allow=allow or ())
+    return _plain.unstructure(made)
 
 
 async def delete_connector(site: Site, name: str) -> dict:
@@ -72,9 +86,14 @@ async def issue_token(
     expiration_window: float = 900.0,
     cost: int | None = None,
     link_urls: list[str] | None = None,
+    offers: list[str] | None = None,
 ) -> dict:
     token = await site.issue_token(
-        redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost, link_urls=link_urls
+        redemptions_allowed=redemptions_allowed,
+        expiration_window=expiration_window,
+        cost=cost,
+        link_urls=link_urls,
+        offers=offers,
     )
     return {"token": token.dumps(), "expires_at": token.expires_at, "redemptions_allowed": redemptions_allowed}
 
@@ -101,8 +120,8 @@ async def wait_reachable(site: Site, routing_key: str) -> dict:
 
 
 async def update_link(site: Site, name: str, **changes: Any) -> dict:
-    """`cost` and/or `proxy` (None: the environment's), as given."""
-    await site.update_link(name, **{k: v for k, v in changes.items() if k in ("cost", "proxy")})
+    """`cost`, `proxy` (None: the environment's) and/or `offers` (None: any routing key), as given."""
+    await site.update_link(name, **{k: v for k, v in changes.items() if k in ("cost", "proxy", "offers")})
     return {}
 
 

@@ -31,6 +31,7 @@ from ..gossip.gossip import Gossip
 from ..gossip.records import EDGE, LinkInfo, ServiceInfo, SiteRecord
 from .frames import Open, Reason
 from .link import FlowEnd, Link
+from .policy import OPEN, by_name, site_label, sites_admitted
 from .relay import End, relay
 from .routes import (
     BALANCED,
@@ -54,10 +55,12 @@ LOG_EACH = 8
 # RETRY_WINDOW seconds: a client waits for a failover, not for an outage.
 MAX_TRIES = 3
 RETRY_WINDOW = 2.0
-# Refusals that say the provider itself cannot serve (its target refused, or
-# it refuses flows from here); anything else is the path's fault, and another
-# path may reach it.
-_PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR, Reason.NOT_AUTHORIZED})
+# Refusals that say the provider itself cannot serve (its target refused);
+# anything else is the path's fault, and another path may reach it.
+_PROVIDER_FAULTS = frozenset({Reason.DIAL_FAILED, Reason.NO_CONNECTOR})
+# Refusals that no other path to the provider changes: its faults, and its
+# policy's "not from you" (not penalised: that says nothing of its target).
+_PROVIDER_REFUSALS = _PROVIDER_FAULTS | {Reason.NOT_AUTHORIZED}
 # Keepalive intervals without an answer to a PING after which an OPEN waiting
 # on a link gives up on it and tries another way, before keepalive declares
 # the link dead: a new client is not kept waiting on a path gone silent.
@@ -95,10 +98,29 @@ class ConnectorSlot:
     """The connectors of one routing key at this site, used round robin."""
 
     connectors: list[Connector] = attrs.Factory(list)
+    allow: list[tuple[str, ...]] = attrs.Factory(list)  # each connector's policy: the sites it takes flows from
     turn: itertools.count = attrs.Factory(itertools.count)
+    refused: int = 0  # flows refused since the site started: no connector's policy took their origin
+    refused_origin: str | None = None  # the origin of the latest of them
 
-    def next(self) -> Connector:
-        return self.connectors[next(self.turn) % len(self.connectors)]
+    def add(self, connector: Connector, allow: tuple[str, ...]) -> None:
+        self.connectors.append(connector)
+        self.allow.append(allow)
+
+    def remove(self, connector: Connector) -> bool:
+        if connector not in self.connectors:
+            return False
+        index = self.connectors.index(connector)
+        del self.connectors[index], self.allow[index]
+        return True
+
+    def next(self, admits: Callable[[tuple[str, ...]], bool] = lambda allow: True) -> Connector | None:
+        """The next connector, in turn, whose policy `admits` (None: none does)."""
+        for _ in range(len(self.connectors)):
+            index = next(self.turn) % len(self.connectors)
+            if admits(self.allow[index]):
+                return self.connectors[index]
+        return None
 
 
 class Router:
@@ -129,7 +151,13 @@ class Router:
         self._chosen: dict[str, int] = {}  # provider or next-hop site -> serial of its last choice
         # Routing key -> its providers and their costs, as the routes and the catalog are now: asked
         # per flow (per request, by an HTTP listener), made again only after they change (_recompute).
-        self._costs: dict[str, tuple[tuple[str, float], ...]] = {}
+        self._costs: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, float], ...]] = {}
+        # Access policy, resolved against the sites known now (remade after changes, as _costs):
+        # policy -> the sites it admits; and site id -> name, name -> site ids, of every known site.
+        self._admitted: dict[tuple[str, ...], frozenset[str]] = {}
+        self._names: dict[str, str] | None = None
+        self._name_index: dict[str, tuple[str, ...]] = {}
+        self._offer_limits: dict[str, frozenset[str]] = {}  # linked site -> the only routing keys taken from it
         self._choices = itertools.count(1)
         self.gossip = Gossip(
             site_id=site_id,
@@ -282,12 +310,19 @@ class Router:
                 available.append((f"service {key!r} available from site {name}", dict(peer=name, routing_key=key)))
             for site in sorted(self._offered.get(key, set()) - catalog.get(key, set())):
                 name = self.name_of(site)
-                why = "its connectors are gone" if site == self.site_id or site in self.routes else "site unreachable"
+                if not self.accepts_offer(site, key):
+                    why = "its link here may not offer that routing key"
+                elif site == self.site_id or site in self.routes:
+                    why = "its connectors are gone"
+                else:
+                    why = "site unreachable"
                 withdrawn.append((f"service {key!r} withdrawn by site {name}: {why}", dict(peer=name, reason=why, routing_key=key)))
         _say("service_available", available, "services available")
         _say("service_withdrawn", withdrawn, "services withdrawn")
         self._offered = catalog
         self._costs.clear()
+        self._admitted.clear()
+        self._names = None
         self._notify()
 
     def _describe_route(self, site: str) -> str:
@@ -296,14 +331,87 @@ class Router:
         return f"cost {route.cost:g} via {hops}"
 
     def _catalog(self) -> dict[str, set[str]]:
-        """Routing key -> the sites reachable from here that have a connector for it."""
+        """Routing key -> the sites reachable from here that have a connector for it (and may offer it)."""
         catalog: dict[str, set[str]] = {}
         for record in self.gossip.table.values():
             if record.site_id == self.site_id or record.site_id in self.routes:
                 for service in record.services:
-                    if service.connectors > 0:
+                    if service.connectors > 0 and self.accepts_offer(record.site_id, service.routing_key):
                         catalog.setdefault(service.routing_key, set()).add(record.site_id)
         return catalog
+
+    # -- access policy (see policy.py) ---------------------------------------------------
+
+    def limit_offers(self, site_id: str, routing_keys: Collection[str] | None) -> None:
+        """Take only these routing keys from the linked site's services from now on (None: any)."""
+        limit = None if routing_keys is None else frozenset(routing_keys)
+        if self._offer_limits.get(site_id) == limit:
+            return
+        if limit is None:
+            del self._offer_limits[site_id]
+        else:
+            self._offer_limits[site_id] = limit
+        self._recompute()
+
+    def offer_limit(self, site_id: str) -> frozenset[str] | None:
+        """The only routing keys taken from the linked site (None: any)."""
+        return self._offer_limits.get(site_id)
+
+    def accepts_offer(self, site_id: str, routing_key: str) -> bool:
+        """Whether a site's offer of the key is taken here (its link's policy may exclude it)."""
+        limit = self._offer_limits.get(site_id)
+        return limit is None or routing_key in limit
+
+    def ignored_offers(self) -> dict[str, set[str]]:
+        """Routing key -> the reachable sites that offer it but whose link here may not (for status)."""
+        ignored: dict[str, set[str]] = {}
+        for site_id in self._offer_limits:
+            record = self.record(site_id)
+            if record is not None and site_id in self.routes:
+                for service in record.services:
+                    if service.connectors > 0 and not self.accepts_offer(site_id, service.routing_key):
+                        ignored.setdefault(service.routing_key, set()).add(site_id)
+        return ignored
+
+    def known_names(self) -> dict[str, str]:
+        """Site id -> name, of every site known here (this one included)."""
+        if self._names is None:
+            self._names = {record.site_id: record.name for record in self.gossip.table.values()}
+            self._name_index = by_name(self._names)
+        return self._names
+
+    def sites_named(self, name: str) -> tuple[str, ...]:
+        """The ids of the known sites that carry the name (more than one: it names none of them)."""
+        self.known_names()
+        return self._name_index.get(name, ())
+
+    def shared_names(self) -> dict[str, tuple[str, ...]]:
+        """Name -> site ids, for each name that several known sites carry."""
+        self.known_names()
+        return {name: ids for name, ids in self._name_index.items() if len(ids) > 1}
+
+    def admitted(self, policy: tuple[str, ...]) -> frozenset[str]:
+        """The known sites a non-empty policy admits now."""
+        sites = self._admitted.get(policy)
+        if sites is None:
+            sites = self._admitted[policy] = sites_admitted(policy, self.known_names(), self._name_index)
+        return sites
+
+    def admits(self, policy: tuple[str, ...], site_id: str) -> bool:
+        return not policy or site_id in self.admitted(policy)
+
+    def describe(self, site_id: str) -> str:
+        """A site for a message about policy: its name and short id (the id alone while it is unknown)."""
+        name = self.known_names().get(site_id)
+        return f"{name} ({site_id[:8]})" if name is not None else site_id[:8]
+
+    def label(self, site_id: str) -> str:
+        """A site's name for status, with its short id when another known site has the same name."""
+        return site_label(site_id, self.known_names(), self._name_index)
+
+    def within(self, policy: tuple[str, ...]) -> Router | PolicyView:
+        """The router as a listener with this provider policy sees it (the router itself for the open policy)."""
+        return PolicyView(self, policy) if policy else self
 
     def _notify(self) -> None:
         """Wake the `wait_*` callers: links or routes changed."""
@@ -313,13 +421,17 @@ class Router:
     def record(self, site_id: str) -> SiteRecord | None:
         return self.gossip.table.get(site_id)
 
-    def providers(self, routing_key: str) -> list[str]:
-        """Sites, reachable from here, that have a connector for the key (this site included)."""
-        return sorted(self._offered.get(routing_key, ()))
+    def providers(self, routing_key: str, policy: tuple[str, ...] = OPEN) -> list[str]:
+        """Sites, reachable from here, that have a connector for the key (this site included), within the policy."""
+        offered = self._offered.get(routing_key, ())
+        if policy:
+            admitted = self.admitted(policy)
+            offered = [site for site in offered if site in admitted]
+        return sorted(offered)
 
-    async def wait_unreachable(self, routing_key: str) -> None:
-        """Return once no reachable site provides the key any more."""
-        while self.providers(routing_key):
+    async def wait_unreachable(self, routing_key: str, policy: tuple[str, ...] = OPEN) -> None:
+        """Return once no reachable site (within the policy) provides the key any more."""
+        while self.providers(routing_key, policy):
             await self._changed.wait()
 
     def next_change(self) -> trio.Event:
@@ -331,21 +443,21 @@ class Router:
         """Return at the next change of links, routes or what the network advertises."""
         await self._changed.wait()
 
-    async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
-        """Return once at least `providers` reachable sites have a connector for the key."""
-        while len(self.providers(routing_key)) < providers:
+    async def wait_reachable(self, routing_key: str, *, providers: int = 1, policy: tuple[str, ...] = OPEN) -> None:
+        """Return once at least `providers` reachable sites (within the policy) have a connector for the key."""
+        while len(self.providers(routing_key, policy)) < providers:
             await self._changed.wait()
 
     # -- connectors ------------------------------------------------------------------
 
-    def add_connector(self, routing_key: str, connector: Connector) -> None:
-        self.connectors.setdefault(routing_key, ConnectorSlot()).connectors.append(connector)
+    def add_connector(self, routing_key: str, connector: Connector, allow: tuple[str, ...] = OPEN) -> None:
+        """Offer the key; flows from other sites reach the connector only if `allow` admits their origin."""
+        self.connectors.setdefault(routing_key, ConnectorSlot()).add(connector, allow)
         self._publish()
 
     def remove_connector(self, routing_key: str, connector: Connector) -> None:
         slot = self.connectors.get(routing_key)
-        if slot and connector in slot.connectors:
-            slot.connectors.remove(connector)
+        if slot and slot.remove(connector):
             if not slot.connectors:
                 del self.connectors[routing_key]
             self._publish()
@@ -353,8 +465,10 @@ class Router:
     # -- ingress -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def connect(self, routing_key: str, distribution: str = BALANCED) -> AsyncIterator[End]:
-        """An open end toward a provider of the key; counted as outstanding while held.
+    async def connect(
+        self, routing_key: str, distribution: str = BALANCED, policy: tuple[str, ...] = OPEN
+    ) -> AsyncIterator[End]:
+        """An open end toward a provider of the key (one the policy admits); counted as outstanding while held.
 
         A provider whose target refuses is penalised and another is tried; a
         path that fails is avoided and the provider tried again over another.
@@ -363,7 +477,7 @@ class Router:
         tries = Tries()
         refused: set[str] = set()  # providers that cannot serve this client
         while tries.left():
-            provider = self.choose_provider(routing_key, distribution, exclude=refused)
+            provider = self.choose_provider(routing_key, distribution, exclude=refused, policy=policy)
             if provider is None:
                 break
             self.outstanding[provider] += 1
@@ -382,6 +496,8 @@ class Router:
                 self.outstanding[provider] -= 1
         if tries.error is not None:
             raise tries.error
+        if policy and self.providers(routing_key):
+            raise NoProviderError(f"no reachable site that the provider policy admits offers routing key {routing_key!r}")
         raise NoProviderError(f"no reachable site has a connector for routing key {routing_key!r}")
 
     async def open_to(self, provider: str, routing_key: str, tries: Tries) -> tuple[End, str | None]:
@@ -404,8 +520,10 @@ class Router:
                 return await self._open(provider, routing_key, hop), hop
             except FlowError as exc:
                 tries.error = exc
-                if getattr(exc, "code", None) in _PROVIDER_FAULTS:
-                    self.penalize(provider)
+                code = getattr(exc, "code", None)
+                if code in _PROVIDER_REFUSALS:
+                    if code in _PROVIDER_FAULTS:
+                        self.penalize(provider)
                     raise
                 if hop is None:
                     raise  # no path left to it from here
@@ -422,16 +540,18 @@ class Router:
         if hop is not None:
             self.active[hop] -= 1
 
-    def _provider_costs(self, routing_key: str) -> tuple[tuple[str, float], ...]:
-        """The providers of the key and their costs (from the cache that `_recompute` empties)."""
-        costs = self._costs.get(routing_key)
+    def _provider_costs(self, routing_key: str, policy: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+        """The providers of the key within the policy, and their costs (from the cache that `_recompute` empties)."""
+        costs = self._costs.get((routing_key, policy))
         if costs is None:
-            costs = tuple((s, self.routes[s].cost if s in self.routes else 0.0) for s in self.providers(routing_key))
-            self._costs[routing_key] = costs
+            costs = tuple(
+                (s, self.routes[s].cost if s in self.routes else 0.0) for s in self.providers(routing_key, policy)
+            )
+            self._costs[routing_key, policy] = costs
         return costs
 
-    def candidates(self, routing_key: str) -> list[Candidate]:
-        """The providers of the key as an ingress here weighs them now."""
+    def candidates(self, routing_key: str, policy: tuple[str, ...] = OPEN) -> list[Candidate]:
+        """The providers of the key (within the policy) as an ingress here weighs them now."""
         now = trio.current_time()
         return [
             Candidate(
@@ -441,16 +561,23 @@ class Router:
                 penalty=self.penalties[s].at(now) if s in self.penalties else 0.0,
                 last_chosen=self._chosen.get(s, 0),
             )
-            for s, cost in self._provider_costs(routing_key)
+            for s, cost in self._provider_costs(routing_key, policy)
         ]
 
-    def choose_provider(self, routing_key: str, distribution: str = BALANCED, exclude: Collection[str] = ()) -> str | None:
-        """The provider for a new flow (None: there is none), remembered as the latest choice."""
-        costs = self._provider_costs(routing_key)
+    def choose_provider(
+        self,
+        routing_key: str,
+        distribution: str = BALANCED,
+        exclude: Collection[str] = (),
+        policy: tuple[str, ...] = OPEN,
+    ) -> str | None:
+        """The provider for a new flow, one the policy admits (None: there is none), remembered as the latest choice."""
+        costs = self._provider_costs(routing_key, policy)
         if len(costs) == 1:  # the only one is the choice, however it weighs: no candidates to weigh
             provider = costs[0][0] if costs[0][0] not in exclude else None
         else:
-            provider = choose_provider([c for c in self.candidates(routing_key) if c.site_id not in exclude], distribution)
+            candidates = self.candidates(routing_key, policy)
+            provider = choose_provider([c for c in candidates if c.site_id not in exclude], distribution)
         if provider is not None:
             self._chosen[provider] = next(self._choices)
         return provider
@@ -507,6 +634,8 @@ class Router:
     def on_open(self, link: Link, flow: FlowEnd, request: Open) -> None:
         if self._nursery is None:
             flow.refuse(Reason.SHUTDOWN, f"site {self.name} is not ready")
+        elif (why := self._false_origin(link, request)) is not None:
+            flow.refuse(Reason.NOT_AUTHORIZED, why)
         elif request.dest == self.site_id:
             if (why := self._refuse_origin(request.origin)) is not None:
                 flow.refuse(Reason.NOT_AUTHORIZED, why)
@@ -526,13 +655,35 @@ class Router:
                 extra=logs.event("flow_failed", peer=flow.link.peer.name, reason="internal error"),
             )
 
+    def _false_origin(self, link: Link, request: Open) -> str | None:
+        """Why an OPEN's origin cannot be true, as far as the hop it arrives at can tell (None: it may be).
+
+        The origin is what the first site claims, and connectors' policies go
+        by it: a flow never comes back to where it began, and an edge site
+        carries nobody else's flows, so from an edge the origin is the edge.
+        """
+        if request.origin == self.site_id:
+            return f"site {link.peer.name} sent a flow that claims to come from site {self.name}"
+        if link.peer.mode == EDGE and request.origin != link.peer_id:
+            return f"edge site {link.peer.name} sent a flow that claims to come from site {self.describe(request.origin)}"
+        return None
+
     async def _egress(self, flow: FlowEnd, request: Open) -> None:
         slot = self.connectors.get(request.routing_key)
         if not slot or not slot.connectors:
             flow.refuse(Reason.NO_CONNECTOR, f"site {self.name} has no connector for {request.routing_key!r}")
             return
+        connector = slot.next(lambda allow: self.admits(allow, request.origin))
+        if connector is None:
+            slot.refused += 1
+            slot.refused_origin = request.origin
+            origin = self.describe(request.origin)
+            why = f"site {self.name} takes no flows for {request.routing_key!r} from site {origin}"
+            log.debug("flow %s refused: %s", flow.uid, why, extra=logs.event("flow_refused", peer=origin, reason=why))
+            flow.refuse(Reason.NOT_AUTHORIZED, why)
+            return
         try:
-            target = await slot.next().dial()
+            target = await connector.dial()
         except FlowRefused as exc:
             flow.refuse(exc.code, str(exc))
             return
@@ -594,3 +745,41 @@ def _say(event: str, lines: list[tuple[str, dict]], what: str) -> None:
     log.info(
         "%d %s, such as: %s", len(lines), what, sample, extra=logs.event(event, reason=f"{len(lines)} {what}")
     )
+
+
+class PolicyView:
+    """The router as a listener with a provider policy sees it: it offers only the providers the policy admits.
+
+    Listeners (proxy/) ask a router which sites provide their key, wait for
+    one, pick one, connect: this answers each of those within the policy and
+    hands everything else to the router, so a listener needs nothing else to
+    keep to its policy.
+    """
+
+    def __init__(self, router: Router, policy: tuple[str, ...]) -> None:
+        self._router = router
+        self.policy = policy
+
+    def __getattr__(self, name: str):
+        return getattr(self._router, name)
+
+    def __repr__(self) -> str:
+        return f"<PolicyView {self._router.name} providers={list(self.policy)}>"
+
+    def providers(self, routing_key: str) -> list[str]:
+        return self._router.providers(routing_key, self.policy)
+
+    def candidates(self, routing_key: str) -> list[Candidate]:
+        return self._router.candidates(routing_key, self.policy)
+
+    def choose_provider(self, routing_key: str, distribution: str = BALANCED, exclude: Collection[str] = ()) -> str | None:
+        return self._router.choose_provider(routing_key, distribution, exclude, self.policy)
+
+    def connect(self, routing_key: str, distribution: str = BALANCED):
+        return self._router.connect(routing_key, distribution, self.policy)
+
+    async def wait_reachable(self, routing_key: str, *, providers: int = 1) -> None:
+        await self._router.wait_reachable(routing_key, providers=providers, policy=self.policy)
+
+    async def wait_unreachable(self, routing_key: str) -> None:
+        await self._router.wait_unreachable(routing_key, self.policy)

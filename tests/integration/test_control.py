@@ -65,7 +65,9 @@ async def test_changes_to_a_running_site_apply_at_once(tmp_path, echo_server, tc
 
                 network = await edge.call("network_status")
                 assert {s["name"] for s in network["sites"]} == {"hub", "edge"}
-                assert network["services"] == [{"routing_key": "echo", "providers": ["hub"], "listeners": ["echo"]}]
+                assert network["services"] == [
+                    {"routing_key": "echo", "providers": ["hub"], "listeners": ["echo"], "shared": False, "ignored": []}
+                ]
                 json.dumps(network)  # plain data all the way down
 
                 # A cost change reaches the accepting end without dropping the link.
