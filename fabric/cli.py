@@ -430,7 +430,23 @@ def _http_table(listeners: list[dict]) -> str:
     for item in listeners:
         stats = item["http"]
         methods = ", ".join(f"{m} {n}" for m, n in sorted(stats.get("methods", {}).items())) or "none yet"
-        notes.append((item["name"], f"{methods}; bodies {_bytes(stats['bytes_in'])} in, {_bytes(stats['bytes_out'])} out"))
+        cuts = ", ".join(
+            f"{stats[key]} {what}"
+            for key, what in (
+                ("header_timeouts", "cut at the header timeout"),
+                ("idle_closed", "closed idle"),
+                ("evicted", "evicted at the connection cap"),
+                ("refused", "refused at the cap"),
+            )
+            if stats.get(key)
+        )
+        notes.append(
+            (
+                item["name"],
+                f"{methods}; bodies {_bytes(stats['bytes_in'])} in, {_bytes(stats['bytes_out'])} out"
+                + (f"; connections {cuts}" if cuts else ""),
+            )
+        )
     return text + _notes(notes)
 
 
@@ -1190,17 +1206,17 @@ def listener_create(
         if not site.running:
             _say(NOT_RUNNING)
         elif wait:
-            await _wait_routing_key(site, key, timeout)
+            await _wait_routing_key(site, key, timeout, listener=name)
 
     cli.run(body)
 
 
-async def _wait_routing_key(site: Any, key: str, timeout: float) -> None:
-    """Wait until a reachable site offers `key`."""
+async def _wait_routing_key(site: Any, key: str, timeout: float, *, listener: str) -> None:
+    """Wait until a reachable site offers `key` (one that `listener`'s provider policy admits, if it has one)."""
     answer = await _wait_for(
         site,
         "wait_reachable",
-        {"routing_key": key},
+        {"routing_key": key, "listener": listener},
         timeout=timeout,
         waiting=f"waiting for a site to offer routing key {key}...",
         too_slow=lambda after: f"no site offers routing key {key} after {after} "

@@ -1183,7 +1183,7 @@ class Site:
             return None
         return (
             f"no reachable site its provider policy admits offers routing key {key!r}; "
-            f"{', '.join(router.describe(p) for p in offered)} offer it"
+            f"{', '.join(router.describe(p) for p in offered)} {'offers' if len(offered) == 1 else 'offer'} it"
         )
 
     # -- links ---------------------------------------------------------------------------------

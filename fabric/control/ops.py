@@ -113,10 +113,13 @@ async def wait_link(site: Site, name: str) -> dict:
     return {}
 
 
-async def wait_reachable(site: Site, routing_key: str) -> dict:
+async def wait_reachable(site: Site, routing_key: str, listener: str | None = None) -> dict:
+    """Once a site offers the key (and this site's listeners for it accept); its providers, as listener
+    `listener`'s provider policy admits them if one is named."""
     _running(site, "wait for a routing key")
     await site.wait_reachable(routing_key)
-    return {"providers": sorted(site.router.name_of(p) for p in site.router.providers(routing_key))}
+    policy = next((l.providers for l in site.config.listeners if l.name == listener), ())
+    return {"providers": sorted(site.router.name_of(p) for p in site.router.within(policy).providers(routing_key))}
 
 
 async def update_link(site: Site, name: str, **changes: Any) -> dict:

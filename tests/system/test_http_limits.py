@@ -174,6 +174,9 @@ async def test_slowloris_at_a_1024_descriptor_limit_is_cut_and_normal_requests_a
             (stats,) = [listener["http"] for listener in status["listeners"]]
             assert stats["header_timeouts"] >= len(timed_out) and stats["evicted"] >= len(evicted), stats
             assert stats["header_timeouts"] + stats["evicted"] <= SLOW_CLIENTS + len(served), stats
+            table = await trio.to_thread.run_sync(fabric, site_dir, "listener", "status")
+            assert f"{stats['header_timeouts']} cut at the header timeout" in table.stdout, table.stdout
+            assert f"{stats['evicted']} evicted at the connection cap" in table.stdout, table.stdout
             assert (stats["refused"], stats["idle_closed"]) == (0, 0), stats
 
             # The log: the first cut said at once, the rest in one line LOG_INTERVAL later; nothing per connection.
