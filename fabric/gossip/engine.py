@@ -32,6 +32,15 @@ The protocol:
 - Only present sites' records are gossiped (pushed, forwarded, listed in
   digests). That is what lets a purge stick: a site nobody can reach is not
   handed back by a neighbour that has not purged it yet.
+- A full table is shared out by branch, so a member cannot flood it. Records
+  of this site and of its neighbours are always taken and never evicted.
+  Past `max_sites`, a new site's record gets in only by evicting another
+  (absent sites' first): the present sites hang in the tree of shortest
+  paths from here, and a newcomer may evict a record only from a larger
+  branch than its own, measured where their two paths part (`_Branches`).
+  Sites minted by one member all hang in that member's branch, so they can
+  only evict each other. Refusals and evictions are reported as counts, at
+  most once per `logs.LINE_INTERVAL`.
 - A site's own record is authoritative. Records of this site from others are
   never taken in; if a neighbour holds one with a higher stamp than ours
   (our own record from before a restart that lost the incarnation counter),
@@ -48,20 +57,24 @@ from `decode_message_untrusted`, before the engine sees them.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import attrs
 
 from ..errors import ProtocolError
+from ..logs import LINE_INTERVAL
 from ..pki import SITE_ID_LENGTH
 from ..router.frames import MAX_PAYLOAD
 from .records import (
     MAX_COUNTER,
+    MAX_LINKS,
     MAX_RECORDS,
     MAX_TEXT,
     LinkInfo,
@@ -106,7 +119,13 @@ JITTER = 0.2  # rounds are spread uniformly over interval * [1 - JITTER/2, 1 + J
 # neighbour, so two sites that cannot agree cost a bounded amount.
 FOLLOW_UP = 0.2
 MAX_FOLLOW_UPS = 3
-MAX_SITES = MAX_RECORDS  # sites one engine keeps records of: records of more new sites are refused
+# Sites one engine keeps records of, besides its neighbours' (always kept):
+# past it a new site's record must take the slot of a worse placed one. With
+# at most MAX_LINKS neighbours, a whole table still fits one digest.
+MAX_SITES = MAX_RECORDS - MAX_LINKS
+# Hops from a site within which a full table tells branches apart (_Branches):
+# deeper than real networks' paths, and what bounds the work of an eviction.
+BRANCH_DEPTH = 8
 DIGEST_HASH_BYTES = 16  # of SHA-256: 128 bits; a collision only delays a repair to the next differing round
 
 DigestEntry: TypeAlias = tuple[str, int, int]
@@ -355,6 +374,180 @@ def _service_order(service: ServiceInfo) -> tuple[Any, ...]:
     return (service.routing_key, service.protocol, service.port or 0, service.connectors)
 
 
+class _Branches:
+    """Who gives up a slot when the table is full, and whether a newcomer may take it.
+
+    The present sites hang in the tree of shortest paths from this site (the
+    root), each under the site that first reached it. A branch's size is the
+    number of evictable records in it (all but this site's and its
+    neighbours'). The victim is an absent record if there is one; else it is
+    found by walking down from the root into the largest branch at each
+    step. A newcomer placed under `parent` may take the victim's slot only
+    if, at the site where its path and the victim's part, its own branch
+    would still be smaller than the victim's is. So a branch grows only at
+    the expense of a larger one, and records minted behind one site, which
+    all hang in its branch, can only evict each other. Ties are refused and
+    every swap evens the tree out, so swaps stop: nothing churns.
+
+    Branches are told apart BRANCH_DEPTH hops deep, which bounds the work of
+    each swap: the sites below a site at that depth make one bucket, whose
+    farthest (then newest) record goes first, and which a newcomer enters
+    only by being nearer than that. Built from one table state and edited by
+    each swap; the engine builds a new one after any other change.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        order: Sequence[str],
+        parent: dict[str, str],
+        depth: dict[str, int],
+        protected: frozenset[str],
+        absent: list[str],
+        newness: Callable[[str], float],
+    ) -> None:
+        # The nodes of the tree are the sites at most BRANCH_DEPTH deep; a
+        # site deeper counts under its ancestor at that depth, its bucket.
+        self._root = root
+        self._newness = newness
+        self._depth: dict[str, int] = {}  # site -> hops from the root
+        self._node: dict[str, str] = {}  # site -> the node it counts under: itself, or its bucket
+        self._parent: dict[str, str] = {}  # node -> the node above it
+        self._size: dict[str, int] = {}  # node -> evictable records at or below it
+        self._by_size: dict[str, dict[int, dict[str, None]]] = {}  # node -> its non-empty children by size
+        self._top: dict[str, int] = {}  # node -> the size of its largest child
+        self._buckets: dict[str, list[tuple[int, float, str]]] = {}  # node at BRANCH_DEPTH -> heap of its records
+        for site in order:
+            hops = depth[site]
+            self._depth[site] = hops
+            if hops <= BRANCH_DEPTH:
+                self._node[site] = site
+                self._size[site], self._by_size[site], self._top[site] = 0, {}, 0
+                if site != root:
+                    self._parent[site] = parent[site]
+                if hops == BRANCH_DEPTH:
+                    self._buckets[site] = []
+            else:
+                self._node[site] = self._node[parent[site]]
+            if site not in protected:
+                node = self._node[site]
+                self._size[node] += 1
+                if hops >= BRANCH_DEPTH:
+                    self._buckets[node].append(self._bucket_entry(site))
+        for heap in self._buckets.values():
+            heapq.heapify(heap)
+        for site in reversed(order):  # children before their parents
+            if site != root and self._node[site] == site:
+                self._size[self._parent[site]] += self._size[site]
+        for node, above in self._parent.items():
+            if self._size[node]:
+                self._by_size[above].setdefault(self._size[node], {})[node] = None
+        for node, children in self._by_size.items():
+            self._top[node] = max(children, default=0)
+        self._absent = absent  # evicted from the end first
+        self._path: list[str] = []  # the nodes from the root down to the victim's, once found
+        self._on_path: dict[str, int] = {}
+
+    def __contains__(self, site: object) -> bool:
+        """Whether `site` is in the tree: present, and not evicted since."""
+        return site in self._node
+
+    def victim(self) -> str | None:
+        """The record to evict next; None if nothing may be evicted."""
+        if self._absent:
+            return self._absent[-1]
+        last = self._victim_path()[-1]
+        if last == self._root:
+            return None
+        bucket = self._buckets.get(last)
+        return last if bucket is None else bucket[0][2]
+
+    def admits(self, parent: str) -> bool:
+        """Whether a present newcomer placed under `parent` (a site in the tree) may take the victim's slot."""
+        if self._absent:
+            return True
+        path = self._victim_path()
+        hops = self._depth[parent] + 1
+        node = self._node[parent]
+        if hops > BRANCH_DEPTH and node == path[-1]:  # into the victim's own bucket: only nearer
+            victim = self.victim()
+            return victim is not None and hops < self._depth[victim]
+        branch = None  # the child of the meeting node the newcomer counts under (None: a new one)
+        while node not in self._on_path:
+            branch, node = node, self._parent[node]
+        index = self._on_path[node]
+        if index + 1 == len(path):
+            return False  # the victim is the newcomer's parent or above it, or there is none
+        ours = 0 if branch is None else self._size[branch]
+        return ours + 1 < self._size[path[index + 1]]
+
+    def heaviest(self) -> tuple[str, int] | None:
+        """The root's largest branch: (the site it starts at, its size), for reports."""
+        top = self._top[self._root]
+        return (next(iter(self._by_size[self._root][top])), top) if top else None
+
+    def remove(self, site: str) -> None:
+        """Take out the victim `site`. A node left empty stays, so the sites below it keep their place."""
+        if self._absent and self._absent[-1] == site:
+            self._absent.pop()
+            return
+        node = self._node.pop(site)
+        del self._depth[site]
+        if node in self._buckets:
+            entry = heapq.heappop(self._buckets[node])
+            assert entry[2] == site, "only the victim is removed"
+        self._resize(node, -1)
+
+    def add(self, site: str, parent: str) -> None:
+        """Hang the newcomer `site` (evictable) under `parent`."""
+        hops = self._depth[parent] + 1
+        self._depth[site] = hops
+        if hops <= BRANCH_DEPTH:
+            self._node[site] = site
+            self._parent[site] = parent
+            self._size[site], self._by_size[site], self._top[site] = 0, {}, 0
+            if hops == BRANCH_DEPTH:
+                self._buckets[site] = [self._bucket_entry(site)]
+        else:
+            self._node[site] = self._node[parent]
+            heapq.heappush(self._buckets[self._node[site]], self._bucket_entry(site))
+        self._resize(self._node[site], +1)
+
+    def _bucket_entry(self, site: str) -> tuple[int, float, str]:
+        return -self._depth[site], -self._newness(site), site  # the farthest, then the newest, first
+
+    def _resize(self, node: str, delta: int) -> None:
+        self._path = []
+        while True:
+            old = self._size[node]
+            new = self._size[node] = old + delta
+            if node == self._root:
+                return
+            above = self._parent[node]
+            children = self._by_size[above]
+            if old:
+                del children[old][node]
+                if not children[old]:
+                    del children[old]
+            if new:
+                children.setdefault(new, {})[node] = None
+            top = self._top[above]
+            if new > top:
+                self._top[above] = new
+            elif old == top and old not in children:
+                self._top[above] = max(children, default=0)
+            node = above
+
+    def _victim_path(self) -> list[str]:
+        if not self._path:
+            path = [self._root]
+            while top := self._top[path[-1]]:
+                path.append(next(iter(self._by_size[path[-1]][top])))
+            self._path = path
+            self._on_path = {node: index for index, node in enumerate(path)}
+        return self._path
+
+
 class GossipEngine:
     """The gossip of one site: its record table, its neighbours, and what to tell them.
 
@@ -364,7 +557,9 @@ class GossipEngine:
     version is usually 0): it is signed here, and reaches the neighbours
     with the first `publish` or through the digest exchange of a new link.
     `rng` jitters the anti-entropy rounds (seed it for replayable tests);
-    `on_reject` hears of every record refused (for the log).
+    `on_reject` hears of every record refused (for the log); those refused
+    or evicted for space, as counts now and then. `max_sites` bounds the
+    table, beyond this site's neighbours (see the module docstring).
     """
 
     def __init__(
@@ -396,6 +591,17 @@ class GossipEngine:
         self._turn = 0
         self._next_round = math.inf
         self._reachable: frozenset[str] = frozenset({self._id})
+        # The last walk of who is present (_update_reachability): what each
+        # held record links to, and the tree of shortest paths from here.
+        self._adverts: dict[str, frozenset[str]] = {self._id: frozenset()}
+        self._depth: dict[str, int] = {self._id: 0}  # present site -> hops from here
+        self._parent: dict[str, str] = {}  # present site -> the site that first reached it
+        self._order: list[str] = [self._id]  # present sites, nearest first
+        self._branches: _Branches | None = None  # while the table is full; None when stale
+        self._refused: dict[str, Stamp] = {}  # newcomers refused for space since the table last changed
+        self._crowded: Counter[str] = Counter()  # neighbour -> its records refused for space, since the last report
+        self._evicted = 0  # records evicted for space since the last report
+        self._crowding_reported_at = -math.inf
         self._changed_at: dict[str, float] = {self._id: now}  # when each held record reached us
         self._unreachable_since: dict[str, float] = {}  # held sites that are absent, since when
         self._announced: dict[str, Stamp] = {}  # the stamp of each site we last pushed on
@@ -404,6 +610,12 @@ class GossipEngine:
         self._digest: tuple[tuple[DigestEntry, ...], str] | None = None  # (stamps, hash) of present sites
         self._follow_ups: dict[str, float] = {}  # neighbour -> when to send it an extra Summary
         self._follow_up_count: dict[str, int] = {}  # extra Summaries to it since its last regular round
+        self._their_hash: dict[str, str] = {}  # neighbour -> the digest hash it last showed us
+        self._asked: dict[str, str] = {}  # neighbour -> the hash of the digest we last sent it
+        # neighbour -> (our hash, its hash) when an exchange found nothing either
+        # side would take (they hold what the other refused for space): not
+        # repeated until one of them changes.
+        self._settled: dict[str, tuple[str, str]] = {}
         self._last_outrank = -math.inf
         self._outrank_due = math.inf
         self._outrank_above: Stamp | None = None
@@ -479,7 +691,8 @@ class GossipEngine:
         """When `tick` has something to do (an anti-entropy round, a purge); math.inf for never."""
         purge = min(self._unreachable_since.values(), default=math.inf) + self._purge_after
         follow_up = min(self._follow_ups.values(), default=math.inf)
-        return min(self._next_round, purge, self._outrank_due, follow_up)
+        report = self._crowding_reported_at + LINE_INTERVAL if self._crowded or self._evicted else math.inf
+        return min(self._next_round, purge, self._outrank_due, follow_up, report)
 
     def __repr__(self) -> str:
         return (
@@ -529,20 +742,40 @@ class GossipEngine:
         """
         if peer not in self._neighbours:
             self._neighbours.append(peer)
+            self._branches = None  # its record is kept from now on
             if self._next_round == math.inf:
                 self._next_round = now + self._round_interval()
         if self._id < peer:
-            return [(peer, Digest(self._stamps_for(peer)))]
+            return [(peer, self._digest_to(peer))]
         return []
 
     def link_down(self, peer: str, now: float) -> Outbox:
-        """The link with `peer` is gone. The caller publishes its links without it."""
+        """The link with `peer` is gone. The caller publishes its links without it.
+
+        Its record is no longer kept regardless: if the table was over its
+        limit by it, the worst placed record goes.
+        """
         if peer in self._neighbours:
             self._neighbours.remove(peer)
-        self._follow_ups.pop(peer, None)
-        self._follow_up_count.pop(peer, None)
+            self._branches = None
+        for held in (self._follow_ups, self._follow_up_count, self._their_hash, self._asked, self._settled):
+            held.pop(peer, None)
         if not self._neighbours:
             self._next_round = math.inf
+        evicted = 0
+        while self._room() < 0:
+            branches = self._branches_now()
+            victim = branches.victim()
+            if victim is None:
+                break
+            branches.remove(victim)
+            self._forget(victim)
+            evicted += 1
+        if evicted:
+            self._evicted += evicted
+            self._changed()
+            self._update_reachability(now)
+            self._report_crowding(now)
         return []
 
     def receive(self, peer: str, message: Message, now: float) -> Outbox:
@@ -564,6 +797,7 @@ class GossipEngine:
     def tick(self, now: float) -> Outbox:
         """Do what is due by `now`: purge sites absent for `purge_after`, run an anti-entropy round."""
         outbox: Outbox = []
+        self._report_crowding(now)
         due = [site for site, since in self._unreachable_since.items() if since + self._purge_after <= now]
         for site_id in due:
             self._forget(site_id)
@@ -578,14 +812,16 @@ class GossipEngine:
         for peer, due in list(self._follow_ups.items()):
             if due <= now:
                 del self._follow_ups[peer]
-                outbox.append((peer, self._summary_for(peer)))
+                if not self._settled_with(peer):
+                    outbox.append((peer, self._summary_for(peer)))
 
         if self._neighbours and self._next_round <= now:
             peer = self._neighbours[self._turn % len(self._neighbours)]
             self._turn += 1
             self._follow_up_count[peer] = 0
             self._follow_ups.pop(peer, None)  # this round is the follow-up
-            outbox.append((peer, self._summary_for(peer)))
+            if not self._settled_with(peer):  # if it changes, its own round tells us
+                outbox.append((peer, self._summary_for(peer)))
             self._next_round = now + self._round_interval()
         return outbox
 
@@ -597,6 +833,8 @@ class GossipEngine:
         outbox: Outbox = []
         echo: Stamp | None = None
         changed = False
+        newcomers: dict[str, SiteRecord] = {}  # new sites while the table is full: they must earn a slot
+        room = self._room()
         for record in message.records:
             site_id = record.site_id
             if site_id == self._id:
@@ -611,27 +849,44 @@ class GossipEngine:
                     # and lost its counter): show it ours so it can outrank it.
                     outbox.append((peer, Push((held,))))
                 continue
-            if held is None and len(self.table) >= self._max_sites:
-                self._on_reject(Rejection(peer, site_id, f"this site already holds {self._max_sites} sites, its limit"))
+            new = held is None and site_id not in self._neighbours
+            if new and room <= 0:
+                if record.is_newer_than(newcomers.get(site_id)):
+                    newcomers[site_id] = record
                 continue
             if not self._verified(peer, record):
                 continue
-            self.table.apply(record)
-            self._changed_at[site_id] = now
-            self._source[site_id] = peer
+            self._take(peer, record, now)
+            if new:
+                room -= 1
             changed = True
+        refused: list[SiteRecord] = []
+        if newcomers:
+            if changed:  # place the newcomers in the tree as this push left it
+                self._changed()
+                self._update_reachability(now)
+            changed, refused = self._admit(peer, newcomers, now)
         if changed:
             self._changed()
             self._update_reachability(now)
+        for record in refused:
+            if len(self._refused) < self._max_sites:
+                self._refused[record.site_id] = record.stamp
+        ours = self._digest_for(peer)[1]
+        if refused and not changed and self._asked.get(peer) == ours and (theirs := self._their_hash.get(peer)):
+            self._settled[peer] = (ours, theirs)  # its answer to our digest: only what we refuse
+        self._report_crowding(now)
         if echo is not None:
             outbox += self._outrank(echo, now, peer=peer)
         outbox += self._spread()
         return outbox
 
     def _on_digest(self, peer: str, message: Digest, now: float) -> Outbox:
-        self._follow_up(peer, now)  # we differ: check again soon, in case this repair loses a message
+        self._their_hash[peer] = their_hash = digest_hash(message.stamps)
         theirs: dict[str, Stamp] = {}
         wanted: list[str] = []
+        newcomers: list[str] = []  # sites we hold no record of while the table is full
+        room = self._room()
         for site_id, incarnation, version in message.stamps:
             if not _SITE_ID.fullmatch(site_id):
                 continue
@@ -642,18 +897,32 @@ class GossipEngine:
                 if stamp > self._record.stamp:
                     wanted.append(site_id)  # an echo of ours above what we publish: fetch it, verify, outrank
             elif held is None:
-                if len(self.table) < self._max_sites:
+                if room > 0 or site_id in self._neighbours:
                     wanted.append(site_id)
+                elif self._refused.get(site_id) != stamp:
+                    newcomers.append(site_id)
             elif stamp > held.stamp:
                 wanted.append(site_id)
+        unplaced = False
+        if newcomers:
+            worth, unplaced = self._worth_pulling(newcomers)
+            wanted += worth
         offered = []
         for site_id, incarnation, version in self._stamps_for(peer):
             if theirs.get(site_id, (-1, -1)) < (incarnation, version):
                 record = self.table.get(site_id)
                 assert record is not None
                 offered.append(record)
+        if not (offered or wanted):
+            self._settled[peer] = (self._digest_for(peer)[1], their_hash)
+            return []
+        self._follow_up(peer, now)  # we differ: check again soon, in case this repair loses a message
         outbox: Outbox = [(peer, push) for push in self._pushes(offered)]
         outbox += [(peer, Pull(tuple(wanted[i : i + MAX_RECORDS]))) for i in range(0, len(wanted), MAX_RECORDS)]
+        if unplaced and peer in wanted:
+            # Sites behind the peer may be placed once its own record is here:
+            # our digest, after the pull, makes it push them.
+            outbox.append((peer, self._digest_to(peer)))
         return outbox
 
     def _on_pull(self, peer: str, message: Pull) -> Outbox:
@@ -663,13 +932,23 @@ class GossipEngine:
         return [(peer, push) for push in self._pushes(records)]
 
     def _on_summary(self, peer: str, message: Summary, now: float) -> Outbox:
-        stamps, value = self._digest_for(peer)
-        if value == message.digest_hash:
+        value = self._digest_for(peer)[1]
+        self._their_hash[peer] = message.digest_hash
+        if value == message.digest_hash or self._settled_with(peer):
             if peer in self._follow_up_count:
                 self._follow_up_count[peer] = 0
             return []
         self._follow_up(peer, now)  # if our digest is lost, our follow-up tells the peer we differ
-        return [(peer, Digest(stamps))]
+        return [(peer, self._digest_to(peer))]
+
+    def _digest_to(self, peer: str) -> Digest:
+        stamps, self._asked[peer] = self._digest_for(peer)
+        return Digest(stamps)
+
+    def _settled_with(self, peer: str) -> bool:
+        """Whether an exchange with `peer` found nothing to do, and neither side has changed since."""
+        settled = self._settled.get(peer)
+        return settled is not None and settled == (self._digest_for(peer)[1], self._their_hash.get(peer))
 
     def _follow_up(self, peer: str, now: float) -> None:
         if peer not in self._neighbours or peer in self._follow_ups:
@@ -733,32 +1012,160 @@ class GossipEngine:
     def _changed(self) -> None:
         self.generation += 1
         self._digest = None
+        self._branches = None
+        self._refused.clear()  # what was refused may fit now
+
+    def _take(self, peer: str, record: SiteRecord, now: float) -> None:
+        self.table.apply(record)
+        self._changed_at[record.site_id] = now
+        self._source[record.site_id] = peer
 
     def _forget(self, site_id: str) -> None:
         self.table.remove(site_id)
-        for held in (self._changed_at, self._unreachable_since, self._announced, self._source, self._sizes):
+        for held in (
+            self._changed_at, self._unreachable_since, self._announced, self._source, self._sizes, self._adverts
+        ):
             held.pop(site_id, None)
 
     def _update_reachability(self, now: float) -> None:
-        """Recompute who is present: reachable from here over links both ends advertise."""
+        """Recompute who is present (reachable from here over links both ends advertise), nearest first."""
         records = self.table.records
-        adverts = {site_id: {link.peer for link in record.links} for site_id, record in records.items()}
-        reached = {self._id}
-        todo = [self._id]
-        while todo:
-            site = todo.pop()
-            for peer in adverts[site]:
-                if peer not in reached and site in adverts.get(peer, ()):
-                    reached.add(peer)
-                    todo.append(peer)
+        adverts = {site_id: frozenset(link.peer for link in record.links) for site_id, record in records.items()}
+        depth = {self._id: 0}
+        parent: dict[str, str] = {}
+        order = [self._id]
+        for site in order:  # breadth first: the list grows as it is walked
+            for link in records[site].links:
+                peer = link.peer
+                if peer not in depth and site in adverts.get(peer, ()):
+                    depth[peer] = depth[site] + 1
+                    parent[peer] = site
+                    order.append(peer)
+        self._adverts, self._depth, self._parent, self._order = adverts, depth, parent, order
+        self._branches = None
         for site_id in records:
-            if site_id in reached:
+            if site_id in depth:
                 self._unreachable_since.pop(site_id, None)
             else:
                 self._unreachable_since.setdefault(site_id, now)
-        if reached != self._reachable:
-            self._reachable = frozenset(reached)
+        if depth.keys() != self._reachable:
+            self._reachable = frozenset(depth)
             self._changed()
+
+    # -- a full table ---------------------------------------------------------------------
+
+    def _room(self) -> int:
+        """Records of new sites the table takes before they must earn a slot: max_sites, neighbours' aside."""
+        kept = sum(1 for peer in self._neighbours if peer in self.table)
+        return self._max_sites - (len(self.table) - kept)
+
+    def _branches_now(self) -> _Branches:
+        if self._branches is None:
+            protected = frozenset((self._id, *self._neighbours))
+            absent = [site for site in self.table.records if site not in self._depth and site not in protected]
+            share = Counter(self._source.get(site) for site in absent)
+            # Of absent records, those from the neighbour that brought the most go first, newest first.
+            absent.sort(key=lambda site: (share[self._source.get(site)], self._changed_at[site], site))
+            self._branches = _Branches(
+                self._id, self._order, self._parent, self._depth, protected, absent, self._changed_at.__getitem__
+            )
+        return self._branches
+
+    def _admit(self, peer: str, newcomers: dict[str, SiteRecord], now: float) -> tuple[bool, list[SiteRecord]]:
+        """Let in, while the table is full, the newcomers that may take a slot (see `_Branches`).
+
+        Each is placed under the nearest present site it links to both ways
+        (or under a newcomer let in before it), nearest first; one placed
+        nowhere would be absent and is refused. Returns (any let in, the
+        refused), and counts both for the next report.
+        """
+        branches = self._branches_now()
+        waiting: list[tuple[int, str, str]] = []  # (hops from here, site, parent): a heap
+        for site_id, newcomer in newcomers.items():
+            parents = [
+                (hops, link.peer)
+                for link in newcomer.links
+                if (hops := self._depth.get(link.peer)) is not None and site_id in self._adverts[link.peer]
+            ]
+            if parents:
+                hops, parent = min(parents)
+                waiting.append((hops + 1, site_id, parent))
+        heapq.heapify(waiting)
+        pending = dict(newcomers)  # not decided yet
+        refused: list[SiteRecord] = []
+        linking: dict[str, list[str]] | None = None  # site -> the newcomers whose records link to it
+        taken = 0
+        while waiting:
+            hops, site_id, parent = heapq.heappop(waiting)
+            record = pending.pop(site_id, None)
+            if record is None:
+                continue  # decided at its nearest place already
+            if parent not in branches or not branches.admits(parent):
+                refused.append(record)  # (its parent may have been evicted since it was placed)
+                continue
+            if not self._verified(peer, record):
+                continue
+            victim = branches.victim()
+            assert victim is not None  # admits() found one
+            branches.remove(victim)
+            self._forget(victim)
+            self._take(peer, record, now)
+            branches.add(site_id, parent)
+            taken += 1
+            # Newcomers that hang from this one can be placed now.
+            if linking is None:
+                linking = {}
+                for other in pending.values():
+                    for link in other.links:
+                        linking.setdefault(link.peer, []).append(other.site_id)
+            adverts = {link.peer for link in record.links}
+            for below in linking.get(site_id, ()):
+                if below in pending and below in adverts:
+                    heapq.heappush(waiting, (hops + 1, below, site_id))
+        refused += pending.values()  # placed nowhere: they would be absent
+        if refused:
+            self._crowded[peer] += len(refused)
+        self._evicted += taken
+        return taken > 0, refused
+
+    def _worth_pulling(self, site_ids: list[str]) -> tuple[list[str], bool]:
+        """Of sites we hold no record of, while the table is full: those whose records might earn a slot.
+
+        A record not seen yet is placed under the nearest present site whose
+        record links to it, as if it linked back; one that no present site
+        links to would be absent, and is not asked for. What a record really
+        earns is decided when it arrives. Returns (those worth asking for,
+        whether some could not be placed).
+        """
+        wanted = set(site_ids)
+        parents: dict[str, str] = {}
+        for site in self._order:
+            for link in self.table.records[site].links:
+                if link.peer in wanted and link.peer not in parents:
+                    parents[link.peer] = site
+        branches = self._branches_now()
+        return [site_id for site_id, parent in parents.items() if branches.admits(parent)], len(parents) < len(wanted)
+
+    def _report_crowding(self, now: float) -> None:
+        """Report the records refused or evicted for space since the last report, at most once per interval."""
+        if not (self._crowded or self._evicted) or now < self._crowding_reported_at + LINE_INTERVAL:
+            return
+        refused = sum(self._crowded.values())
+        heaviest = self._branches_now().heaviest()
+        peer = self._crowded.most_common(1)[0][0] if self._crowded else (heaviest[0] if heaviest else self._id)
+        behind = f"; the most, {heaviest[1]}, are behind neighbour {heaviest[0][:8]}" if heaviest else ""
+        self._on_reject(
+            Rejection(
+                peer,
+                None,
+                f"this site holds {len(self.table)} sites (its limit is {self._max_sites} besides its neighbours'): "
+                f"{refused} record(s) of new sites refused and {self._evicted} evicted for better placed ones "
+                f"since the last such report{behind}",
+            )
+        )
+        self._crowded.clear()
+        self._evicted = 0
+        self._crowding_reported_at = now
 
     def _spread(self) -> Outbox:
         """Push every present site's record not yet passed on to the neighbours that may lack it.

@@ -13,8 +13,9 @@ import functools
 import json
 import math
 import random
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import attrs
 import pytest
@@ -25,6 +26,7 @@ from fabric import pki
 from fabric.errors import ProtocolError
 from fabric.gossip.engine import (
     ANTI_ENTROPY_INTERVAL,
+    MAX_SITES,
     PURGE_AFTER,
     Digest,
     GossipEngine,
@@ -49,6 +51,7 @@ from fabric.gossip.records import (
     signing_bytes,
     verify_record,
 )
+from fabric.logs import LINE_INTERVAL
 from fabric.router.frames import MAX_PAYLOAD
 from fabric.router.routes import compute_routes
 from tools.bench.gossip_sim import (
@@ -90,25 +93,86 @@ def wire(message: Message) -> Message:
     return decode_message_untrusted(encode_message(message))
 
 
-def flow(engines: dict[str, GossipEngine], outbox: Outbox, sender: str, now: float = 0.0) -> int:
-    """Deliver messages (breadth first, through the codec) until none is left; returns how many went."""
-    queue = [(sender, peer, message) for peer, message in outbox]
+Sent: TypeAlias = list[tuple[str, str, Message]]
+"""(from, to, message): what `flow` delivered."""
+
+
+def flow(
+    engines: dict[str, GossipEngine],
+    outbox: Outbox,
+    sender: str,
+    now: float = 0.0,
+    *,
+    sent: Sent | None = None,
+    lost: Callable[[str, str], bool] = lambda src, dst: False,
+) -> int:
+    """Deliver messages (breadth first, through the codec) until none is left; returns how many went.
+
+    Messages to a site not in `engines` (an attacker, who speaks by hand)
+    go nowhere, nor do those for which `lost(from, to)` holds. `sent`
+    collects what was delivered.
+    """
+    return deliver(engines, [(sender, peer, message) for peer, message in outbox], now, sent=sent, lost=lost)
+
+
+def deliver(
+    engines: dict[str, GossipEngine],
+    queue: Sent,
+    now: float,
+    *,
+    sent: Sent | None = None,
+    lost: Callable[[str, str], bool] = lambda src, dst: False,
+) -> int:
+    """`flow` for messages of several senders, in the order given (each link stays first in, first out)."""
     delivered = 0
     while queue:
         src, dst, message = queue.pop(0)
+        if dst not in engines or lost(src, dst):
+            continue
         delivered += 1
+        if sent is not None:
+            sent.append((src, dst, message))
         for peer, answer in engines[dst].receive(src, wire(message), now):
             queue.append((dst, peer, answer))
     return delivered
 
 
-def linked(engines: dict[str, GossipEngine], a: str, b: str, now: float = 0.0) -> None:
-    """a and b link up and publish their links, and everything flows."""
+def linked(engines: dict[str, GossipEngine], a: str, b: str, now: float = 0.0, **options: Any) -> None:
+    """a and b link up and publish their links, and everything flows (`options` go to `flow`).
+
+    An end not in `engines` (an attacker) does its part by hand.
+    """
     for x, y in ((a, b), (b, a)):
-        flow(engines, engines[x].link_up(y, now), x, now)
+        if x in engines:
+            flow(engines, engines[x].link_up(y, now), x, now, **options)
     for x in (a, b):
-        links = [LinkInfo(peer, 1) for peer in engines[x].neighbours]
-        flow(engines, engines[x].publish(now, links=links), x, now)
+        if x in engines:
+            links = [LinkInfo(peer, 1) for peer in engines[x].neighbours]
+            flow(engines, engines[x].publish(now, links=links), x, now, **options)
+
+
+def link(engines: dict[str, GossipEngine], a: str, b: str, now: float = 0.0, **options: Any) -> None:
+    """a and b link up as routers do: each end takes the link up and publishes its links at once, then
+    what they sent flows (`options` go to `flow`). An end not in `engines` (an attacker) does its part by hand."""
+    queue: Sent = []
+    for x, y in ((a, b), (b, a)):
+        if x in engines:
+            engine = engines[x]
+            out = engine.link_up(y, now)
+            out += engine.publish(now, links=[LinkInfo(peer, 1) for peer in engine.neighbours])
+            queue += [(x, peer, message) for peer, message in out]
+    deliver(engines, queue, now, **options)
+
+
+def run_timers(engines: dict[str, GossipEngine], start: float, seconds: float, **options: Any) -> float:
+    """Run every engine's timers from `start` for `seconds`, delivering at once what they send; returns the end."""
+    end = start + seconds
+    while True:
+        site_id = min(engines, key=lambda site: engines[site].next_deadline())
+        now = max(start, engines[site_id].next_deadline())
+        if now > end:
+            return end
+        flow(engines, engines[site_id].tick(now), site_id, now, **options)
 
 
 # -- codec -----------------------------------------------------------------------------
@@ -496,16 +560,6 @@ def test_absent_sites_are_not_gossiped(ids: list[pki.Identity]) -> None:
     assert engine.receive(b, Pull((x,)), 1.0) == [(b, Push((engine.table.get(x),)))]
 
 
-def test_table_limit(ids: list[pki.Identity]) -> None:
-    reports: list[Rejection] = []
-    engine = new_engine(ids[0], max_sites=2, on_reject=reports.append)
-    engine.receive(ids[1].site_id, Push((signed(ids[1]), signed(ids[2]))), 0.0)
-    assert len(engine.table) == 2 and ids[2].site_id not in engine.table
-    assert reports[0].site_id == ids[2].site_id and "holds 2 sites, its limit" in reports[0].reason
-    assert engine.receive(ids[1].site_id, Push((signed(ids[1], 1, 2),)), 0.0) == []  # known sites still update
-    assert engine.table.get(ids[1].site_id).version == 2
-
-
 def test_pushes_are_split_to_fit_frames(ids: list[pki.Identity]) -> None:
     big = tuple(ServiceInfo(f"service-{i:04d}", protocol="x" * 180) for i in range(1800))  # ~400 KB a record
     records = [signed(identity, services=big) for identity in ids[1:5]]
@@ -524,6 +578,344 @@ def test_engine_refuses_a_signer_that_does_not_sign_for_it(ids: list[pki.Identit
         GossipEngine(own, sign=lambda record: record, now=0.0)
     with pytest.raises(ValueError):
         GossipEngine(own, sign=functools.partial(sign_record, identity=ids[0]), now=0.0, anti_entropy_interval=0)
+
+
+# -- a full table: one member minting sites cannot starve the others ----------------------------
+
+FULL = 24  # max_sites of the engines below: small, so a few dozen minted sites fill every table
+FAKES = 96  # sites the attacker mints (4 tables' worth)
+
+
+@attrs.frozen(repr=False)
+class Cast:
+    """Who plays in the flood tests. The real sites all run engines; the attacker pushes by hand."""
+
+    hub: pki.Identity
+    client: pki.Identity  # linked to the hub, before the flood
+    behind: pki.Identity  # linked to the client only
+    attacker: pki.Identity  # linked to the hub; mints `fakes`
+    newcomer: pki.Identity  # links to the hub after the flood, with its own two sites behind it
+    second: pki.Identity  # linked to the newcomer
+    third: pki.Identity  # linked to the second: farther from everyone than many fakes
+    fakes: tuple[pki.Identity, ...]
+
+    def __repr__(self) -> str:
+        return f"<Cast of {len(self.real) + 1} sites and {len(self.fakes)} fakes>"
+
+    @property
+    def real(self) -> list[pki.Identity]:
+        return [self.hub, self.client, self.behind, self.newcomer, self.second, self.third]
+
+
+@pytest.fixture(scope="module")
+def cast() -> Cast:
+    rng = random.Random(19)
+    names = ["hub", "client", "behind", "attacker", "newcomer", "second", "third"]
+    people = {name: make_identity(name, rng) for name in names}
+    fakes = tuple(make_identity(f"fake-{i}", rng) for i in range(2 * FAKES))
+    return Cast(**people, fakes=fakes)
+
+
+def mint(attacker: pki.Identity, fakes: Sequence[pki.Identity], *, fanout: int, hub: str) -> list[SiteRecord]:
+    """The attacker's record and one per fake: a tree `fanout` wide under the attacker, each link advertised
+    by both ends so that every fake is present, and the attacker's link to the hub."""
+    nodes = [attacker, *fakes]
+    links: dict[str, set[str]] = {node.site_id: set() for node in nodes}
+    links[attacker.site_id].add(hub)
+    for index in range(1, len(nodes)):
+        above = nodes[(index - 1) // fanout].site_id
+        links[above].add(nodes[index].site_id)
+        links[nodes[index].site_id].add(above)
+    return [signed(node, links=tuple(LinkInfo(peer, 1) for peer in sorted(links[node.site_id]))) for node in nodes]
+
+
+@attrs.define
+class Flood:
+    cast: Cast
+    engines: dict[str, GossipEngine]
+    records: list[SiteRecord]  # the attacker's and the fakes'
+    reports: dict[str, list[Rejection]]
+    now: float = 1.0
+
+    @property
+    def hub(self) -> GossipEngine:
+        return self.engines[self.cast.hub.site_id]
+
+    def push(self, records: Sequence[SiteRecord], batch: int) -> None:
+        """The attacker pushes `records` to the hub, `batch` a push; everything that follows flows."""
+        hub, attacker = self.cast.hub.site_id, self.cast.attacker.site_id
+        for start in range(0, len(records), batch):
+            out = self.hub.receive(attacker, Push(tuple(records[start : start + batch])), self.now)
+            flow(self.engines, out, hub, self.now)
+            self.check_bounded()
+
+    def join(self, *, publish_late: bool = False, **options: Any) -> None:
+        """The newcomer, with the second and third behind it and services on them, links to the hub.
+
+        With `publish_late`, each end's records cross before either publishes the link, so what the
+        newcomer sends first would be absent at the hub: anti-entropy must bring it later.
+        """
+        cast, engines = self.cast, self.engines
+        for identity in (cast.newcomer, cast.second, cast.third):
+            engines[identity.site_id] = self.engine(identity)
+        engines[cast.newcomer.site_id].publish(self.now, services=[ServiceInfo("web", port=80)])
+        engines[cast.third.site_id].publish(self.now, services=[ServiceInfo("db", port=5432)])
+        link(engines, cast.third.site_id, cast.second.site_id, self.now)
+        link(engines, cast.second.site_id, cast.newcomer.site_id, self.now)
+        (linked if publish_late else link)(engines, cast.newcomer.site_id, cast.hub.site_id, self.now, **options)
+        self.check_bounded()
+
+    def engine(self, identity: pki.Identity) -> GossipEngine:
+        reports = self.reports.setdefault(identity.site_id, [])
+        return new_engine(identity, now=self.now, max_sites=FULL, on_reject=reports.append)
+
+    def check_bounded(self) -> None:
+        for engine in self.engines.values():
+            assert len(engine.table) <= FULL + len(engine.neighbours), engine
+
+    def unharmed(self) -> None:
+        """Every real site sees every real site present, and the services of those that have joined."""
+        real = [identity.site_id for identity in self.cast.real if identity.site_id in self.engines]
+        for site_id in real:
+            engine = self.engines[site_id]
+            missing = [other[:8] for other in real if not engine.present(other)]
+            assert not missing, (engine, missing)
+            if self.cast.newcomer.site_id in self.engines:
+                assert engine.catalog() == {"web": {self.cast.newcomer.site_id}, "db": {self.cast.third.site_id}}
+
+    def tables(self) -> dict[str, tuple[int, dict]]:
+        return {site_id: (engine.generation, engine.table.digest()) for site_id, engine in self.engines.items()}
+
+    def settle(self, step: Callable[[], None], limit: int) -> int:
+        """Do `step` (a wave of the flood, a few rounds of anti-entropy) until one changes no table;
+        returns how many did (at most `limit`). Only fakes ever come and go."""
+        fakes = {record.site_id for record in self.records}
+        for changes in range(limit + 1):
+            before = self.tables()
+            step()
+            self.unharmed()
+            after = self.tables()
+            if after == before:
+                return changes
+            for site_id, (_, held) in after.items():
+                assert set(held) ^ set(before[site_id][1]) <= fakes
+        raise AssertionError(f"still changing after {limit + 1} steps")
+
+    def wave(self, records: Sequence[SiteRecord], batch: int) -> Callable[[], None]:
+        def step() -> None:
+            self.now += 1.0
+            self.push(records, batch)
+
+        return step
+
+    def rounds(self) -> None:
+        self.now = run_timers(self.engines, self.now, 2 * INTERVAL)
+
+
+def flooded(cast: Cast, *, fakes: int = FAKES, fanout: int = 3, batch: int = 10) -> Flood:
+    """The hub, the client and the site behind it linked, the attacker linked to the hub; then the flood."""
+    attack = Flood(cast, {}, mint(cast.attacker, cast.fakes[:fakes], fanout=fanout, hub=cast.hub.site_id), {})
+    for identity in (cast.hub, cast.client, cast.behind):
+        attack.engines[identity.site_id] = attack.engine(identity)
+    linked(attack.engines, cast.client.site_id, cast.hub.site_id)
+    linked(attack.engines, cast.behind.site_id, cast.client.site_id)
+    linked(attack.engines, cast.attacker.site_id, cast.hub.site_id)
+    attack.push(attack.records, batch)
+    return attack
+
+
+def test_a_flood_fills_every_table_but_evicts_no_real_site(cast: Cast) -> None:
+    attack = flooded(cast)
+    attack.unharmed()
+    fakes = {record.site_id for record in attack.records}
+    for engine in attack.engines.values():
+        assert len(engine.table) >= FULL and len(fakes & set(engine.table.digest())) >= FULL - 4
+    # The hub says so in one line with counts, not a line per record.
+    [report] = attack.reports[cast.hub.site_id]
+    assert report.peer == cast.attacker.site_id and report.site_id is None
+    assert f"this site holds {FULL + 2} sites (its limit is {FULL} besides its neighbours')" in report.reason
+    assert f"the most, {FULL - 2}, are behind neighbour {cast.attacker.site_id[:8]}" in report.reason
+
+
+def test_a_site_linking_to_a_flooded_hub_is_known_at_once_everywhere_with_the_sites_behind_it(cast: Cast) -> None:
+    """The newcomer's record is kept by the hub (a neighbour's always is); its branch is smaller than the
+    attacker's wherever they part, so it and the sites behind it, even those farther than many fakes,
+    take slots from fakes at every site."""
+    attack = flooded(cast, fanout=3)
+    attack.join()
+    attack.unharmed()
+    behind = attack.engines[cast.behind.site_id]
+    assert behind.age(cast.third.site_id, attack.now) == 0.0  # pushed: no anti-entropy round needed
+    # From there the third site is 5 hops away (client, hub, newcomer, second, third); the attacker's
+    # first three fakes are 4 (client, hub, attacker, fake), and stay: fakes went, not by distance.
+    assert all(fake.site_id in behind.table for fake in cast.fakes[:3])
+
+
+def test_anti_entropy_repairs_a_lost_push_of_a_newcomer_and_then_asks_for_nothing(cast: Cast) -> None:
+    client, hub = cast.client.site_id, cast.hub.site_id
+    attack = flooded(cast)
+    attack.join(lost=lambda src, dst: (src, dst) == (hub, client))
+    assert not attack.engines[client].present(cast.newcomer.site_id)
+    now = run_timers(attack.engines, attack.now, 3 * INTERVAL)
+    attack.unharmed()
+    # Settled: the client and the hub hold different fakes (each refused some the other holds), yet once
+    # an exchange has found nothing either would take, they only swap summaries, as at rest.
+    assert attack.engines[client].table.digest().keys() != attack.hub.table.digest().keys()
+    sent: Sent = []
+    before = attack.tables()
+    now = run_timers(attack.engines, now, 6 * INTERVAL, sent=sent)
+    assert {type(message) for _, _, message in sent} == {Summary}
+    assert attack.tables() == before
+    # A change ends the quiet at once: one the client missed is repaired by the next rounds.
+    third = attack.engines[cast.third.site_id]
+    flow(attack.engines, third.publish(now, services=[ServiceInfo("db", port=5433)]), cast.third.site_id, now,
+         lost=lambda src, dst: (src, dst) == (hub, client))
+    assert attack.engines[client].table.get(cast.third.site_id) != third.record
+    run_timers(attack.engines, now, 3 * INTERVAL)
+    assert attack.engines[client].table.get(cast.third.site_id) == third.record
+
+
+def test_only_an_answer_to_our_digest_of_refused_records_quiets_anti_entropy(cast: Cast) -> None:
+    """Two full sites that hold what the other refused stop swapping digests; a push refused at any
+    other time says nothing about what the peer would answer, so the next round still asks."""
+    hub, peer = new_engine(cast.hub, max_sites=2), cast.client.site_id
+    hub.link_up(peer, 0.0)
+    hub.publish(0.0, links=[LinkInfo(peer, 1)])
+    hub.receive(peer, Push((signed(cast.client, links=(LinkInfo(cast.hub.site_id, 1),)), signed(cast.fakes[0]))), 0.0)
+    theirs = Summary("ab" * 16, 3)
+    [(_, digest)] = hub.receive(peer, theirs, 1.0)
+    assert isinstance(digest, Digest)
+    # Its answer: only a record the full table refuses (it would be absent). Quiet from now on.
+    hub.receive(peer, Push((signed(cast.fakes[1]),)), 1.0)
+    assert hub.receive(peer, theirs, 2.0) == []
+    # We change: the next summary is answered; a refused push before its answer does not quiet it.
+    hub.publish(3.0, services=[ServiceInfo("web")])
+    hub.receive(peer, Push((signed(cast.fakes[2]),)), 3.0)
+    [(_, digest)] = hub.receive(peer, theirs, 4.0)
+    assert isinstance(digest, Digest)
+
+
+@pytest.mark.parametrize("batch", [1, 7, FAKES + 1])
+def test_the_same_flood_again_moves_only_fakes_and_settles(cast: Cast, batch: int) -> None:
+    """Each swap makes the attacker's branch more even where two of its sub-branches part, so a repeated
+    flood can move fakes for fakes a few times, never anything else, and then changes nothing."""
+    attack = flooded(cast, batch=batch)
+    attack.join()
+    assert attack.settle(attack.wave(attack.records[::-1], batch), limit=2) <= 2
+
+
+def test_a_neighbours_record_is_kept_over_the_limit_until_its_link_goes(cast: Cast) -> None:
+    attack = flooded(cast)
+    hub = attack.hub
+    attack.join()
+    assert len(hub.table) == FULL + 3 and hub.present(cast.newcomer.site_id)  # client, attacker, newcomer
+    attack.push(attack.records, 5)
+    assert hub.present(cast.newcomer.site_id)
+    # The link goes: the newcomer's record competes like any other now, and the table is back under its limit.
+    hub.link_down(cast.newcomer.site_id, 3.0)
+    assert len(hub.table) == FULL + 2 and hub.table.get(cast.newcomer.site_id) is not None
+
+
+def test_what_could_not_be_present_is_refused_when_full_and_reported_as_counts(cast: Cast) -> None:
+    """Records no present site links to (they would be absent) are refused once the table is full,
+    one push at a time: one report at once, then one per logs.LINE_INTERVAL with the count."""
+    reports: list[Rejection] = []
+    engine = new_engine(cast.hub, max_sites=3, on_reject=reports.append)
+    peer = cast.client.site_id
+    engine.link_up(peer, 0.0)
+    engine.receive(peer, Push((signed(cast.fakes[0]), signed(cast.fakes[1]))), 0.0)
+    assert len(engine.table) == 3
+    step = LINE_INTERVAL / 20
+    for index, fake in enumerate(cast.fakes[2:40]):  # one record a push, 20 to an interval, for 2 intervals
+        engine.receive(peer, Push((signed(fake),)), index * step)
+    assert len(engine.table) == 3 and len(reports) == 2
+    assert "1 record(s) of new sites refused and 0 evicted" in reports[0].reason
+    assert "20 record(s) of new sites refused" in reports[1].reason  # an interval on, those since
+    assert all(report.peer == peer for report in reports)
+    # The rest is reported when due, by the timer.
+    engine.link_down(peer, 38 * step)  # no anti-entropy rounds: the report alone sets the deadline
+    assert engine.next_deadline() == 2 * LINE_INTERVAL
+    engine.tick(2 * LINE_INTERVAL)
+    assert len(reports) == 3 and "17 record(s) of new sites refused" in reports[2].reason
+    assert engine.next_deadline() == PURGE  # the absent records' purge: nothing left to report
+    now = 2 * LINE_INTERVAL
+    engine.link_up(peer, now)
+    # Known sites still update, and a neighbour's record is always taken.
+    assert engine.receive(peer, Push((signed(cast.fakes[0], 1, 2),)), now) == []
+    assert engine.table.get(cast.fakes[0].site_id).version == 2
+    engine.receive(peer, Push((signed(cast.client),)), now)
+    assert len(engine.table) == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    fanout=st.integers(1, 6),
+    fakes=st.integers(FULL, 2 * FAKES),
+    batch=st.integers(1, 40),
+    seed=st.integers(0, 2**32),
+    join_first=st.booleans(),
+    publish_late=st.booleans(),
+)
+def test_any_flood_from_one_member_leaves_the_others_unharmed(
+    cast: Cast, fanout: int, fakes: int, batch: int, seed: int, join_first: bool, publish_late: bool
+) -> None:
+    """Fakes in a tree of any width (1: a chain, deeper than BRANCH_DEPTH), pushed in any order and
+    batches, before or after the newcomer joins: tables stay bounded, every real site sees every
+    other after a round or two, and the same flood again moves only fakes, and settles."""
+    attack = Flood(cast, {}, mint(cast.attacker, cast.fakes[:fakes], fanout=fanout, hub=cast.hub.site_id), {})
+    for identity in (cast.hub, cast.client, cast.behind):
+        attack.engines[identity.site_id] = attack.engine(identity)
+    linked(attack.engines, cast.client.site_id, cast.hub.site_id)
+    linked(attack.engines, cast.behind.site_id, cast.client.site_id)
+    linked(attack.engines, cast.attacker.site_id, cast.hub.site_id)
+    records = list(attack.records)
+    random.Random(seed).shuffle(records)
+    if join_first:
+        attack.join(publish_late=publish_late)
+    attack.push(records, batch)
+    if not join_first:
+        attack.join(publish_late=publish_late)
+    attack.now = run_timers(attack.engines, attack.now, 4 * INTERVAL)  # each site's rounds take its links in turn
+    attack.unharmed()
+    # Waves of the same flood, and anti-entropy between sites holding different fakes, can fill in
+    # parts of the flood that were absent (pieces of a chain whose links came later) and even out
+    # the attacker's branch: each change is for good, so they stop.
+    attack.settle(attack.wave(records[::-1], batch), limit=len(records))
+    attack.settle(attack.rounds, limit=len(records))
+
+
+def test_a_full_size_flood_is_refused_cheaply(cast: Cast) -> None:
+    """4,100 minted sites against tables of the real size: what cannot get in costs microseconds a record."""
+    rng = random.Random(4100)
+    fakes = [make_identity(f"fake-{i}", rng) for i in range(4100)]
+    hub_id, attacker = cast.hub.site_id, cast.attacker.site_id
+    records = mint(cast.attacker, fakes, fanout=64, hub=hub_id)
+    hub = new_engine(cast.hub)
+    hub.link_up(attacker, 0.0)
+    hub.publish(0.0, links=[LinkInfo(attacker, 1)])
+    pushes = [Push(tuple(records[i : i + 1000])) for i in range(0, len(records), 1000)]
+    started = time.perf_counter()
+    for push in pushes:
+        hub.receive(attacker, push, 1.0)
+    filled = time.perf_counter() - started
+    assert len(hub.table) == MAX_SITES + 1  # and the attacker's, a neighbour's
+    held = hub.table.digest()
+    started = time.perf_counter()
+    for push in pushes:
+        assert hub.receive(attacker, push, 2.0) == []
+    again = time.perf_counter() - started
+    assert hub.table.digest() == held
+    print(f"flood of {len(records)} at a table of {MAX_SITES}: {filled:.3f} s to fill, {again:.3f} s refused again")
+    assert again < 0.5  # ~0.03 s measured: no signature checked, no walk of the table per record
+    # A new neighbour, and a site behind it, still get in.
+    newcomer, second = cast.newcomer, cast.second
+    hub.link_up(newcomer.site_id, 3.0)
+    hub.publish(3.0, links=[LinkInfo(attacker, 1), LinkInfo(newcomer.site_id, 1)])
+    behind = signed(second, links=(LinkInfo(newcomer.site_id, 1),))
+    links = (LinkInfo(hub_id, 1), LinkInfo(second.site_id, 1))
+    hub.receive(newcomer.site_id, Push((signed(newcomer, links=links), behind)), 3.0)
+    assert hub.present(newcomer.site_id) and hub.present(second.site_id)
+    assert len(hub.table) == MAX_SITES + 2
 
 
 # -- simulated networks --------------------------------------------------------------------
