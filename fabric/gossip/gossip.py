@@ -34,6 +34,7 @@ class Gossip:
         links: Callable[[], Mapping[str, Link]],
         on_change: Callable[[], None],
     ) -> None:
+        self._rejections = logs.Throttle(logs.LINE_INTERVAL)  # a member can send bad records by the thousand
         self._engine = GossipEngine(
             SiteRecord(site_id=site_id, name=name, incarnation=incarnation, version=0, mode=mode),
             sign=sign,
@@ -97,8 +98,11 @@ class Gossip:
             self._on_change()
 
     def _rejected(self, rejection: Rejection) -> None:
+        """A record refused: a warning for the first from each neighbour per interval, the rest at debug."""
         about = f" about site {rejection.site_id[:8]}" if rejection.site_id else ""
-        log.warning(
-            "gossip from site %s%s dropped: %s", rejection.peer[:8], about, rejection.reason,
+        held = self._rejections.admit(rejection.peer, trio.current_time())
+        log.log(
+            logging.DEBUG if held is None else logging.WARNING,
+            "gossip from site %s%s dropped: %s%s", rejection.peer[:8], about, rejection.reason, logs.held_back(held or 0),
             extra=logs.event("gossip_dropped", peer=rejection.peer[:8], reason=rejection.reason),
         )

@@ -778,6 +778,35 @@ async def test_a_certified_peer_that_forges_gossip_keeps_nothing_of_it(arena, ca
     assert arena.hub.router.record(arena.edge.site_id) == edge_record
 
 
+async def test_a_thousand_forged_records_cost_one_warning(arena, caplog):
+    """Each forged record is dropped, but a member sending them by the thousand gets one warning line
+    per interval (the rest at debug), not a line each; its link and everyone's view stay as they were."""
+    from fabric.gossip.engine import Push, encode_message as encode_gossip
+    from fabric.gossip.records import _b64, signing_bytes
+
+    creds, raw = await linked_attacker(arena, "forger")
+    edge_record = arena.hub.router.record(arena.edge.site_id)
+    forged = []
+    for version in range(edge_record.version + 1, edge_record.version + 1001):
+        record = attrs.evolve(edge_record, version=version, public_key=_b64(pki.public_key_der(creds.identity)), signature="")
+        forged.append(attrs.evolve(record, signature=_b64(pki.sign(creds.identity, signing_bytes(record)))))
+
+    async def attack():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raw.serve)
+            for start in range(0, len(forged), 100):
+                await raw.send_frame(FrameType.GOSSIP, 0, encode_gossip(Push(tuple(forged[start : start + 100]))))
+            await raw.send_frame(FrameType.PING, 0, encode_u64(0))
+            await trio.sleep(0.5)
+            assert raw.goaway is None and not raw.ended
+            nursery.cancel_scope.cancel()
+
+    await arena.under_attack(attack)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "gossip from site" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert arena.hub.router.record(arena.edge.site_id) == edge_record
+
+
 # -- certificates the hub must refuse -----------------------------------------------------------
 
 
