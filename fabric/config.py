@@ -20,7 +20,7 @@ import yaml
 from cattrs.preconf.pyyaml import make_converter
 
 from .errors import ConfigError
-from .names import brief, check_name
+from .names import brief, check_name, check_names
 from .pki import write_private_atomic
 from .strict import strict
 from .router.routes import BALANCED, DISTRIBUTIONS
@@ -133,12 +133,7 @@ def _listed(value: Any) -> Any:
 
 def _names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """A list of names: site ids (which are names too), site names or routing keys. None passes."""
-    if value is None:
-        return
-    if not isinstance(value, tuple):
-        raise TypeError(f"{attribute.name} must be a list, not {brief(value)}")
-    for entry in value:
-        check_name(entry, f"{attribute.name} entry")
+    check_names(value, attribute.name)
 
 
 @attrs.frozen

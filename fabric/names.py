@@ -37,6 +37,16 @@ def check_name(value: Any, what: str = "name") -> str:
     return value
 
 
+def check_names(value: Any, what: str) -> None:
+    """A tuple of names (or None): else TypeError or ValueError naming `what` and the entry at fault."""
+    if value is None:
+        return
+    if not isinstance(value, tuple):
+        raise TypeError(f"{what} must be a list, not {brief(value)}")
+    for entry in value:
+        check_name(entry, f"{what} entry")
+
+
 def brief(value: Any, limit: int = 40) -> str:
     """A value from outside, quoted and cut short enough for a one-line message."""
     text = repr(value)

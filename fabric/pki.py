@@ -47,7 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .errors import ConfigError, ProtocolError, TokenError, TokenExpiredError, TokenForgedError
 from .errors import TokenFormatError, TokenSpentError
 from .names import brief as _brief
-from .names import check_name
+from .names import check_name, check_names
 from .strict import strict
 from .router.transports import parse_address
 
@@ -605,12 +605,7 @@ def _check_site_name(instance: Any, attribute: attrs.Attribute, value: Any) -> N
 
 
 def _check_routing_keys(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, tuple):
-        raise TypeError(f"{attribute.name} must be a list of routing keys, not {_brief(value)}")
-    for key in value:
-        check_name(key, "routing key")
+    check_names(value, attribute.name)
 
 
 def _check_urlsafe(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

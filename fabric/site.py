@@ -120,7 +120,7 @@ def _check_protocol(protocol: str) -> None:
 
 
 _FINAL_REFUSALS = {
-    Reason.NOT_AUTHORIZED: "delete this link, and redeem a new token to link again",
+    Reason.NOT_AUTHORIZED: "delete this link; it links again only if that site lets it (a new token, unless it revoked this site)",
     Reason.EDGE_TO_EDGE: "delete this link",
 }
 

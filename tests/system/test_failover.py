@@ -19,7 +19,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from cli_support import SiteProcess, as_json, fabric, free_port, ok, running
+from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok, running
 
 pytestmark = pytest.mark.system
 
@@ -57,16 +57,6 @@ async def wait_for(what: str, condition) -> None:
             await trio.sleep(LOOK_INTERVAL)
         return
     raise AssertionError(f"no {what} after {WAIT_DEADLINE} s")
-
-
-async def echo(stream: trio.SocketStream) -> None:
-    async with stream:
-        try:
-            while data := await stream.receive_some(65536):
-                await stream.send_all(data)
-            await stream.send_eof()
-        except trio.BrokenResourceError:
-            pass
 
 
 async def round_trip(stream: trio.SocketStream, size: int = 1000) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 import yaml
-from cli_support import SiteProcess, as_json, fabric, free_port, ok
+from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok
 
 pytestmark = pytest.mark.system
 
@@ -64,16 +64,6 @@ async def link(dialer: Path, acceptor: Path) -> None:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def echo(stream: trio.SocketStream) -> None:
-    async with stream:
-        try:
-            while data := await stream.receive_some(65536):
-                await stream.send_all(data)
-            await stream.send_eof()
-        except trio.BrokenResourceError:
-            pass
 
 
 async def round_trip(port: int) -> None:
