@@ -87,6 +87,18 @@ async def in_turns(count: int, one) -> None:
             nursery.start_soon(task)
 
 
+async def echo_clients(tcp, port: int) -> None:
+    """CLIENTS echo round trips through the listener at `port`, AT_ONCE at a time, within DEADLINE."""
+
+    async def client() -> None:
+        stream = await tcp.connect(port)
+        async with stream:
+            await tcp.echo_round_trip(stream, 1000)
+
+    with trio.fail_after(DEADLINE):
+        await in_turns(CLIENTS, client)
+
+
 # -- the hijack: a member offering the same routing key --------------------------------------------
 
 
@@ -96,13 +108,7 @@ async def test_by_default_a_second_site_offering_the_key_takes_some_of_the_clien
     await offer_web(arena, honest.port, evil.port)
     listener = await arena.a.create_listener("web", 0)
 
-    async def client() -> None:
-        stream = await tcp.connect(listener.port)
-        async with stream:
-            await tcp.echo_round_trip(stream, 1000)
-
-    with trio.fail_after(DEADLINE):
-        await in_turns(CLIENTS, client)
+    await echo_clients(tcp, listener.port)
     assert honest.connections + evil.connections == CLIENTS
     assert evil.connections > 0  # the hijacker served some of a's clients
     (web,) = [s for s in arena.a.network_status().services if s.routing_key == "web"]
@@ -383,13 +389,7 @@ async def test_a_links_offers_keep_the_linked_sites_other_services_out(network, 
 
         listener = await a.create_listener("web", 0)
 
-        async def client() -> None:
-            stream = await tcp.connect(listener.port)
-            async with stream:
-                await tcp.echo_round_trip(stream, 1000)
-
-        with trio.fail_after(DEADLINE):
-            await in_turns(CLIENTS, client)
+        await echo_clients(tcp, listener.port)
         assert (honest_echo.connections, evil_echo.connections) == (CLIENTS, 0)
 
         # Back to the default: evil's `web` counts again, without a new link.
@@ -425,11 +425,5 @@ async def test_a_tokens_offers_keep_the_redeeming_sites_other_services_out(netwo
                 assert link.direction == "incoming" and link.offers == ("tools",) and link.ignored == ("web",)
                 (listener,) = hub.status().listeners  # (port 0: another port at each start)
 
-                async def client() -> None:
-                    stream = await tcp.connect(listener.port)
-                    async with stream:
-                        await tcp.echo_round_trip(stream, 1000)
-
-                with trio.fail_after(DEADLINE):
-                    await in_turns(CLIENTS, client)
+                await echo_clients(tcp, listener.port)
         assert (honest_echo.connections, evil_echo.connections) == (2 * CLIENTS, 0)
