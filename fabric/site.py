@@ -348,8 +348,7 @@ class Site:
             for link in self.config.links:
                 self.router.limit_offers(link.peer_id, link.offers)
                 self._start_dialer(link)
-            for connector in self.config.connectors:
-                self._add_connector(connector)
+            self._add_connectors(self.config.connectors)  # one new version of this site's record for all
             for listener in self.config.listeners:
                 try:
                     await self._start_listener(listener)
@@ -848,16 +847,19 @@ class Site:
         )
         self._check_policy(config.allow)
         if self.running:
-            self._add_connector(config)
+            self._add_connectors([config])
         self._save(attrs.evolve(self.config, connectors=(*self.config.connectors, config)))
         self._resync()
         await trio.lowlevel.checkpoint()
         return config
 
-    def _add_connector(self, config: ConnectorConfig) -> None:
-        connector = TcpConnector(config, dial_timeout=self.settings.dial_timeout)
-        self._connectors[config.name] = connector
-        self.router.add_connector(config.routing_key, connector, config.allow)
+    def _add_connectors(self, configs: Sequence[ConnectorConfig]) -> None:
+        made = []
+        for config in configs:
+            connector = TcpConnector(config, dial_timeout=self.settings.dial_timeout)
+            self._connectors[config.name] = connector
+            made.append((config.routing_key, connector, config.allow))
+        self.router.add_connectors(made)
 
     async def delete_connector(self, name: str) -> None:
         if not any(c.name == name for c in self.config.connectors):

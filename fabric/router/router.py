@@ -17,7 +17,7 @@ import collections
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -450,9 +450,11 @@ class Router:
 
     # -- connectors ------------------------------------------------------------------
 
-    def add_connector(self, routing_key: str, connector: Connector, allow: tuple[str, ...] = OPEN) -> None:
-        """Offer the key; flows from other sites reach the connector only if `allow` admits their origin."""
-        self.connectors.setdefault(routing_key, ConnectorSlot()).add(connector, allow)
+    def add_connectors(self, connectors: Iterable[tuple[str, Connector, tuple[str, ...]]]) -> None:
+        """Offer each (routing key, connector, allow), as one change of this site's record; flows from
+        other sites reach a connector only if its `allow` admits their origin."""
+        for routing_key, connector, allow in connectors:
+            self.connectors.setdefault(routing_key, ConnectorSlot()).add(connector, allow)
         self._publish()
 
     def remove_connector(self, routing_key: str, connector: Connector) -> None:

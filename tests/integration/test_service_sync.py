@@ -308,3 +308,15 @@ async def test_a_site_flooding_routing_keys_gets_its_share_of_listeners_and_no_m
     said = site_log.of("victim", level=logging.WARNING)
     assert 2 <= len(said) <= 3, said  # one per cause (per-site limit, low port; a flood port in use, perhaps)
     assert any("max_auto_listeners_per_site" in line for line in said), said
+
+
+async def test_a_site_starting_with_many_connectors_offers_them_in_one_record(network):
+    """Configured connectors are published together at start: one new version of the record for all of
+    them, not one per connector (a flood of versions every neighbour would take in and pass on)."""
+    keys = [f"key-{i}" for i in range(200)]
+    async with network.site("many", service_sync=False) as site:
+        for key in keys:
+            await site.create_connector(key, 1024 + len(key))
+    async with network.site("many") as site:
+        record = site.router.gossip.record
+        assert record.version == 1 and {s.routing_key for s in record.services} == set(keys)
