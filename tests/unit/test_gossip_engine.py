@@ -712,14 +712,20 @@ class Flood:
         self.now = run_timers(self.engines, self.now, 2 * INTERVAL)
 
 
-def flooded(cast: Cast, *, fakes: int = FAKES, fanout: int = 3, batch: int = 10) -> Flood:
-    """The hub, the client and the site behind it linked, the attacker linked to the hub; then the flood."""
+def cast_linked(cast: Cast, *, fakes: int, fanout: int) -> Flood:
+    """The hub, the client and the site behind it linked, the attacker linked to the hub; its fakes minted."""
     attack = Flood(cast, {}, mint(cast.attacker, cast.fakes[:fakes], fanout=fanout, hub=cast.hub.site_id), {})
     for identity in (cast.hub, cast.client, cast.behind):
         attack.engines[identity.site_id] = attack.engine(identity)
     linked(attack.engines, cast.client.site_id, cast.hub.site_id)
     linked(attack.engines, cast.behind.site_id, cast.client.site_id)
     linked(attack.engines, cast.attacker.site_id, cast.hub.site_id)
+    return attack
+
+
+def flooded(cast: Cast, *, fakes: int = FAKES, fanout: int = 3, batch: int = 10) -> Flood:
+    """`cast_linked`, then the flood."""
+    attack = cast_linked(cast, fakes=fakes, fanout=fanout)
     attack.push(attack.records, batch)
     return attack
 
@@ -862,12 +868,7 @@ def test_any_flood_from_one_member_leaves_the_others_unharmed(
     """Fakes in a tree of any width (1: a chain, deeper than BRANCH_DEPTH), pushed in any order and
     batches, before or after the newcomer joins: tables stay bounded, every real site sees every
     other after a round or two, and the same flood again moves only fakes, and settles."""
-    attack = Flood(cast, {}, mint(cast.attacker, cast.fakes[:fakes], fanout=fanout, hub=cast.hub.site_id), {})
-    for identity in (cast.hub, cast.client, cast.behind):
-        attack.engines[identity.site_id] = attack.engine(identity)
-    linked(attack.engines, cast.client.site_id, cast.hub.site_id)
-    linked(attack.engines, cast.behind.site_id, cast.client.site_id)
-    linked(attack.engines, cast.attacker.site_id, cast.hub.site_id)
+    attack = cast_linked(cast, fakes=fakes, fanout=fanout)
     records = list(attack.records)
     random.Random(seed).shuffle(records)
     if join_first:
