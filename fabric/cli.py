@@ -35,11 +35,12 @@ import trio
 import yaml
 
 from . import __version__
-from .errors import FabricError
+from .addresses import hide_password
 from .config import PROTOCOLS
-from .pki import Token, write_private_atomic
+from .errors import FabricError
+from .files import write_private_atomic
+from .pki import Token
 from .router.routes import BALANCED, DISTRIBUTIONS
-from .router.transports import hide_password
 from .site import Site, open_site
 
 DEMO_KEY = "echo"
@@ -1425,7 +1426,7 @@ def debug_dump(cli: Cli, file: Path) -> None:
         _say(f"  could not collect {problem}")
 
 
-# The environment's proxy settings: a link without its own dials through them (transports.proxy_for).
+# The environment's proxy settings: a link without its own dials through them (addresses.proxy_for).
 _PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
 
 

@@ -19,12 +19,12 @@ import cattrs
 import yaml
 from cattrs.preconf.pyyaml import make_converter
 
+from .addresses import NO_PROXY, parse_address, parse_proxy
 from .errors import ConfigError
+from .files import write_private_atomic
 from .names import brief, check_name, check_names
-from .pki import write_private_atomic
-from .strict import strict
 from .router.routes import BALANCED, DISTRIBUTIONS
-from .router.transports import NO_PROXY, parse_address, parse_proxy
+from .strict import strict
 
 CONFIG_FILE = "site.yaml"
 STATE_DIR = "state"
@@ -187,7 +187,7 @@ class SiteConfig:
     mode: str = attrs.field(default="interior", validator=_mode)
     link_host: str = DEFAULT_LINK_HOST
     link_port: int | None = attrs.field(default=None, validator=_port)  # None: accepts no links
-    # Port that accepts links as WebSockets (at transports.WS_PATH), for reverse
+    # Port that accepts links as WebSockets (at addresses.WS_PATH), for reverse
     # proxies and firewalls that pass only HTTP; None: none.
     ws_port: int | None = attrs.field(default=None, validator=_port)
     # Service sync: a listener here for every routing key offered elsewhere, on

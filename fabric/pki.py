@@ -26,7 +26,6 @@ import os
 import re
 import secrets
 import ssl
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,20 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import ConfigError, ProtocolError, TokenError, TokenExpiredError, TokenForgedError
-from .errors import TokenFormatError, TokenSpentError
+from .addresses import parse_address
+from .errors import (
+    ConfigError,
+    ProtocolError,
+    TokenError,
+    TokenExpiredError,
+    TokenForgedError,
+    TokenFormatError,
+    TokenSpentError,
+)
+from .files import write_new_file, write_private_atomic
 from .names import brief as _brief
 from .names import check_name, check_names
 from .strict import strict
-from .router.transports import parse_address
 
 __all__ = [
     "Identity",
@@ -58,9 +65,9 @@ __all__ = [
     "cert_serial",
     "cert_site_id",
     "cert_site_name",
-    "csr_site_id",
     "client_context",
     "create_identity",
+    "csr_site_id",
     "load_grants",
     "load_identity",
     "make_csr",
@@ -195,10 +202,10 @@ def create_identity(site_dir: Path, name: str, *, now: dt.datetime | None = None
 
     ca_cert_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     cert_pem = site_cert.public_bytes(serialization.Encoding.PEM)
-    _write_new_file(identity_dir / CA_KEY_FILE, _private_pem(ca_key), 0o600)
-    _write_new_file(identity_dir / SITE_KEY_FILE, _private_pem(site_key), 0o600)
-    _write_new_file(identity_dir / CA_CERT_FILE, ca_cert_pem, 0o644)
-    _write_new_file(identity_dir / SITE_CERT_FILE, cert_pem, 0o644)
+    write_new_file(identity_dir / CA_KEY_FILE, _private_pem(ca_key), 0o600)
+    write_new_file(identity_dir / SITE_KEY_FILE, _private_pem(site_key), 0o600)
+    write_new_file(identity_dir / CA_CERT_FILE, ca_cert_pem, 0o644)
+    write_new_file(identity_dir / SITE_CERT_FILE, cert_pem, 0o644)
     return Identity(
         site_id=site_id,
         name=name,
@@ -924,7 +931,7 @@ def _sha256_hex(secret: str) -> str:
 
 def _format_utc(timestamp: float) -> str:
     try:
-        return dt.datetime.fromtimestamp(timestamp, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return dt.datetime.fromtimestamp(timestamp, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
         return f"{timestamp} (unix time)"
 
@@ -1009,35 +1016,6 @@ def _make_private_dir(path: Path) -> None:
         raise ConfigError(f"cannot create {path}: {error.strerror or error}") from None
 
 
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` exclusively with `mode` from the first instant (no chmod window)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except OSError as error:
-        raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def write_private_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`, mode 0600, atomically (temp file in the same dir + rename)."""
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except OSError:
-            pass
-        raise
-
-
 def _read_config_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -1052,7 +1030,7 @@ def _read_config_file(path: Path) -> bytes:
 
 
 def _utc(now: dt.datetime | None) -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc) if now is None else now
+    return dt.datetime.now(dt.UTC) if now is None else now
 
 
 def _one_line(text: str) -> str:

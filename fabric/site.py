@@ -13,8 +13,8 @@ import functools
 import ipaddress
 import logging
 import os
-import shutil
 import random
+import shutil
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,14 +24,15 @@ import attrs
 import trio
 
 from . import logs, pki
+from .addresses import NO_PROXY, WS_PATH, Address, parse_address, parse_proxy, proxy_for
 from .config import (
     DEFAULT_CONNECTOR_HOST,
     DEFAULT_LINK_HOST,
     DEFAULT_LISTENER_HOST,
+    PROTOCOLS,
     STATE_DIR,
     ConnectorConfig,
     LinkConfig,
-    PROTOCOLS,
     ListenerConfig,
     Settings,
     SiteConfig,
@@ -51,9 +52,19 @@ from .errors import (
     TokenForgedError,
     TokenSpentError,
 )
+from .files import write_private_atomic
 from .gossip.records import EDGE, sign_record
 from .proxy.http import HttpListener, HttpStats
-from .proxy.sync import SYNC_BIND, SYNC_CAP, SYNC_LOW_PORT, SYNC_MIN_PORT, SyncHold, SyncPlan, SyncRefusal, plan_service_sync
+from .proxy.sync import (
+    SYNC_BIND,
+    SYNC_CAP,
+    SYNC_LOW_PORT,
+    SYNC_MIN_PORT,
+    SyncHold,
+    SyncPlan,
+    SyncRefusal,
+    plan_service_sync,
+)
 from .proxy.tcp import TcpConnector, TcpListener
 from .router.frames import (
     FrameDecoder,
@@ -66,13 +77,26 @@ from .router.frames import (
     encode_frame,
     encode_message,
 )
-from .router.link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
+from .router.link import (
+    Link,
+    goaway_frame,
+    make_hello,
+    read_frame,
+    read_hello_untrusted,
+)
 from .router.policy import ambiguity, check_unambiguous
 from .router.policy import notes as policy_notes
 from .router.router import Router
 from .router.routes import BALANCED, DISTRIBUTIONS
-from .router.transports import WS_PATH, Address, WebSocketStream, accept_tls, dial, listen_tcp, parse_address
-from .router.transports import NO_PROXY, parse_proxy, peer_address, proxy_for, transport_of, tune
+from .router.transports import (
+    WebSocketStream,
+    accept_tls,
+    dial,
+    listen_tcp,
+    peer_address,
+    transport_of,
+    tune,
+)
 
 log = logging.getLogger("fabric.site")
 
@@ -1203,8 +1227,8 @@ class Site:
         name: str,
         *,
         cost: int | object = _UNSET,
-        proxy: str | None | object = _UNSET,
-        offers: Sequence[str] | None | object = _UNSET,
+        proxy: str | object | None = _UNSET,
+        offers: Sequence[str] | object | None = _UNSET,
     ) -> None:
         """Change an outgoing link's cost, proxy setting or offers (see `redeem_token`).
 
@@ -1458,7 +1482,7 @@ def _incarnation(site_dir: Path, *, advance: bool) -> int:
     if advance:
         counter.parent.mkdir(exist_ok=True)
         # Atomically: `site status` reads it while the site starts, and a kill must not leave it empty.
-        pki.write_private_atomic(counter, f"{current + 1}\n".encode())
+        write_private_atomic(counter, f"{current + 1}\n".encode())
         return current + 1
     return current
 
@@ -1537,8 +1561,8 @@ async def open_site(
     name: str,
     site_dir: str | os.PathLike,
     *,
-    link_port: int | None | object = _UNSET,
-    ws_port: int | None | object = _UNSET,
+    link_port: int | object | None = _UNSET,
+    ws_port: int | object | None = _UNSET,
     link_host: str | object = _UNSET,
     mode: str | object = _UNSET,
     settings: Settings | object = _UNSET,

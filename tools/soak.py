@@ -36,9 +36,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import logging
 import hashlib
 import json
+import logging
 import os
 import random
 import socket

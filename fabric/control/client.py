@@ -15,7 +15,14 @@ import trio
 from ..errors import FabricError
 from ..site import Site, load_site
 from .ops import perform
-from .server import MAX_REQUEST, START_WAIT, RunLock, read_line, site_answers, socket_path
+from .server import (
+    MAX_REQUEST,
+    START_WAIT,
+    RunLock,
+    read_line,
+    site_answers,
+    socket_path,
+)
 
 # Bytes of one answer; a network status of thousands of sites fits.
 MAX_ANSWER = 64 * MAX_REQUEST

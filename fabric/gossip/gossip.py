@@ -15,7 +15,14 @@ import trio
 from .. import logs
 from ..config import Settings
 from ..router.link import Link
-from .engine import GossipEngine, Outbox, Rejection, SiteStatus, decode_message_untrusted, encode_message
+from .engine import (
+    GossipEngine,
+    Outbox,
+    Rejection,
+    SiteStatus,
+    decode_message_untrusted,
+    encode_message,
+)
 from .records import LinkInfo, RecordTable, ServiceInfo, SiteRecord
 
 log = logging.getLogger("fabric.gossip")

@@ -93,7 +93,7 @@ from .http1 import (
 )
 from .tcp import TcpListener
 
-__all__ = ["HttpListener", "HttpStats", "MAX_HEAD"]
+__all__ = ["MAX_HEAD", "HttpListener", "HttpStats"]
 
 log = logging.getLogger("fabric.proxy.http")
 
@@ -261,8 +261,20 @@ class _Client:
     """A client's connection: its socket, its requests as read, and the answer bytes waiting to be written."""
 
     __slots__ = (
-        "end", "reader", "out", "out_bytes", "started", "answering", "forwarding", "forwarding_lines", "exchange",
-        "interrupt", "keep", "state", "since", "timer",
+        "answering",
+        "end",
+        "exchange",
+        "forwarding",
+        "forwarding_lines",
+        "interrupt",
+        "keep",
+        "out",
+        "out_bytes",
+        "reader",
+        "since",
+        "started",
+        "state",
+        "timer",
     )
 
     def __init__(self, stream: trio.SocketStream, ip: str) -> None:

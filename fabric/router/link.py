@@ -41,7 +41,6 @@ from .frames import (
     encode_reason,
     encode_u64,
 )
-
 from .tls_io import DirectTLS
 from .transports import receive_batch
 

@@ -23,11 +23,11 @@ import trio
 from test_hostile import RawLink, new_identity, redeem_raw
 
 from fabric import pki
+from fabric.addresses import Address
 from fabric.gossip.engine import MAX_SITES, Push
 from fabric.gossip.engine import encode_message as encode_gossip
 from fabric.gossip.records import LinkInfo, SiteRecord, sign_record
 from fabric.router.frames import FrameType
-from fabric.router.transports import Address
 from tools.bench.gossip_sim import make_identity
 
 FAKES = 4100  # more sites than a table holds (MAX_SITES, its neighbours aside)

@@ -26,8 +26,9 @@ import trio
 
 import fabric
 from fabric import pki
+from fabric.addresses import Address
+from fabric.logs import LINE_INTERVAL
 from fabric.router.frames import (
-    HEADER as FRAME_HEADER,
     FRAME_VERSION,
     MAX_PAYLOAD,
     FrameDecoder,
@@ -42,9 +43,11 @@ from fabric.router.frames import (
     encode_message,
     encode_u64,
 )
+from fabric.router.frames import (
+    HEADER as FRAME_HEADER,
+)
 from fabric.router.link import make_hello, read_frame
-from fabric.router.transports import Address, dial
-from fabric.logs import LINE_INTERVAL
+from fabric.router.transports import dial
 from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, _source_of
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
@@ -750,7 +753,8 @@ async def test_a_certified_peer_that_claims_another_sites_id_is_refused(arena):
 async def test_a_certified_peer_that_forges_gossip_keeps_nothing_of_it(arena, caplog):
     """Gossip that does not decode ends the link; a well-formed record about the edge signed by
     the attacker is dropped, and the hub's view of the edge stays the edge's own."""
-    from fabric.gossip.engine import Push, encode_message as encode_gossip
+    from fabric.gossip.engine import Push
+    from fabric.gossip.engine import encode_message as encode_gossip
     from fabric.gossip.records import ServiceInfo, _b64, signing_bytes
 
     creds, raw = await linked_attacker(arena, "forger")
@@ -784,7 +788,8 @@ async def test_a_certified_peer_that_forges_gossip_keeps_nothing_of_it(arena, ca
 async def test_a_thousand_forged_records_cost_one_warning(arena, caplog):
     """Each forged record is dropped, but a member sending them by the thousand gets one warning line
     per interval (the rest at debug), not a line each; its link and everyone's view stay as they were."""
-    from fabric.gossip.engine import Push, encode_message as encode_gossip
+    from fabric.gossip.engine import Push
+    from fabric.gossip.engine import encode_message as encode_gossip
     from fabric.gossip.records import _b64, signing_bytes
 
     creds, raw = await linked_attacker(arena, "forger")
@@ -836,7 +841,7 @@ async def test_a_certificate_from_another_sites_ca_is_refused(arena):
 @pytest.mark.parametrize("when", ["expired", "not yet valid"])
 async def test_an_expired_or_not_yet_valid_certificate_of_the_hubs_own_ca_is_refused(arena, when):
     identity = await new_identity(arena.tmp_path, "stale")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     # Signed by the hub's own CA, at a time that makes it expired (or not valid yet) now.
     signed_at = now - dt.timedelta(days=3653 + 30) if when == "expired" else now + dt.timedelta(days=30)
     cert_pem, _ = pki.sign_csr(arena.hub.identity, pki.make_csr(identity), now=signed_at)

@@ -19,6 +19,7 @@ import trio
 
 import fabric
 from fabric import pki
+from fabric.addresses import Address
 from fabric.router.frames import (
     MAX_FLOW_ID,
     FrameDecoder,
@@ -29,7 +30,7 @@ from fabric.router.frames import (
     encode_message,
 )
 from fabric.router.link import make_hello
-from fabric.router.transports import Address, dial
+from fabric.router.transports import dial
 
 HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 1.0  # seconds; short, so a silent connection is dropped quickly

@@ -20,6 +20,7 @@ import trio
 
 import fabric
 from fabric import pki
+from fabric.addresses import Address
 from fabric.errors import ConfigError, FabricError, FlowRefused
 from fabric.router.frames import (
     FrameDecoder,
@@ -34,7 +35,7 @@ from fabric.router.frames import (
     encode_message,
 )
 from fabric.router.link import make_hello, read_frame
-from fabric.router.transports import Address, dial
+from fabric.router.transports import dial
 
 DEADLINE = 60  # seconds for a test that waits on the network (generous: shared CPUs)
 CLIENTS = 20  # connections a's clients make, as in the attack that was reported

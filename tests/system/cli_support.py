@@ -84,7 +84,7 @@ class SiteProcess:
     def __init__(self, site_dir: Path, *, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.site_dir = site_dir
         self.log = site_dir.parent / f"{site_dir.name}.log"
-        self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in stop()/kill(); a restart appends
+        self._log_file = open(self.log, "ab")
         self.process = subprocess.Popen(
             [*prefix, *FABRIC, "--site-dir", str(site_dir), "site", "run", "--log-level", "debug"],
             stdin=subprocess.DEVNULL,

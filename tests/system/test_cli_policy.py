@@ -18,7 +18,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import as_json, background, fabric, fails, free_port, ok, running, wait_port
+from cli_support import (
+    as_json,
+    background,
+    fabric,
+    fails,
+    free_port,
+    ok,
+    running,
+    wait_port,
+)
 
 pytestmark = pytest.mark.system
 

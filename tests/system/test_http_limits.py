@@ -30,7 +30,15 @@ import attrs
 import pytest
 import trio
 import yaml
-from cli_support import SiteProcess, as_json, background, fabric, free_port, ok, wait_port
+from cli_support import (
+    SiteProcess,
+    as_json,
+    background,
+    fabric,
+    free_port,
+    ok,
+    wait_port,
+)
 
 from fabric.config import Settings
 

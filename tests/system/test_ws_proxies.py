@@ -31,7 +31,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from cli_support import SiteProcess, as_json, background, fabric, fails, free_port, ok, wait_port
+from cli_support import (
+    SiteProcess,
+    as_json,
+    background,
+    fabric,
+    fails,
+    free_port,
+    ok,
+    wait_port,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -59,7 +68,7 @@ def self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     """A certificate for `host` and its key, as a reverse proxy in front of a hub would have."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

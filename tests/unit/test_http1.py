@@ -18,7 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fabric.proxy import http1
-from fabric.proxy.http1 import END, NEED_DATA, REQUEST, RESPONSE, Head, HttpError, Reader
+from fabric.proxy.http1 import (
+    END,
+    NEED_DATA,
+    REQUEST,
+    RESPONSE,
+    Head,
+    HttpError,
+    Reader,
+)
 from tools.fuzz import targets
 
 TOKEN = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12).map(str.encode)

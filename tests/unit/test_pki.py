@@ -24,8 +24,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fabric import names
-from fabric import pki
+from fabric import names, pki
 from fabric.errors import (
     ConfigError,
     ProtocolError,
@@ -251,7 +250,7 @@ def test_signed_certs_get_distinct_serials(alpha: pki.Identity, beta: pki.Identi
 
 
 def test_signed_cert_validity(alpha: pki.Identity, beta: pki.Identity) -> None:
-    now = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
     cert = x509.load_pem_x509_certificate(pki.sign_csr(alpha, pki.make_csr(beta), now=now)[0])
     assert cert.not_valid_before_utc < now
     assert cert.not_valid_after_utc - now >= dt.timedelta(days=3650)
@@ -315,7 +314,7 @@ def test_sign_csr_raises_only_token_error(issuer: pki.Identity, data: bytes) -> 
 
 def self_signed(key: Any, common_name: str) -> bytes:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

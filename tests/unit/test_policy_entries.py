@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fabric.router.policy import ambiguity, by_name, check_unambiguous, notes, resolve, site_label, sites_admitted
+from fabric.router.policy import (
+    ambiguity,
+    by_name,
+    check_unambiguous,
+    notes,
+    resolve,
+    site_label,
+    sites_admitted,
+)
 
 A, B1, B2, C = "a" * 32, "b1" + "0" * 30, "b2" + "0" * 30, "c" * 32
 NAMES = {A: "a", B1: "b", B2: "b", C: "c"}  # site id -> name: two sites carry "b"

@@ -11,11 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import names
-from fabric import pki
+from fabric import names, pki
 from fabric.errors import ProtocolError
 from fabric.gossip.records import (
-    encode_record_batches,
     EDGE,
     INTERIOR,
     MAX_COST,
@@ -32,6 +30,7 @@ from fabric.gossip.records import (
     ServiceInfo,
     SiteRecord,
     decode_records_untrusted,
+    encode_record_batches,
     encode_records,
     record_from_json_untrusted,
     sign_record,

@@ -10,7 +10,13 @@ import collections
 
 import pytest
 
-from fabric.proxy.sync import SYNC_CAP, SYNC_LOW_PORT, SYNC_SITE_LIMIT, SyncHold, plan_service_sync
+from fabric.proxy.sync import (
+    SYNC_CAP,
+    SYNC_LOW_PORT,
+    SYNC_SITE_LIMIT,
+    SyncHold,
+    plan_service_sync,
+)
 
 TOTAL, PER_SITE = 128, 32  # the defaults of Settings
 

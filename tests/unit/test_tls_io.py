@@ -17,15 +17,19 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websocket_support import exchange, websocket_pair
 from websockets.frames import Frame, Opcode
 
 from fabric import pki
 from fabric.config import Settings
-from fabric.router.frames import FrameDecoder, FrameType, decode_u64_untrusted, encode_u64
+from fabric.router.frames import (
+    FrameDecoder,
+    FrameType,
+    decode_u64_untrusted,
+    encode_u64,
+)
 from fabric.router.link import COALESCE_WINDOW, CONTROL_ALLOWANCE, Link, make_hello
 from fabric.router.tls_io import RECEIVE_SIZE, DirectTLS
-from websocket_support import exchange, websocket_pair
-
 
 SETTINGS = Settings()
 take_over = functools.partial(DirectTLS.take_over, max_pending=SETTINGS.link_write_buffer)

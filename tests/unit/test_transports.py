@@ -7,11 +7,13 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websocket_support import exchange, websocket_pair
 
+from fabric import addresses
+from fabric.addresses import Address, Proxy, parse_address, parse_proxy, proxy_for
 from fabric.errors import LinkError
 from fabric.router import transports
-from fabric.router.transports import Address, Proxy, WebSocketStream, parse_address, parse_proxy, proxy_for
-from websocket_support import exchange, websocket_pair
+from fabric.router.transports import WebSocketStream
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_parse_proxy_reads_credentials_and_never_prints_the_password() -> None:
     assert proxy == Proxy("proxy.corp", 3128, "alice", "s@cret")
     assert str(proxy) == repr(proxy) == "http://alice:***@proxy.corp:3128"
     assert parse_proxy("proxy.corp:8080") == Proxy("proxy.corp", 8080)
-    assert transports.hide_password("http://alice:s3cret@proxy:1") == "http://alice:***@proxy:1"
+    assert addresses.hide_password("http://alice:s3cret@proxy:1") == "http://alice:***@proxy:1"
 
 
 @pytest.mark.parametrize(
@@ -73,7 +75,7 @@ def test_parse_proxy_reads_credentials_and_never_prints_the_password() -> None:
     ],
 )
 def test_hide_password_hides_what_parse_proxy_reads_as_the_password(text: str, hidden: str, password) -> None:
-    assert transports.hide_password(text) == hidden
+    assert addresses.hide_password(text) == hidden
     assert parse_proxy(text).password == password
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import trio
 
-from fabric.router.transports import WebSocketStream, parse_address
+from fabric.addresses import parse_address
+from fabric.router.transports import WebSocketStream
 
 
 async def websocket_pair(

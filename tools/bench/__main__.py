@@ -26,7 +26,13 @@ import attrs
 
 from .common import environment, finish, raise_fd_limit
 from .paths import PATHS, FabricNetwork, Relays
-from .programs import Background, BenchError, cpu_seconds, install_hint, missing_packages
+from .programs import (
+    Background,
+    BenchError,
+    cpu_seconds,
+    install_hint,
+    missing_packages,
+)
 from .scenarios import REPO, SERVERS, Scenario, scenarios, start_server
 
 RUNS = 3
@@ -90,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         chosen = getattr(args, option)
         if chosen and (unknown := set(chosen.split(",")) - set(known)):
             parser.error(f"--{option}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
-    if args.runs is not None and args.runs < 1 or args.seconds is not None and args.seconds <= 0:
+    if (args.runs is not None and args.runs < 1) or (args.seconds is not None and args.seconds <= 0):
         parser.error("--runs must be at least 1 and --seconds positive")
     args.runs = args.runs or (1 if args.quick else RUNS)
     args.seconds = args.seconds or (QUICK_SECONDS if args.quick else SECONDS)

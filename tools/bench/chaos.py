@@ -181,7 +181,7 @@ class Sites:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
+        log = open(self.root / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             [*FABRIC, "--site-dir", str(self.dirs[name]), "site", "run"], stdin=subprocess.DEVNULL, stdout=log, stderr=log
         )

@@ -42,8 +42,8 @@ import fabric
 from fabric.gossip.engine import ANTI_ENTROPY_INTERVAL
 from fabric.router.routes import compute_routes
 
-from .gossip_sim import SimSite, Simulation, line, random_mesh, star
 from .common import finish
+from .gossip_sim import SimSite, Simulation, line, random_mesh, star
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "tools" / "bench" / "results" / "gossip_convergence.json"

@@ -38,7 +38,7 @@ import trio
 
 from .common import environment, finish, growth, open_fds, raise_fd_limit, rss_mb
 from .paths import FabricNetwork
-from .programs import Background, BenchError, missing_packages, install_hint
+from .programs import Background, BenchError, install_hint, missing_packages
 from .scenarios import SERVERS, start_server
 
 REPO = Path(__file__).resolve().parents[2]

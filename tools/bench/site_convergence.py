@@ -57,8 +57,8 @@ import fabric
 from fabric.router.frames import HEADER_SIZE
 from fabric.router.link import Link
 
-from .gossip_sim import line, random_mesh, star
 from .common import finish, raise_fd_limit
+from .gossip_sim import line, random_mesh, star
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "tools" / "bench" / "results" / "site_convergence.json"
@@ -478,7 +478,7 @@ async def run_all(args: argparse.Namespace) -> list[dict]:
                 progress(f"site_convergence: {topology} of {size} sites")
                 try:
                     rows.append(await run_config(topology, size, args, meter))
-                except Exception as exc:  # noqa: BLE001 (report it and go on with the next configuration)
+                except Exception as exc:
                     progress(f"\n  FAILED: {_describe(exc)}")
                     rows.append({"topology": topology, "sites": size, "error": _describe(exc)})
     return rows

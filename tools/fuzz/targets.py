@@ -36,7 +36,13 @@ import trio.testing
 
 from fabric import pki
 from fabric.config import Settings
-from fabric.errors import FrameError, LinkError, ProtocolError, TokenError, TokenFormatError
+from fabric.errors import (
+    FrameError,
+    LinkError,
+    ProtocolError,
+    TokenError,
+    TokenFormatError,
+)
 from fabric.gossip import engine as gossip_engine
 from fabric.gossip.records import SiteRecord, decode_records_untrusted, sign_record
 from fabric.proxy import http1
