@@ -60,7 +60,7 @@ def parse_address(text: str) -> Address:
         raise ValueError(f"link address {text[:100]!r}: the path has characters a URL path cannot hold")
     host, port = _split_hostport(hostport, DEFAULT_PORTS.get(scheme))
     why = _why_host_refused(host) or (None if port is not None else "no port from 1 to 65535")
-    if why:
+    if why or port is None:
         example = "tls://host:port" if scheme == "tls" else f"{scheme}://host:port/path"
         raise ValueError(f"link address {text[:100]!r} must look like {example}: {why}")
     return Address(scheme, host, port, path if scheme != "tls" else "")
@@ -135,7 +135,7 @@ def parse_proxy(text: str) -> Proxy:
     host, port = _split_hostport(hostport, None)
     why = "no path" if "/" in hostport else _why_host_refused(host)
     why = why or (None if port is not None else "it needs a port from 1 to 65535")
-    if why:
+    if why or port is None:
         raise ValueError(f"proxy {hide_password(text)!r} must look like http://[user:password@]host:port: {why}")
     if not at:
         return Proxy(host, port)

@@ -37,7 +37,7 @@ import trio
 import websockets.http11 as ws_http11
 import websockets.protocol as ws_protocol
 from websockets.client import ClientProtocol
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
@@ -178,6 +178,7 @@ class WebSocketStream(trio.abc.Stream):
             raise LinkError(why)
         ws.send_response(response)
         await transport.send_all(b"".join(ws.data_to_send()))
+        assert request is not None  # (a response of 101 answers a request)
         forwarded = request.headers.get("X-Forwarded-For")
         if forwarded:
             peer = f"{forwarded.split(',')[0].strip()[:100]} via {peer}"
@@ -211,11 +212,13 @@ class WebSocketStream(trio.abc.Stream):
         else:
             self._ws.receive_eof()
             self.eof = True
-        payloads = []
+        payloads: list[bytes] = []
         for event in self._ws.events_received():
+            if not isinstance(event, Frame):
+                continue  # (the handshake's request or response: handled before the stream exists)
             if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
                 if event.data:
-                    payloads.append(event.data)
+                    payloads.append(bytes(event.data))  # (bytes already: no copy)
             elif event.opcode is Opcode.TEXT:
                 raise trio.BrokenResourceError("the peer sent WebSocket text; a link carries binary messages only")
             elif event.opcode is Opcode.CLOSE:
@@ -374,7 +377,7 @@ async def receive_batch(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes
     data = await stream.receive_some(max_bytes)
     ssl_object = getattr(stream, "_ssl_object", None)  # trio.SSLStream keeps its ssl.SSLObject here
     if ssl_object is None or not data:
-        return data
+        return bytes(data)  # (bytes already: no copy)
     parts = [data]
     total = len(data)
     while total < max_bytes:
@@ -386,7 +389,7 @@ async def receive_batch(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes
             break
         parts.append(more)
         total += len(more)
-    return data if len(parts) == 1 else b"".join(parts)
+    return bytes(data) if len(parts) == 1 else b"".join(parts)
 
 
 def describe_connect_error(exc: OSError) -> str:
@@ -426,7 +429,7 @@ def peer_address(stream: trio.abc.Stream) -> str:
     if isinstance(stream, WebSocketStream):
         return stream.peer
     try:
-        host, port = stream.socket.getpeername()[:2]
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]  # (a socket stream, or none)
     except (AttributeError, OSError):
         return "unknown peer"
     return f"{host}:{port}"
