@@ -122,7 +122,7 @@ async def concurrently(*tasks) -> None:
     except BaseExceptionGroup as group:
         _, failures = group.split(trio.Cancelled)
         if failures is not None and len(failures.exceptions) == 1:
-            raise failures.exceptions[0]
+            raise failures.exceptions[0] from None
         raise
 
 
@@ -745,7 +745,7 @@ async def test_a_certified_peer_that_claims_another_sites_id_is_refused(arena):
     async def attack():
         return await RawLink.open(arena.address, creds, claim=arena.edge.site_id)
 
-    code, text = await arena.under_attack(attack)
+    _, text = await arena.under_attack(attack)
     assert "certificate is for" in text
     assert arena.hub.router.links[arena.edge.site_id].peer.name == "edge"
 

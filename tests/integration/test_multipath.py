@@ -65,7 +65,7 @@ async def two_providers(
 
 async def test_two_providers_at_equal_cost_share_connections(network, tcp, counting_echo):
     one, two = await counting_echo(), await counting_echo()
-    async with two_providers(network, (one.port, two.port)) as (a, port):
+    async with two_providers(network, (one.port, two.port)) as (_, port):
         with trio.fail_after(DEADLINE):
             # One at a time: equals take turns.
             assert await clients(tcp, port, 100) == []
@@ -207,7 +207,7 @@ async def test_an_edge_site_refuses_to_link_with_another_edge_site(network):
     ):
         with trio.fail_after(DEADLINE):
             token = await edge1.issue_token(redemptions_allowed=1)
-            with pytest.raises(TokenError, match="both edge sites.*the token is not spent"):
+            with pytest.raises(TokenError, match=r"both edge sites.*the token is not spent"):
                 await edge2.redeem_token(token)
             assert edge2.config.links == ()
             await interior.redeem_token(token)  # not spent: an interior site may still use it
