@@ -24,6 +24,7 @@ import socket
 from contextlib import asynccontextmanager
 
 import trio
+from polling import wait_until
 
 from fabric.config import Settings
 
@@ -363,8 +364,7 @@ async def test_at_the_cap_a_new_client_evicts_the_longest_waiting_or_is_refused_
             busy = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
             for stream in busy:
                 await stream.send_all(get(b"/wait"))
-            while edge.status().listeners[0].http.active < 4:
-                await trio.sleep(0.01)  # (the listener has no event for it)
+            await wait_until(lambda: edge.status().listeners[0].http.active >= 4, "4 requests in progress")
             refused = await trio.open_tcp_stream("127.0.0.1", port)
             await refused.send_all(get(b"/small"))
             received, _ = await until_closed(refused)
@@ -374,16 +374,15 @@ async def test_at_the_cap_a_new_client_evicts_the_longest_waiting_or_is_refused_
             for stream in busy:
                 assert (await answer(stream, bytearray()))[1] == b"late"
                 await stream.aclose()
-            while edge.status().listeners[0].connections:
-                await trio.sleep(0.01)
+            await wait_until(lambda: not edge.status().listeners[0].connections, "every connection closed")
 
             heads = []
             for i in range(3):
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
                 await stream.send_all(b"GET /small HTTP/1.1\r\nHost: web\r\n")
                 heads.append(stream)
-                while edge.status().listeners[0].connections < i + 1:
-                    await trio.sleep(0.01)  # accepted in this order: the first has waited longest
+                # Accepted in this order: the first has waited longest.
+                await wait_until(lambda n=i + 1: edge.status().listeners[0].connections >= n, f"{i + 1} connections")
             idle = await trio.open_tcp_stream("127.0.0.1", port)
             await idle.send_all(get(b"/small"))
             assert (await answer(idle, bytearray()))[1] == b"small"
