@@ -139,7 +139,7 @@ async def test_both_paths_of_a_diamond_carry_flows(network, tcp, echo_server):
 
 
 async def test_a_link_whose_rtt_rises_loses_its_traffic_and_jitter_moves_nothing(
-    network, tcp, echo_server, link_proxy
+    network, tcp, echo_server, link_proxy, timer_clock, skip_waits
 ):
     """A - B - D and A - C - D, where A reaches B through a relay that adds delay."""
     async with (
@@ -157,6 +157,7 @@ async def test_a_link_whose_rtt_rises_loses_its_traffic_and_jitter_moves_nothing
             await network.link(d, b)
             await network.link(d, c)
             port = await network.expose(d, a, "echo", echo_server)
+            skip_waits()  # from here on: links, keepalives and the relay's delays
 
             def to_d():
                 return next(s for s in a.status().sites if s.name == "d")
