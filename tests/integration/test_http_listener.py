@@ -120,13 +120,17 @@ async def answer(stream: trio.SocketStream, buffer: bytearray) -> tuple[bytes, b
             return head, bytes(body)
 
 
+def http_stats(edge):
+    (stats,) = [l.http for l in edge.status().listeners if l.http is not None]
+    return stats
+
+
 async def at_rest(edge):
     """The listener's stats once no request is in progress and no flow is outstanding (a sink may finish last)."""
-    while True:
-        (stats,) = [l.http for l in edge.status().listeners if l.http is not None]
-        if stats.active == 0 and not +edge.router.outstanding:
-            return stats
-        await trio.sleep(0.01)  # (nothing to wait on: the listener has no event for it)
+    await wait_until(
+        lambda: http_stats(edge).active == 0 and not +edge.router.outstanding, "no request in progress, no flow outstanding"
+    )
+    return http_stats(edge)
 
 
 def get(path: bytes) -> bytes:
@@ -253,11 +257,8 @@ async def until_closed(stream: trio.SocketStream) -> tuple[bytes, float]:
 
 async def listener_stats(edge, **wanted: int):
     """The listener's stats once the counts named are as `wanted` (the listener has no event for them)."""
-    while True:
-        (listener,) = edge.status().listeners
-        if all(getattr(listener.http, name) == n for name, n in wanted.items()):
-            return listener.http
-        await trio.sleep(0.01)
+    await wait_until(lambda: all(getattr(http_stats(edge), name) == n for name, n in wanted.items()), f"counts {wanted}")
+    return http_stats(edge)
 
 
 async def slowloris(stream: trio.SocketStream, started: float, *, dribble: bool = True) -> tuple[bytes, float]:
