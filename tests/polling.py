@@ -19,12 +19,12 @@ POLL_DEADLINE = 10  # seconds before giving up; a test's own fail_after may be s
 
 async def wait_until(
     condition: Callable[[], object | Awaitable[object]],
-    what: str,
+    what: str | Callable[[], str],
     *,
     deadline: float = POLL_DEADLINE,
     interval: float = POLL_INTERVAL,
 ) -> None:
     """Return once `condition()` is true (awaited, if it is an async function, as a look at another
-    process is); fail saying `what` was awaited if `deadline` seconds pass first."""
+    process is); fail saying `what` was awaited (a function: what it says then) if `deadline` seconds pass first."""
     if not await poll_until(condition, deadline=deadline, interval=interval):
-        raise AssertionError(f"waited {deadline} s for {what}")
+        raise AssertionError(f"waited {deadline} s for {what() if callable(what) else what}")

@@ -30,6 +30,7 @@ import pytest
 import trio
 import trio_websocket
 from cli_support import free_port
+from polling import wait_until
 from prerequisites import require_programs
 
 pytestmark = pytest.mark.system
@@ -48,16 +49,18 @@ def sparse_file(path: Path, size: int) -> None:
         out.truncate(size)
 
 
+async def accepts(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
 async def wait_listening(port: int) -> None:
-    with trio.fail_after(READY_DEADLINE):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)  # a process has no event to wait on
-                continue
-            await stream.aclose()
-            return
+    """Once the process the test started accepts connections on `port` (a process has no event to wait on)."""
+    await wait_until(functools.partial(accepts, port), f"a server on port {port}", deadline=READY_DEADLINE, interval=0.05)
 
 
 @pytest.fixture
