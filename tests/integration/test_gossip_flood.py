@@ -70,9 +70,9 @@ async def flood(raw: RawLink, records: list[SiteRecord]) -> None:
 
 
 async def held(site, count: int) -> None:
-    """Wait until `site` holds records of `count` other sites (no event says it: look now and then)."""
+    """Wait until `site` holds records of `count` other sites (its router hears of every change to them)."""
     while len(site.status().sites) < count:
-        await trio.sleep(0.05)
+        await site.router.wait_changed()
 
 
 @pytest.fixture

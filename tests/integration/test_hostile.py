@@ -122,7 +122,7 @@ async def concurrently(*tasks) -> None:
     except BaseExceptionGroup as group:
         _, failures = group.split(trio.Cancelled)
         if failures is not None and len(failures.exceptions) == 1:
-            raise failures.exceptions[0]
+            raise failures.exceptions[0] from None
         raise
 
 
@@ -189,6 +189,7 @@ class RawLink:
     ended: str | None = None  # how the stream ended, once it has
     data: dict[int, int] = attrs.Factory(dict)  # flow id -> DATA bytes received
     opened: dict[int, str] = attrs.Factory(dict)  # flow id -> "ok" or "fail: why"
+    pongs: int = 0  # PONGs received: the site has handled every frame sent before the PING
     _lock: trio.Lock = attrs.Factory(trio.Lock)
     _done: trio.Event = attrs.Factory(trio.Event)
     _changed: trio.Event = attrs.Factory(trio.Event)
@@ -251,6 +252,8 @@ class RawLink:
             self.opened[frame.flow_id] = "fail: " + decode_reason_untrusted(frame.payload)[1]
         elif frame.type is FrameType.GOAWAY:
             self.goaway = decode_reason_untrusted(frame.payload)
+        elif frame.type is FrameType.PONG:
+            self.pongs += 1
         self._wake()
 
     def _wake(self) -> None:
@@ -745,7 +748,7 @@ async def test_a_certified_peer_that_claims_another_sites_id_is_refused(arena):
     async def attack():
         return await RawLink.open(arena.address, creds, claim=arena.edge.site_id)
 
-    code, text = await arena.under_attack(attack)
+    _, text = await arena.under_attack(attack)
     assert "certificate is for" in text
     assert arena.hub.router.links[arena.edge.site_id].peer.name == "edge"
 
@@ -773,7 +776,7 @@ async def test_a_certified_peer_that_forges_gossip_keeps_nothing_of_it(arena, ca
             nursery.start_soon(raw.serve)
             await raw.send_frame(FrameType.GOSSIP, 0, encode_gossip(Push((forged,))))
             await raw.send_frame(FrameType.PING, 0, encode_u64(0))  # the hub answers after handling the push
-            await trio.sleep(0.5)
+            await raw.wait_until(lambda: raw.pongs == 1)
             assert raw.goaway is None and not raw.ended  # a bad record costs itself, not the link
             await raw.send_frame(FrameType.GOSSIP, 0, b"{not json")
             nursery.cancel_scope.cancel()
@@ -804,8 +807,8 @@ async def test_a_thousand_forged_records_cost_one_warning(arena, caplog):
             nursery.start_soon(raw.serve)
             for start in range(0, len(forged), 100):
                 await raw.send_frame(FrameType.GOSSIP, 0, encode_gossip(Push(tuple(forged[start : start + 100]))))
-            await raw.send_frame(FrameType.PING, 0, encode_u64(0))
-            await trio.sleep(0.5)
+            await raw.send_frame(FrameType.PING, 0, encode_u64(0))  # the hub answers after handling them all
+            await raw.wait_until(lambda: raw.pongs == 1)
             assert raw.goaway is None and not raw.ended
             nursery.cancel_scope.cancel()
 

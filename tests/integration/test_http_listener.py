@@ -24,6 +24,7 @@ import socket
 from contextlib import asynccontextmanager
 
 import trio
+from polling import wait_until
 
 from fabric.config import Settings
 
@@ -119,13 +120,17 @@ async def answer(stream: trio.SocketStream, buffer: bytearray) -> tuple[bytes, b
             return head, bytes(body)
 
 
+def http_stats(edge):
+    (stats,) = [l.http for l in edge.status().listeners if l.http is not None]
+    return stats
+
+
 async def at_rest(edge):
     """The listener's stats once no request is in progress and no flow is outstanding (a sink may finish last)."""
-    while True:
-        (stats,) = [l.http for l in edge.status().listeners if l.http is not None]
-        if stats.active == 0 and not +edge.router.outstanding:
-            return stats
-        await trio.sleep(0.01)  # (nothing to wait on: the listener has no event for it)
+    await wait_until(
+        lambda: http_stats(edge).active == 0 and not +edge.router.outstanding, "no request in progress, no flow outstanding"
+    )
+    return http_stats(edge)
 
 
 def get(path: bytes) -> bytes:
@@ -252,11 +257,8 @@ async def until_closed(stream: trio.SocketStream) -> tuple[bytes, float]:
 
 async def listener_stats(edge, **wanted: int):
     """The listener's stats once the counts named are as `wanted` (the listener has no event for them)."""
-    while True:
-        (listener,) = edge.status().listeners
-        if all(getattr(listener.http, name) == n for name, n in wanted.items()):
-            return listener.http
-        await trio.sleep(0.01)
+    await wait_until(lambda: all(getattr(http_stats(edge), name) == n for name, n in wanted.items()), f"counts {wanted}")
+    return http_stats(edge)
 
 
 async def slowloris(stream: trio.SocketStream, started: float, *, dribble: bool = True) -> tuple[bytes, float]:
@@ -363,8 +365,7 @@ async def test_at_the_cap_a_new_client_evicts_the_longest_waiting_or_is_refused_
             busy = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
             for stream in busy:
                 await stream.send_all(get(b"/wait"))
-            while edge.status().listeners[0].http.active < 4:
-                await trio.sleep(0.01)  # (the listener has no event for it)
+            await wait_until(lambda: edge.status().listeners[0].http.active >= 4, "4 requests in progress")
             refused = await trio.open_tcp_stream("127.0.0.1", port)
             await refused.send_all(get(b"/small"))
             received, _ = await until_closed(refused)
@@ -374,16 +375,15 @@ async def test_at_the_cap_a_new_client_evicts_the_longest_waiting_or_is_refused_
             for stream in busy:
                 assert (await answer(stream, bytearray()))[1] == b"late"
                 await stream.aclose()
-            while edge.status().listeners[0].connections:
-                await trio.sleep(0.01)
+            await wait_until(lambda: not edge.status().listeners[0].connections, "every connection closed")
 
             heads = []
             for i in range(3):
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
                 await stream.send_all(b"GET /small HTTP/1.1\r\nHost: web\r\n")
                 heads.append(stream)
-                while edge.status().listeners[0].connections < i + 1:
-                    await trio.sleep(0.01)  # accepted in this order: the first has waited longest
+                # Accepted in this order: the first has waited longest.
+                await wait_until(lambda n=i + 1: edge.status().listeners[0].connections >= n, f"{i + 1} connections")
             idle = await trio.open_tcp_stream("127.0.0.1", port)
             await idle.send_all(get(b"/small"))
             assert (await answer(idle, bytearray()))[1] == b"small"

@@ -211,7 +211,7 @@ async def download_until_broken(port: int, flowing: trio.Event) -> tuple[int, Ba
 
 
 async def test_a_silent_peer_ends_the_link_resets_its_flows_and_the_dialler_links_again(
-    network, tcp, link_proxy, start_server, hash_server
+    network, tcp, link_proxy, start_server, hash_server, timer_clock, skip_waits
 ):
     target = EchoTarget()
     async with (
@@ -240,6 +240,7 @@ async def test_a_silent_peer_ends_the_link_resets_its_flows_and_the_dialler_link
                 nursery.start_soon(bulk)
                 await flowing.wait()
                 old_edge_link, old_hub_link = edge.router.links[hub.site_id], hub.router.links[edge.site_id]
+                skip_waits()  # from here on keepalive's and the dialler's timers
                 cut_at = trio.current_time()
                 proxy.cut()
                 received, error = await tcp.read_until_end(stream)
@@ -275,7 +276,7 @@ async def test_a_silent_peer_ends_the_link_resets_its_flows_and_the_dialler_link
 
 
 async def test_a_silent_link_resets_transit_flows_at_both_ends_and_spares_other_links(
-    network, tcp, link_proxy, start_server
+    network, tcp, link_proxy, start_server, timer_clock, skip_waits
 ):
     """A - B - C with A - B through the proxy: cut it, and the flow A -> C is reset at A and at C."""
     target = EchoTarget()
@@ -296,6 +297,7 @@ async def test_a_silent_link_resets_transit_flows_at_both_ends_and_spares_other_
             stream = await tcp.connect(port)
             async with stream:
                 await tcp.echo_round_trip(stream, 10_000)
+                skip_waits()  # from here on keepalive's timers
                 proxy.cut()
                 received, error = await tcp.read_until_end(stream)
             await target.wait_ended(1)

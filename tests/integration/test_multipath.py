@@ -65,7 +65,7 @@ async def two_providers(
 
 async def test_two_providers_at_equal_cost_share_connections(network, tcp, counting_echo):
     one, two = await counting_echo(), await counting_echo()
-    async with two_providers(network, (one.port, two.port)) as (a, port):
+    async with two_providers(network, (one.port, two.port)) as (_, port):
         with trio.fail_after(DEADLINE):
             # One at a time: equals take turns.
             assert await clients(tcp, port, 100) == []
@@ -139,7 +139,7 @@ async def test_both_paths_of_a_diamond_carry_flows(network, tcp, echo_server):
 
 
 async def test_a_link_whose_rtt_rises_loses_its_traffic_and_jitter_moves_nothing(
-    network, tcp, echo_server, link_proxy
+    network, tcp, echo_server, link_proxy, timer_clock, skip_waits
 ):
     """A - B - D and A - C - D, where A reaches B through a relay that adds delay."""
     async with (
@@ -157,6 +157,7 @@ async def test_a_link_whose_rtt_rises_loses_its_traffic_and_jitter_moves_nothing
             await network.link(d, b)
             await network.link(d, c)
             port = await network.expose(d, a, "echo", echo_server)
+            skip_waits()  # from here on: links, keepalives and the relay's delays
 
             def to_d():
                 return next(s for s in a.status().sites if s.name == "d")
@@ -207,7 +208,7 @@ async def test_an_edge_site_refuses_to_link_with_another_edge_site(network):
     ):
         with trio.fail_after(DEADLINE):
             token = await edge1.issue_token(redemptions_allowed=1)
-            with pytest.raises(TokenError, match="both edge sites.*the token is not spent"):
+            with pytest.raises(TokenError, match=r"both edge sites.*the token is not spent"):
                 await edge2.redeem_token(token)
             assert edge2.config.links == ()
             await interior.redeem_token(token)  # not spent: an interior site may still use it
@@ -225,7 +226,7 @@ async def test_a_site_that_became_an_edge_is_refused_by_an_edge_and_stops_dialli
             assert "both edge sites" in errors[0] and "delete this link" in errors[0], errors
 
 
-async def test_new_connections_do_not_wait_for_a_silent_link_to_be_declared_dead(network, tcp, counting_echo, link_proxy):
+async def test_new_connections_do_not_wait_for_a_silent_link_to_be_declared_dead(network, tcp, counting_echo, link_proxy, timer_clock, skip_waits):
     """Two providers, one behind a link that goes silent: every new client is served, well before keepalive gives up."""
     settings = fabric.Settings()  # PING every 1 s, dead after 3 s
     async with (
@@ -245,6 +246,7 @@ async def test_new_connections_do_not_wait_for_a_silent_link_to_be_declared_dead
             await a.wait_reachable("echo", providers=2)
             assert await clients(tcp, listener.port, 10) == [] and one.connections == two.connections == 5
 
+            skip_waits()  # from here on the OPEN's and keepalive's timers
             cut_at = trio.current_time()
             proxy.cut()
             assert await clients(tcp, listener.port, 10, at_once=10) == []

@@ -46,7 +46,7 @@ async def test_a_token_naming_a_path_is_refused_and_nothing_is_written(network, 
             with pytest.raises(fabric.TokenFormatError, match="issuer_name must be 1 to 63 letters"):
                 await victim.redeem_token(forged)
             assert files_under(victim.site_dir) == before
-            assert not Path("/tmp/fabric-elsewhere").exists()
+            assert not await trio.Path("/tmp/fabric-elsewhere").exists()
             # The token was never sent: it is still good for a link under its real name.
             assert await victim.redeem_token(token) == "hub"
             await victim.wait_linked(hub.site_id)

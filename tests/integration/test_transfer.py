@@ -15,6 +15,7 @@ import time
 
 import pytest
 import trio
+from polling import wait_until
 
 import fabric
 
@@ -168,8 +169,7 @@ async def test_a_link_lost_after_a_half_close_still_ends_the_flow_at_both_ends(c
             received, error = await tcp.read_until_end(stream)
             assert received == 0 and tcp.is_reset(error), f"expected a reset at the client, got {error!r}"
             # No event tells a silent server its peer reset: watch the kernel's view of the socket.
-            while tcp_state(target[0]) != TCP_CLOSE:
-                await trio.sleep(0.01)
+            await wait_until(lambda: tcp_state(target[0]) == TCP_CLOSE, "the target's socket closed by a reset")
 
 
 async def test_half_close_by_server_then_client_keeps_sending(chain, start_server, tcp):

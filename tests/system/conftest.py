@@ -8,12 +8,11 @@ in a `finally` whatever happens to the test.
 
 The redis binaries come from Debian's redis-server and redis-tools (the
 README's test command installs them); without them these tests are skipped,
-saying which binary is missing.
+saying which binary is missing, or fail in CI (prerequisites.py).
 """
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from prerequisites import require_programs
 
 REDIS_BINARIES = ("redis-server", "redis-cli", "redis-benchmark")
 REDIS_START_DEADLINE = 10  # seconds for redis-server to answer PING; it takes ~0.05 s
@@ -35,12 +35,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def require_redis() -> None:
-    missing = [name for name in REDIS_BINARIES if shutil.which(name) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (Debian/Ubuntu: apt-get install redis-server redis-tools)")
 
 
 @attrs.frozen
@@ -119,14 +113,14 @@ class RedisTools:
 
 @pytest.fixture
 def redis_tools() -> RedisTools:
-    require_redis()
+    require_programs(*REDIS_BINARIES)
     return RedisTools()
 
 
 @pytest.fixture
 async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     """A redis-server on a free port of 127.0.0.1, no persistence; killed when the test ends."""
-    require_redis()
+    require_programs(*REDIS_BINARIES)
     workdir = tmp_path / "redis"
     workdir.mkdir()
     for _ in range(REDIS_START_ATTEMPTS):

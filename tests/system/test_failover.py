@@ -20,6 +20,7 @@ import attrs
 import pytest
 import trio
 from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok, running
+from polling import wait_until
 
 pytestmark = pytest.mark.system
 
@@ -52,11 +53,7 @@ async def link(dialer: Path, acceptor: Path) -> None:
 
 async def wait_for(what: str, condition) -> None:
     """Look every LOOK_INTERVAL until `await condition()` holds; fail after WAIT_DEADLINE saying what."""
-    with trio.move_on_after(WAIT_DEADLINE):
-        while not await condition():
-            await trio.sleep(LOOK_INTERVAL)
-        return
-    raise AssertionError(f"no {what} after {WAIT_DEADLINE} s")
+    await wait_until(condition, what, deadline=WAIT_DEADLINE, interval=LOOK_INTERVAL)
 
 
 async def round_trip(stream: trio.SocketStream, size: int = 1000) -> None:

@@ -15,11 +15,11 @@ curl and wrk are processes. What is held (issue 7):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +30,8 @@ import pytest
 import trio
 import trio_websocket
 from cli_support import free_port
+from polling import wait_until
+from prerequisites import require_programs
 
 pytestmark = pytest.mark.system
 
@@ -41,36 +43,37 @@ READY_DEADLINE = 10  # seconds for nginx or the target to listen
 STOP_GRACE = 5  # seconds nginx or the target may take to stop after SIGTERM
 
 
-def require(*programs: str) -> None:
-    missing = [p for p in programs if shutil.which(p) is None and not os.path.exists(p)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (the README's test command installs it)")
+def sparse_file(path: Path, size: int) -> None:
+    """A file of `size` zeros that takes no disk."""
+    with open(path, "wb") as out:
+        out.truncate(size)
+
+
+async def accepts(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 async def wait_listening(port: int) -> None:
-    with trio.fail_after(READY_DEADLINE):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)  # a process has no event to wait on
-                continue
-            await stream.aclose()
-            return
+    """Once the process the test started accepts connections on `port` (a process has no event to wait on)."""
+    await wait_until(functools.partial(accepts, port), f"a server on port {port}", deadline=READY_DEADLINE, interval=0.05)
 
 
 @pytest.fixture
 def nginx(tmp_path: Path, nursery) -> Callable[..., object]:
     """`port, log = await nginx(name)`: nginx serving /id (its name), files from a root, keep-alive `keepalive` s."""
-    require("/usr/sbin/nginx")
+    require_programs("/usr/sbin/nginx")
 
     async def start(name: str, *, keepalive: float = 75, files: dict[str, int] | None = None) -> tuple[int, Path]:
         prefix = tmp_path / f"nginx-{name}"
         (prefix / "www").mkdir(parents=True)
         (prefix / "www" / "index.html").write_text(f"index of {name}\n")
         for file, size in (files or {}).items():
-            with open(prefix / "www" / file, "wb") as out:
-                out.truncate(size)  # sparse: zeros, no disk
+            await trio.to_thread.run_sync(sparse_file, prefix / "www" / file, size)
         port = free_port()
         log = prefix / "access.log"
         (prefix / "nginx.conf").write_text(
@@ -87,7 +90,7 @@ http {{
 """
         )
         argv = ["/usr/sbin/nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix)]
-        proc = await nursery.start(lambda task_status: trio.run_process(argv, check=False, task_status=task_status, stderr=subprocess.DEVNULL))
+        proc = await nursery.start(functools.partial(trio.run_process, argv, check=False, stderr=subprocess.DEVNULL))
         nursery.start_soon(_kill_at_end, proc)
         await wait_listening(port)
         return port, log
@@ -113,7 +116,7 @@ def http_target(nursery) -> Callable[..., object]:
     async def start(name: str) -> int:
         port = free_port()
         argv = [sys.executable, str(TARGET), str(port), name]
-        proc = await nursery.start(lambda task_status: trio.run_process(argv, check=False, task_status=task_status, stdout=subprocess.DEVNULL))
+        proc = await nursery.start(functools.partial(trio.run_process, argv, check=False, stdout=subprocess.DEVNULL))
         nursery.start_soon(_kill_at_end, proc)
         await wait_listening(port)
         return port
@@ -168,7 +171,7 @@ end
 
 
 async def test_one_keepalive_client_spreads_its_requests_over_both_providers(network, nginx, tmp_path):
-    require("curl", "wrk")
+    require_programs("curl", "wrk")
     (one, one_log), (two, two_log) = await nginx("one"), await nginx("two")
     with trio.fail_after(DEADLINE):
         async with serving(network, [one, two]) as (a, port, _):
@@ -205,7 +208,7 @@ async def test_one_keepalive_client_spreads_its_requests_over_both_providers(net
 
 
 async def test_a_kept_flow_whose_target_closed_it_is_replaced_without_a_failed_request(network, nginx):
-    require("curl")
+    require_programs("curl")
     port, _ = await nginx("one", keepalive=1)
     with trio.fail_after(DEADLINE):
         async with serving(network, [port]) as (a, listen, _):
@@ -219,7 +222,7 @@ async def test_a_kept_flow_whose_target_closed_it_is_replaced_without_a_failed_r
 
 
 async def test_a_gigabyte_each_way_streams_in_bounded_memory(network, nginx, http_target, tmp_path):
-    require("curl")
+    require_programs("curl")
     port, _ = await nginx("big", files={"big.bin": GiB})
     hasher = await http_target("hasher")
     zeros = hashlib.sha256()
@@ -227,10 +230,9 @@ async def test_a_gigabyte_each_way_streams_in_bounded_memory(network, nginx, htt
     for _ in range(GiB >> 20):
         zeros.update(block)
     upload = tmp_path / "upload.bin"
-    with open(upload, "wb") as out:
-        out.truncate(GiB)
+    await trio.to_thread.run_sync(sparse_file, upload, GiB)
     with trio.fail_after(DEADLINE * 2):
-        async with serving(network, [port]) as (a, listen, _), serving(network, [hasher], name="b") as (b, hash_listen, _):
+        async with serving(network, [port]) as (_, listen, _), serving(network, [hasher], name="b") as (b, hash_listen, _):
             peak = base = rss()
 
             async def sample() -> None:
@@ -253,10 +255,10 @@ async def test_a_gigabyte_each_way_streams_in_bounded_memory(network, nginx, htt
 
 
 async def test_chunked_bodies_and_expect_100_continue_pass_through(network, http_target, tmp_path):
-    require("curl")
+    require_programs("curl")
     port = await http_target("chunky")
     with trio.fail_after(DEADLINE):
-        async with serving(network, [port]) as (a, listen, _):
+        async with serving(network, [port]) as (_, listen, _):
             base = f"http://127.0.0.1:{listen}"
             size = 10 * (1 << 20) + 12345
             got = await run("curl", "-sf", f"{base}/chunked?size={size}")
@@ -275,10 +277,10 @@ async def test_chunked_bodies_and_expect_100_continue_pass_through(network, http
 
 
 async def test_forwarding_headers_are_added_and_hop_by_hop_ones_dropped(network, http_target):
-    require("curl")
+    require_programs("curl")
     port = await http_target("headers")
     with trio.fail_after(DEADLINE):
-        async with serving(network, [port]) as (a, listen, _):
+        async with serving(network, [port]) as (_, listen, _):
             got = await run(
                 "curl", "-sf", "-H", "Connection: keep-alive, X-Secret", "-H", "X-Secret: 1", "-H", "Keep-Alive: 5",
                 "-H", "X-Forwarded-For: 10.1.2.3", "-H", "X-Forwarded-Proto: https", f"http://127.0.0.1:{listen}/headers",
@@ -329,7 +331,7 @@ async def raw_request(port: int, data: bytes) -> bytes:
 
 
 async def test_failures_become_http_answers_and_the_listener_goes_on(network, nginx, tcp):
-    require("curl")
+    require_programs("curl")
     port, _ = await nginx("fine")
     with trio.fail_after(DEADLINE):
         async with serving(network, [port]) as (a, listen, providers):
@@ -368,7 +370,7 @@ async def test_failures_become_http_answers_and_the_listener_goes_on(network, ng
 async def test_pipelined_requests_http_1_0_and_what_could_smuggle_a_request(network, nginx):
     port, log = await nginx("one")
     with trio.fail_after(DEADLINE):
-        async with serving(network, [port]) as (a, listen, _):
+        async with serving(network, [port]) as (_, listen, _):
             # Two requests in one write: two answers, in order, on the one connection.
             two = await raw_request(
                 listen, b"GET /id HTTP/1.1\r\nHost: x\r\n\r\nGET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from polling import wait_until
 
 import fabric
 
@@ -179,14 +180,18 @@ async def check_all_closed(tools, port: int, sites: list[fabric.Site]) -> None:
             counts.update({f"{site.name} listener {l.name} connections": l.connections for l in status.listeners})
         return {what: n for what, n in counts.items() if n}
 
-    with trio.move_on_after(SETTLE_DEADLINE):
-        while True:
-            info = (await tools.cli(port, "INFO", "clients")).decode()
-            left = leftovers(int(re.search(r"connected_clients:(\d+)", info)[1]))
-            if not left:
-                return
-            await trio.sleep(SETTLE_INTERVAL)
-    raise AssertionError(f"{SETTLE_DEADLINE} s after the clients ended, still open: {left}")
+    left: dict[str, int] = {}
+
+    async def settled() -> bool:
+        nonlocal left
+        info = (await tools.cli(port, "INFO", "clients")).decode()
+        left = leftovers(int(re.search(r"connected_clients:(\d+)", info)[1]))
+        return not left
+
+    await wait_until(
+        settled, lambda: f"everything closed after the clients ended; still open: {left}",
+        deadline=SETTLE_DEADLINE, interval=SETTLE_INTERVAL,
+    )
 
 
 # -- tests ------------------------------------------------------------------------------------

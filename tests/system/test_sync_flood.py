@@ -27,6 +27,7 @@ import pytest
 import trio
 import yaml
 from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok
+from polling import wait_until
 
 pytestmark = pytest.mark.system
 
@@ -113,9 +114,11 @@ async def test_a_flood_of_1100_routing_keys_leaves_the_victim_its_descriptors(tm
                     sites.append(site)
                     await trio.to_thread.run_sync(site.wait_running)
                 await link(honest_dir, victim_dir)
-                with trio.fail_after(WAIT_DEADLINE):
-                    while not any(l["accepting"] for l in await listeners(victim_dir) if l["name"] == "echo"):
-                        await trio.sleep(LOOK_INTERVAL)
+
+                async def echo_accepting() -> bool:
+                    return any(l["accepting"] for l in await listeners(victim_dir) if l["name"] == "echo")
+
+                await wait_until(echo_accepting, "the echo listener accepting", deadline=WAIT_DEADLINE, interval=LOOK_INTERVAL)
                 await round_trip(listen_port)
                 before = open_fds(victim.process.pid)
 

@@ -12,7 +12,7 @@
 
 nginx and tinyproxy are Debian packages the README's test command installs;
 without them, or without network namespaces (root, `ip`, `iptables`), a test
-is skipped and says why.
+is skipped and says why (in CI it fails: prerequisites.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prerequisites import require_programs, require_root, unavailable
 
 pytestmark = pytest.mark.system
 
@@ -53,12 +53,6 @@ TINYPROXY = "/usr/bin/tinyproxy"
 CURL = "/usr/bin/curl"
 LINK_DEADLINE = 30  # seconds for a link to come up or go down; ~1 s here (the dialler backs off to 10 s)
 PAGE = 2 * 1024 * 1024  # bytes of the file each way
-
-
-def require(*programs: str) -> None:
-    missing = [p for p in programs if not os.path.exists(p) and shutil.which(p) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install nginx tinyproxy curl iptables)")
 
 
 # -- the programs around the sites ------------------------------------------------------
@@ -90,7 +84,7 @@ def self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
 @contextmanager
 def nginx_tls_proxy(directory: Path, backend: int) -> Iterator[tuple[int, Path]]:
     """nginx on a free port: TLS for 127.0.0.1, /fabric passed as a WebSocket to 127.0.0.1:backend. (port, CA file)"""
-    require(NGINX)
+    require_programs(NGINX)
     prefix = directory / "nginx"
     prefix.mkdir()
     cert, key = self_signed(prefix)
@@ -128,7 +122,7 @@ http {{
 @contextmanager
 def tinyproxy(directory: Path, port: int, *, listen: str = "127.0.0.1", auth: tuple[str, str] | None = None):
     """tinyproxy in the foreground on listen:port, CONNECT to any port, Basic auth if given."""
-    require(TINYPROXY)
+    require_programs(TINYPROXY)
     conf = directory / f"tinyproxy-{port}.conf"
     lines = [
         f"Port {port}",
@@ -203,7 +197,7 @@ def sites(*processes: SiteProcess) -> Iterator[None]:
 
 
 def test_an_edge_links_through_nginx_terminating_tls_and_reaches_a_service_behind_the_hub(tmp_path: Path):
-    require(CURL)
+    require_programs(CURL)
     hub, edge = tmp_path / "hub", tmp_path / "edge"
     ws_port = free_port()
     out = ok(fabric(hub, "site", "create", "hub", "--ws-port", str(ws_port)))
@@ -255,7 +249,7 @@ def test_an_edge_that_does_not_trust_the_proxys_certificate_says_so(tmp_path: Pa
 
 
 def test_an_edge_links_through_a_connect_proxy_named_by_https_proxy_and_wrong_credentials_say_so(tmp_path: Path):
-    require(CURL)
+    require_programs(CURL)
     hub, edge = tmp_path / "hub", tmp_path / "edge"
     ok(fabric(hub, "site", "create", "hub", "--link-access", "--link-port", str(free_port())))
     ok(fabric(edge, "site", "create", "edge"))
@@ -306,15 +300,14 @@ def firewalled_namespace(proxy_port: int) -> Iterator[tuple[str, ...]]:
 
     Yields the prefix that runs a command inside it.
     """
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    require("ip", "iptables")
+    require_root("network namespaces need root")
+    require_programs("ip", "iptables")
     name = f"{NS}-{os.getpid()}"
     host_if, edge_if = f"fh{os.getpid() % 100000}", f"fe{os.getpid() % 100000}"
     try:
         _ip("netns", "add", name)
     except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot create a network namespace here: {exc.stderr.decode(errors='replace').strip()}")
+        unavailable(f"cannot create a network namespace here: {exc.stderr.decode(errors='replace').strip()}")
     inside = ("ip", "netns", "exec", name)
     try:
         _ip("link", "add", host_if, "type", "veth", "peer", "name", edge_if)
@@ -339,7 +332,7 @@ def firewalled_namespace(proxy_port: int) -> Iterator[tuple[str, ...]]:
 
 
 def test_an_edge_behind_a_firewall_links_only_through_the_proxy_and_survives_the_proxy_restarting(tmp_path: Path):
-    require(CURL)
+    require_programs(CURL)
     proxy_port, ws_port, link_port = free_port(), free_port(), free_port()
     with firewalled_namespace(proxy_port) as inside:
         hub, edge = tmp_path / "hub", tmp_path / "edge"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import itertools
 import json
 import os
 import ssl
@@ -267,7 +268,7 @@ def test_sign_csr_refuses_a_borrowed_site_id(alpha: pki.Identity, beta: pki.Iden
     [b"", b"garbage", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"],
 )
 def test_sign_csr_refuses_garbage(alpha: pki.Identity, data: bytes) -> None:
-    with pytest.raises(TokenError, match="^certificate request is invalid: "):
+    with pytest.raises(TokenError, match=r"^certificate request is invalid: "):
         pki.sign_csr(alpha, data)
 
 
@@ -308,7 +309,7 @@ def test_sign_csr_refuses_a_bad_name(alpha: pki.Identity) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.one_of(st.binary(max_size=2000), st.binary(max_size=600).map(pem_wrap)))
 def test_sign_csr_raises_only_token_error(issuer: pki.Identity, data: bytes) -> None:
-    with pytest.raises(TokenError, match="^certificate request is invalid: "):
+    with pytest.raises(TokenError, match=r"^certificate request is invalid: "):
         pki.sign_csr(issuer, data)
 
 
@@ -467,7 +468,7 @@ _junk = st.recursive(
     )
 )
 def test_loads_untrusted_raises_only_token_format_error(text: str) -> None:
-    with pytest.raises(TokenFormatError, match="^not a fabric token: "):
+    with pytest.raises(TokenFormatError, match=r"^not a fabric token: "):
         pki.Token.loads_untrusted(text)
 
 
@@ -533,7 +534,7 @@ def alias_bomb(depth: int = 8) -> str:
     """A token-shaped document of ~300 bytes whose `version`, built, would be 9 ** depth strings."""
     names = "abcdefghij"[:depth]
     lines = ["kind: fabric-token", f"{names[0]}: &{names[0]} [x,x,x,x,x,x,x,x,x]"]
-    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip(names, names[1:])]
+    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in itertools.pairwise(names)]
     return "\n".join([*lines, f"version: *{names[-1]}"]) + "\n"
 
 
@@ -544,9 +545,9 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None
     path.write_text(bomb)
     tracemalloc.start()
     try:
-        with pytest.raises(TokenFormatError, match="^not a fabric token: it uses a YAML anchor"):
+        with pytest.raises(TokenFormatError, match=r"^not a fabric token: it uses a YAML anchor"):
             pki.Token.loads_untrusted(bomb)
-        with pytest.raises(TokenFormatError, match="bomb.token is not a fabric token: it uses a YAML anchor"):
+        with pytest.raises(TokenFormatError, match=r"bomb\.token is not a fabric token: it uses a YAML anchor"):
             pki.Token.load(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:

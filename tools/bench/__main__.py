@@ -196,7 +196,7 @@ def measure_all(
                 cpu = {site: (cpu_seconds(pid) - cpu_before[site]) / wall for site, pid in sites.items()}
                 if not isinstance(values, dict):
                     values = {"": values}
-                for (figure, _, unit), key in zip(scenario.figures(), ["", *(f.key for f in scenario.more)]):
+                for (figure, *_), key in zip(scenario.figures(), ["", *(f.key for f in scenario.more)]):
                     entry = samples.setdefault((figure, path), {"values": [], "cpu": []})
                     entry["values"].append(values[key])
                     entry["cpu"].append(cpu)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import platform
 import random
@@ -281,7 +282,7 @@ async def chaos(args: argparse.Namespace, root: Path) -> dict:
     during = [r for r in load.results if began <= r[0] <= ended]
     ok = sorted(end for start, end, error in during if error is None)
     marks = [began, *ok, ended]
-    gap = max(b - a for a, b in zip(marks, marks[1:]))
+    gap = max(b - a for a, b in itertools.pairwise(marks))
     share = len(ok) / len(during) if during else 0.0
     failed = [f"{start - began:6.1f} s  {error}" for start, _, error in during if error]
     return {

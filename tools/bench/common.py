@@ -1,19 +1,37 @@
 """What every benchmark here does the same way: file-descriptor headroom, a process's memory and
-descriptors, growth over a run, and how a run ends."""
+descriptors, growth over a run, waiting for a count no event announces, and how a run ends."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
 import resource
 import statistics
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 import fabric
+
+
+async def poll_until(condition: Callable[[], object | Awaitable[object]], *, deadline: float, interval: float) -> bool:
+    """Look at `condition()` (awaited if it is async) every `interval` seconds until it is true (True)
+    or `deadline` seconds have passed (False). Only for what no event announces: a count in another
+    process, the kernel's view of a socket; the tests' waits (tests/polling.py) use it too."""
+    with trio.move_on_after(deadline):
+        while not await _look(condition):  # noqa: ASYNC110 - the one polling loop: what it waits for has no event
+            await trio.sleep(interval)
+        return True
+    return False
+
+
+async def _look(condition: Callable[[], object | Awaitable[object]]) -> object:
+    result = condition()
+    return await result if inspect.isawaitable(result) else result
 
 
 def raise_fd_limit(needed: int, *, what: str) -> int:

@@ -49,7 +49,7 @@ import trio
 
 import fabric
 
-from .common import environment, finish, raise_fd_limit
+from .common import environment, finish, poll_until, raise_fd_limit
 
 TARGET_BYTES = 64 * 1024  # acceptance: site memory per idle connection, net of the baseline
 DEFAULT_CONNECTIONS = 1000
@@ -123,11 +123,8 @@ async def close_all(streams: list[trio.SocketStream]) -> None:
 
 async def settle(what: str, current, expected: int) -> None:
     """Wait until `current()` is `expected` (counts in sites and the target have no event)."""
-    with trio.move_on_after(SETTLE_DEADLINE):
-        while current() != expected:
-            await trio.sleep(SETTLE_INTERVAL)
-        return
-    raise RuntimeError(f"{what}: {current()} after {SETTLE_DEADLINE} s, expected {expected}")
+    if not await poll_until(lambda: current() == expected, deadline=SETTLE_DEADLINE, interval=SETTLE_INTERVAL):
+        raise RuntimeError(f"{what}: {current()} after {SETTLE_DEADLINE} s, expected {expected}")
 
 
 # -- measuring ----------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .common import environment, finish, growth, open_fds, raise_fd_limit, rss_mb
+from .common import environment, finish, growth, open_fds, poll_until, raise_fd_limit, rss_mb
 from .paths import FabricNetwork
 from .programs import Background, BenchError, install_hint, missing_packages
 from .scenarios import SERVERS, start_server
@@ -47,6 +47,7 @@ SITES = ("a", "b", "c")  # w takes no part
 OPEN_CONCURRENCY = 64  # connections being opened at once
 PING_TIMEOUT = 30.0  # seconds for a PING's answer before it counts as unanswered (generous: shared CPUs)
 DRAIN_DEADLINE = 30.0  # seconds, once every connection is closed, for the sites to close theirs
+DRAIN_INTERVAL = 0.5  # seconds between looks at the sites' descriptors (another process: no event)
 FD_SLACK = 16  # a site's fds after closing may exceed those before by this much
 # Growth, per site: the second half's median may exceed the first half's maximum by this factor plus this much.
 GROWTH = {"rss_mb": (1.05, 16.0), "fds": (1.01, 16)}
@@ -130,9 +131,11 @@ async def run(ports: list[int], pids: dict[str, int], args: argparse.Namespace) 
 
     failures = [f"{len(clients.failures)} connection(s) failed; the first: {clients.failures[0]}"] if clients.failures else []
     failures += growth(samples, {f"{key}_{site}": limit for site in pids for key, limit in GROWTH.items()})
-    with trio.move_on_after(DRAIN_DEADLINE):
-        while any(open_fds(pid) > before[site]["fds"] + FD_SLACK for site, pid in pids.items()):
-            await trio.sleep(0.5)
+
+    def drained() -> bool:
+        return all(open_fds(pid) <= before[site]["fds"] + FD_SLACK for site, pid in pids.items())
+
+    await poll_until(drained, deadline=DRAIN_DEADLINE, interval=DRAIN_INTERVAL)  # what is left is a failure below
     after = {site: {"rss_mb": rss_mb(pid), "fds": open_fds(pid)} for site, pid in pids.items()}
     for site in pids:
         if after[site]["fds"] > before[site]["fds"] + FD_SLACK:

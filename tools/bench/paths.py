@@ -100,7 +100,7 @@ class Relays:
         config = self._workdir / "haproxy.cfg"
         config.write_text("\n".join(lines) + "\n")
         self._background.start("haproxy", ["haproxy", "-db", "-f", str(config)])
-        for name, port in ports.items():
+        for port in ports.values():
             self._background.wait_port("haproxy", port)
         return ports
 

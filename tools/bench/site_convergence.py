@@ -57,7 +57,7 @@ import fabric
 from fabric.router.frames import HEADER_SIZE
 from fabric.router.link import Link
 
-from .common import finish, raise_fd_limit
+from .common import finish, poll_until, raise_fd_limit
 from .gossip_sim import line, random_mesh, star
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,9 +231,7 @@ def _follow_ups_pending(site: fabric.Site) -> int:
 async def wait_quiet(sites: list[fabric.Site]) -> float:
     """Wait until no site has an anti-entropy follow-up pending (they are left over from the last change)."""
     start = trio.current_time()
-    with trio.move_on_after(QUIET_TIMEOUT):
-        while any(_follow_ups_pending(site) for site in sites):
-            await trio.sleep(QUIET_POLL)
+    await poll_until(lambda: not any(_follow_ups_pending(site) for site in sites), deadline=QUIET_TIMEOUT, interval=QUIET_POLL)
     return trio.current_time() - start
 
 
