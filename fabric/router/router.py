@@ -82,6 +82,47 @@ class Tries:
         self.count += 1
 
 
+class Outstanding:
+    """One flow or request counted in `Router.outstanding` at its provider, from `Router.using` until released.
+
+    As a context manager it undoes itself: the count ends with the block, whatever ends it, unless
+    the block hands it on (`hand_off`) to what holds the request past it (an HTTP answer that a
+    flow's sink writes), which then calls `release`. Releasing again does nothing, so a count
+    handed on and then undone by an exception in the block is taken off once.
+    """
+
+    __slots__ = ("_counts", "_handed", "provider")
+
+    def __init__(self, counts: collections.Counter[str], provider: str) -> None:
+        counts[provider] += 1
+        self._counts: collections.Counter[str] | None = counts
+        self._handed = False
+        self.provider = provider
+
+    def __repr__(self) -> str:
+        held = "released" if self._counts is None else "handed off" if self._handed else "held"
+        return f"<Outstanding {self.provider} {held}>"
+
+    def __enter__(self) -> Outstanding:
+        self._handed = False
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if kind is not None or not self._handed:
+            self.release()
+
+    def hand_off(self) -> Outstanding:
+        """Keep the count past the block: the caller now holds it, and releases it."""
+        self._handed = True
+        return self
+
+    def release(self) -> None:
+        counts = self._counts
+        if counts is not None:
+            self._counts = None
+            counts[self.provider] -= 1
+
+
 class Connector(Protocol):
     """What the router needs of a connector (see proxy/tcp.py)."""
 
@@ -482,8 +523,7 @@ class Router:
             provider = self.choose_provider(routing_key, distribution, exclude=refused, policy=policy)
             if provider is None:
                 break
-            self.outstanding[provider] += 1
-            try:
+            with self.using(provider):
                 try:
                     end, hop = await self.open_to(provider, routing_key, tries)
                 except FlowError:
@@ -494,13 +534,15 @@ class Router:
                 finally:
                     self.release(hop)
                 return
-            finally:
-                self.outstanding[provider] -= 1
         if tries.error is not None:
             raise tries.error
         if policy and self.providers(routing_key):
             raise NoProviderError(f"no reachable site that the provider policy admits offers routing key {routing_key!r}")
         raise NoProviderError(f"no reachable site has a connector for routing key {routing_key!r}")
+
+    def using(self, provider: str) -> Outstanding:
+        """Count one more flow or request at `provider` (what `balanced` weighs) for a `with` block."""
+        return Outstanding(self.outstanding, provider)
 
     async def open_to(self, provider: str, routing_key: str, tries: Tries) -> tuple[End, str | None]:
         """A flow to `provider` (or a dial here), and the next hop it holds: `release` it once the flow is over.
