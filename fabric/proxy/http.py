@@ -50,14 +50,21 @@ each way; reads and writes of the client's socket do not go through the
 scheduler when they need not wait (`SocketEnd`); and the answer is read and
 written to the client by the flow's sink, from the link's reader, as a TCP
 relay's is, so that a request wakes the client's task once, not twice (the
-answer is given back to that task for anything out of the ordinary: see
-`_answer_in_sink`).
+answer is given back to a task of its own for anything out of the ordinary:
+see `HttpListener._sinks`).
+
+Each client's connection is a `_Client` in one `_Phase` at a time (waiting
+for a head, its request routed by its task, its answer written by a sink or
+finished by a finisher task, or ended and how), changed only by its own
+methods; the provider a request goes to counts it (`Router.using`) until its
+answer is done.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import enum
 import http
 import logging
 import math
@@ -65,6 +72,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
@@ -73,7 +81,7 @@ from .. import logs
 from ..errors import FlowError
 from ..router.frames import Reason
 from ..router.relay import End, SocketEnd, relay
-from ..router.router import Tries
+from ..router.router import Outstanding, Tries
 from .http1 import (
     CHUNKED,
     END,
@@ -123,12 +131,6 @@ _FLUSH = "flush"  # the bytes gathered written to the client, before going on
 _DONE = "done"  # the answer is whole (its last bytes wait to be written)
 _SWITCHED = "switched"  # 101: the connection is a tunnel from now on
 _SOCKET_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError)
-# Where a client's connection stands, for its timers and the cap (HttpListener._sweep, _evict).
-_FRESH = "fresh"  # accepted, nothing read: its first head is due within the header timeout of the accept
-_HEAD = "head"  # part of a request's head read: the rest is due within the header timeout of its first byte
-_IDLE = "idle"  # between requests: the next is due to begin within the idle timeout
-_BUSY = "busy"  # a request in progress, its answer not done: no timer, never evicted
-_EVICTED = "evicted"  # closed to make room for a new connection
 # Connections cut or turned away, as HttpStats counts them.
 _CUT_KINDS = ("header_timeouts", "idle_closed", "evicted", "refused")
 # The clock for latencies and idle times: paid several times per request, and trio.current_time()
@@ -243,6 +245,39 @@ class _Cuts:
         self._said_at = _now()
 
 
+class _Phase(enum.Enum):
+    """Where a client's connection stands: its timers and the cap, who has its current answer, how it ended.
+
+    FRESH or IDLE -> HEAD -> ROUTING (the client's task) -> IDLE, or -> SINKING (a flow's sink) -> IDLE,
+    or -> FINISHING (a task of its own) -> IDLE or SINKING again; and from any, once, to an end.
+    Each member says whether its timers run (`waiting`: `_sweep` may cut it, `_evict` may close it),
+    whether its answer is out of the client task's hands (`pending`), and whether it is over (`ended`).
+    """
+
+    # (name, waiting, pending, ended)
+    FRESH = ("fresh", True, False, False)  # accepted, nothing read: a head is due within the header timeout
+    HEAD = ("head", True, False, False)  # part of a head read: the rest is due within the header timeout of its first byte
+    IDLE = ("idle", True, False, False)  # between requests: the next is due to begin within the idle timeout
+    ROUTING = ("routing", False, False, False)  # the client's task carries a request and its answer
+    SINKING = ("sinking", False, True, False)  # a flow's sink writes the answer; the client's task reads on
+    FINISHING = ("finishing", False, True, False)  # a task of its own finishes an answer the sink gave back
+    CLOSING = ("closing", False, False, True)  # the last answer went (or none can come): closed gracefully
+    TIMED_OUT = ("timed out", False, False, True)  # no head begun in time: closed unanswered
+    HEAD_TIMED_OUT = ("head timed out", False, False, True)  # a head not whole in time: answered 408, closed
+    EVICTED = ("evicted", False, False, True)  # closed at the cap to make room for a new connection
+    BROKEN = ("broken", False, False, True)  # the client's or an upstream's connection broke: reset
+
+    def __init__(self, label: str, waiting: bool, pending: bool, ended: bool) -> None:
+        self.label = label
+        self.waiting = waiting
+        self.pending = pending
+        self.ended = ended
+
+
+# How a connection that ended as these closes: with a FIN and what the client still sends read, not an RST.
+_CLEAN_ENDS = (_Phase.CLOSING, _Phase.TIMED_OUT, _Phase.HEAD_TIMED_OUT)
+
+
 class _Broken(Exception):
     """The client's or the upstream's connection broke off a request.
 
@@ -258,7 +293,13 @@ class _Broken(Exception):
 
 
 class _Client:
-    """A client's connection: its socket, its requests as read, and the answer bytes waiting to be written."""
+    """A client's connection: its socket, its requests as read, the answer bytes waiting to be written,
+    and where it stands (`phase`), which only its methods below change with what goes with it.
+
+    While a flow's sink writes an answer (SINKING), the client holds that request (`exchange`), the
+    flow (`upstream`) and the provider's count (`use`); nothing points back at the client but the
+    sink's callbacks, attached to that flow only for as long.
+    """
 
     __slots__ = (
         "answering",
@@ -266,34 +307,83 @@ class _Client:
         "exchange",
         "forwarding",
         "forwarding_lines",
-        "interrupt",
-        "keep",
+        "give_back",
+        "ip",
         "out",
         "out_bytes",
+        "phase",
         "reader",
+        "settled",
         "since",
+        "sink",
         "started",
-        "state",
-        "timer",
+        "tasks",
+        "upstream",
+        "use",
     )
 
     def __init__(self, stream: trio.SocketStream, ip: str) -> None:
         self.end = SocketEnd(stream, "client")
+        self.ip = ip
         self.reader = Reader(REQUEST)
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.started = 0.0  # when its current request began
         self.answering = False  # a final answer's head went out for the current request
-        self.exchange: _Exchange | None = None  # the request whose answer a flow's sink is writing (_answer_in_sink)
-        self.interrupt = trio.CancelScope()  # what that sink cancels to give the answer back to the client's task
-        self.keep = True  # the last answer a sink wrote leaves the connection open
-        self.state = _FRESH  # for its timers and the cap: _FRESH, _HEAD, _IDLE, _BUSY or _EVICTED
-        self.since = _now()  # when it began to wait in that state (not _BUSY)
-        self.timer = trio.CancelScope()  # what `HttpListener._sweep` cancels when its wait has lasted too long
+        self.phase = _Phase.FRESH
+        self.since = _now()  # when it began to wait in that phase (for a `waiting` one)
+        self.tasks: trio.Nursery | None = None  # its task, and a finisher's: cancelled when the connection ends
+        self.settled: trio.Event | None = None  # set when a pending answer is done, if its task waits for that
+        # While a flow's sink writes an answer (SINKING): the request, the flow, the provider's count.
+        self.exchange: _Exchange | None = None
+        self.upstream: _Upstream | None = None
+        self.use: Outstanding | None = None
+        # The flow's sink and what gives its answer back to a task (HttpListener._sinks): made once per client.
+        self.sink: Callable[[bytes], int] | None = None
+        self.give_back: Callable[..., None] | None = None
         address = ip.encode()
         node = b'"[' + address + b']"' if b":" in address else address
         self.forwarding = (address, b"for=" + node + b";proto=http")  # its parts of X-Forwarded-For, Forwarded
         self.forwarding_lines: bytes | None = None  # those headers for a request that came with none of its own
+
+    def __repr__(self) -> str:
+        return f"<_Client {self.ip} {self.phase.label}>"
+
+    def hold(self, exchange: _Exchange, upstream: _Upstream, use: Outstanding) -> None:
+        """ROUTING or FINISHING -> SINKING: the answer to `exchange`, which went over `upstream`, is left
+        to that flow's sink (its flow is `quiet`)."""
+        flow = upstream.flow
+        assert flow is not None
+        self.exchange, self.upstream, self.use = exchange, upstream, use
+        self.phase = _Phase.SINKING
+        flow.attach_sink(self.sink, self.give_back)
+        flow.on_failure(self.give_back)
+
+    def let_go(self) -> tuple[_Exchange, _Upstream, Outstanding]:
+        """What the sink held, detached from the flow (its phase is for the caller to change)."""
+        exchange, upstream, use = self.exchange, self.upstream, self.use
+        assert exchange is not None and upstream is not None and use is not None and upstream.flow is not None
+        self.exchange = self.upstream = self.use = None
+        upstream.flow.attach_sink(None)
+        upstream.flow.on_failure(None)
+        return exchange, upstream, use
+
+    def answer_done(self, keep: bool) -> None:
+        """The answer is whole at the client: the next request may come (IDLE), or the connection closes."""
+        if keep:
+            self.phase, self.since = _Phase.IDLE, _now()
+        else:
+            self.end_as(_Phase.CLOSING)
+        if self.settled is not None:
+            self.settled.set()
+            self.settled = None
+
+    def end_as(self, phase: _Phase) -> None:
+        """The connection is over, as `phase` says (unless it was already): its tasks end."""
+        if not self.phase.ended:
+            self.phase = phase
+            if self.tasks is not None:
+                self.tasks.cancel_scope.cancel()
 
     async def receive(self) -> bytes:
         """What the client sent next (b"" at its EOF), for its reader to read."""
@@ -338,11 +428,24 @@ class _Upstream:
     reader: Reader = attrs.Factory(lambda: Reader(RESPONSE))
     fresh: bool = True  # has carried no request yet
     idle_since: float = 0.0
-    # While its flow's sink writes an answer (HttpListener._answer_in_sink): the request, and whose it is.
-    exchange: _Exchange | None = None
-    client: _Client | None = None
-    sink: Callable[[bytes], int] | None = None  # (made at the first answer left to the sink: _make_sink)
-    give_back: Callable[..., None] | None = None
+    # The same end, when it is a flow with a sink (not a local target's socket): see `_Client.hold`.
+    flow: _Flow | None = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.flow = cast(_Flow, self.end) if hasattr(self.end, "attach_sink") else None
+
+
+class _Flow(Protocol):
+    """What the listener asks of a flow beyond `End`, to leave an answer to its sink (router/link.py's FlowEnd)."""
+
+    @property
+    def quiet(self) -> bool: ...
+
+    def send_nowait(self, data: bytes, *, whole: bool = False) -> int: ...
+
+    def attach_sink(self, sink: Callable[[bytes], int] | None, at_eof: Callable[[], None] | None = None) -> None: ...
+
+    def on_failure(self, callback: Callable[[Any], None] | None) -> None: ...
 
 
 class _Exchange:
@@ -361,8 +464,6 @@ class _Exchange:
     tries: Tries | None = None  # new flows opened for it (made at the first)
     refused: set[str] | None = None  # providers that cannot serve it (made at the first)
     failure = "no answer"  # why the last try failed
-    upstream: _Upstream | None = None  # while a sink writes its answer
-    done: trio.Event | None = None  # set when that sink is done, if the client's task waits for it
     chosen: str | None = None  # the provider for its first try, chosen before `_route` (_send_at_once)
 
     def __init__(self, head: Head) -> None:
@@ -382,7 +483,7 @@ def _filtered(headers: list[tuple[bytes, bytes]], keep_upgrade: bool) -> tuple[l
     header lists (RFC 9110, 7.6.1), nor the forwarding ones, which come back apart (lower-case name ->
     their values joined; None if there were none) to be extended."""
     lines = []
-    special = None
+    special: dict[bytes, bytes] | None = None
     named = None
     for name, value in headers:
         if len(name) in _SPECIAL_LENGTHS:  # a header of another length is none of them: no lower()
@@ -408,7 +509,7 @@ def _filtered(headers: list[tuple[bytes, bytes]], keep_upgrade: bool) -> tuple[l
 class _Pool:
     """Idle flows per provider, newest last; at most IDLE_FLOWS each, none older than IDLE_TIMEOUT."""
 
-    def __init__(self, release) -> None:
+    def __init__(self, release: Callable[[str | None], None]) -> None:
         self._idle: dict[str, collections.deque[_Upstream]] = collections.defaultdict(collections.deque)
         self._release = release
 
@@ -520,44 +621,35 @@ class HttpListener(TcpListener):
         ip = peer[0] if isinstance(peer, tuple) else "unknown"  # (a unix socket's peer is a path, often "")
         self.connections += 1
         client = _Client(stream, ip)
-        if not clients:
-            self._arrived.set()
-        clients.add(client)
-        clean = False
+        client.sink, client.give_back = self._sinks(client)
         try:
-            with client.timer:
-                while True:
-                    with client.interrupt:
-                        await self._requests(client)
-                        break
-                    # A flow's sink wrote an answer after which the connection closes, or gave back the
-                    # one it was writing: the client's task finishes that one.
-                    client.interrupt = trio.CancelScope()
-                    if client.exchange is None:
-                        break
-                    exchange, upstream = client.exchange, client.exchange.upstream
-                    client.exchange = exchange.upstream = None
-                    if not await self._counted(client, exchange, upstream):
-                        break
-                clean = True
-            if client.timer.cancelled_caught:  # its wait lasted too long (`_sweep`)
-                if client.state is _HEAD:
-                    client.end.send_nowait(self._timeout_answer)  # (the socket takes it: nothing else is waiting)
-                clean = client.state is not _BUSY  # (busy: a request began as the timer ran out, and is lost)
-            client.timer.cancel()  # closing: no timer runs for it any more
-        except _Broken as exc:
-            if client.state is not _EVICTED:
-                log.debug("listener %s: client %s: %s", self.config.name, ip, exc)
-        except Exception:
-            log.exception("listener %s: connection from %s failed", self.config.name, ip)
+            async with trio.open_nursery() as tasks:  # its task (this one) and a finisher's, when one runs
+                client.tasks = tasks
+                if not clients:
+                    self._arrived.set()
+                clients.add(client)
+                try:
+                    await self._requests(client)
+                    client.end_as(_Phase.CLOSING)
+                except _Broken as exc:
+                    if client.phase is not _Phase.EVICTED:
+                        log.debug("listener %s: client %s: %s", self.config.name, ip, exc)
+                    client.end_as(_Phase.BROKEN)
+                except Exception:
+                    log.exception("listener %s: connection from %s failed", self.config.name, ip)
+                    client.end_as(_Phase.BROKEN)
+                finally:
+                    if client.exchange is not None:  # (before the sink can start a finisher where none may start)
+                        self._abandon(client)
+                    tasks.cancel_scope.cancel()  # a finisher ends with the connection
+            if client.phase is _Phase.HEAD_TIMED_OUT:
+                client.end.send_nowait(self._timeout_answer)  # (the socket takes it: nothing else is waiting)
         finally:
             self.connections -= 1
-            if client.exchange is not None:
-                self._abandon(client)
             try:
                 if stream.socket.fileno() == -1:
                     pass  # a tunnel closed it already, or it was evicted
-                elif clean:
+                elif client.phase in _CLEAN_ENDS:
                     await _close_gracefully(stream)
                 else:
                     client.end.abort(Reason.UNSPECIFIED, "connection ended")
@@ -567,34 +659,34 @@ class HttpListener(TcpListener):
     async def _requests(self, client: _Client) -> None:
         """Serve the client's requests, one after the other, until the connection may carry no more.
 
-        The answer to one may still be on its way, written by a flow's sink:
-        the next is read meanwhile, and routed once that is done.
+        The answer to one may still be on its way, written by a flow's sink or
+        a finisher: the next is read meanwhile, and routed once that is done.
         """
         reader = client.reader
         metrics = self._metrics
         while True:
-            if client.state is _BUSY and client.exchange is None:  # its last answer is done (a sink's says so itself)
-                client.state, client.since = _IDLE, _now()
             message = None  # a plain request that came whole in one read (Reader.whole): no events
             while not reader.has_events():
                 if reader.eof:
                     await self._settle(client)
                     return
                 data = await client.receive()
+                if client.phase.ended:
+                    return  # cut while it read (`_sweep`), or the last answer closes the connection
                 message = reader.whole(data)
                 if message is not None:
                     break
                 reader.receive_data_untrusted(data)
-                state = client.state
-                if state is _IDLE or state is _FRESH:  # a head begun (its timer runs from the accept for the first)
-                    client.state = _HEAD
-                    if state is _IDLE:
+                phase = client.phase
+                if phase is _Phase.IDLE or phase is _Phase.FRESH:  # a head begun (timed from the accept for the first)
+                    client.phase = _Phase.HEAD
+                    if phase is _Phase.IDLE:
                         client.since = _now()
-            client.state = _BUSY
-            if client.exchange is not None:
+            if client.phase.pending:
                 await self._settle(client)
-            if not client.keep:
-                return
+                if client.phase.ended:
+                    return
+            client.phase = _Phase.ROUTING
             client.started = _now()
             metrics.requests += 1
             if message is not None:
@@ -630,6 +722,8 @@ class HttpListener(TcpListener):
                 continue
             if not await self._counted(client, exchange):
                 return
+            if client.phase is _Phase.ROUTING:  # (else a sink writes its answer: it says when that is done)
+                client.phase, client.since = _Phase.IDLE, _now()
 
     def _send_at_once(self, client: _Client, exchange: _Exchange) -> bool:
         """The common request, sent with no task switch: read whole (its `payload` made), its first
@@ -642,23 +736,25 @@ class HttpListener(TcpListener):
         upstream = self._pool.take(provider, client.started)
         if upstream is None:
             return False
-        end = upstream.end
-        if not getattr(end, "quiet", False):  # a local target's socket, or something came on the flow while idle
+        flow = upstream.flow
+        if flow is None or not flow.quiet:  # a local target's socket, or something came on the flow while idle
             self._pool.put(upstream)
             return False
-        if not end.send_nowait(exchange.payload, whole=True):  # no credit, or the link's buffer is full: `_route` waits
+        if not flow.send_nowait(exchange.payload, whole=True):  # no credit, or the link's buffer is full: `_route` waits
             self._pool.put(upstream)
             return False
         exchange.chosen = None
         upstream.reader.expect_response(exchange.head.method)
-        router.outstanding[provider] += 1
-        self._answer_in_sink(client, exchange, upstream)
+        with router.using(provider) as use:
+            client.hold(exchange, upstream, use.hand_off())
         return True
 
-    async def _counted(self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None) -> bool:
+    async def _counted(
+        self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None, use: Outstanding | None = None
+    ) -> bool:
         """`_route`, counted in progress until its answer is done (by a sink, if it takes it), and broken if it broke."""
         try:
-            return await self._route(client, exchange, upstream)
+            return await self._route(client, exchange, upstream, use)
         except _Broken:
             self._metrics.errors += 1
             raise
@@ -667,18 +763,16 @@ class HttpListener(TcpListener):
                 self._metrics.active -= 1
 
     async def _settle(self, client: _Client) -> None:
-        """Wait until the answer a sink is writing is done (`client.keep` then says whether another request may follow)."""
-        while (exchange := client.exchange) is not None:
-            exchange.done = trio.Event()
-            await exchange.done.wait()
+        """Wait until the answer a sink or a finisher has is done (the phase then says whether another may follow)."""
+        while client.phase.pending:
+            settled = client.settled = trio.Event()
+            await settled.wait()
 
     def _abandon(self, client: _Client) -> None:
         """The client's task ends while a sink writes an answer to it: the flow goes, the request counts as broken."""
-        exchange, upstream = client.exchange, client.exchange.upstream
-        client.exchange = exchange.upstream = None
-        upstream.exchange = None
+        _, upstream, use = client.let_go()
         self._pool.discard(upstream)
-        self._router.outstanding[upstream.provider] -= 1
+        use.release()
         self._metrics.active -= 1
         self._metrics.errors += 1
 
@@ -772,10 +866,13 @@ class HttpListener(TcpListener):
             out.append(chunk(event) if chunked else event)
         return False
 
-    async def _route(self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None) -> bool:
+    async def _route(
+        self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None, use: Outstanding | None = None
+    ) -> bool:
         """Carry one request to a provider and its answer back; whether the client may send another.
 
-        `upstream`: one that carries the request already (a sink gave its answer back): that answer is read first.
+        `upstream`: one that carries the request already (a sink gave its answer back), with its
+        provider's count (`use`): that answer is read first.
         """
         router, key = self._router, self.config.routing_key
         head = exchange.head
@@ -813,30 +910,31 @@ class HttpListener(TcpListener):
                         exchange.failure = str(exc)
                         continue
                     upstream = _Upstream(end, provider, hop)
-                router.outstanding[provider] += 1
+                use = router.using(provider)
+            assert upstream is not None and use is not None
             provider = upstream.provider
-            try:
-                return await self._exchange(client, exchange, upstream, sent)
-            except _Broken as exc:
-                if exc.status is not None and not client.answering:
-                    return await self._answer(client, exc.status, str(exc))
-                if not exc.repeatable:
-                    raise
-                exchange.failure = f"site {router.name_of(provider)}: {exc}"
-                if not (retryable or exc.head_lost):
-                    return await self._answer(client, 502, exchange.failure)
-                if upstream.fresh:
-                    refused.add(provider)  # a new flow failed: this provider's target is in trouble
-                # else a kept flow had gone stale: try again, on another kept flow or a new one
-            finally:
-                if client.exchange is not exchange:  # (a sink counts it out when its answer is done)
-                    router.outstanding[provider] -= 1
-            upstream = None
+            with use:  # (counted until the answer is done here, or by the sink it is handed off to)
+                try:
+                    return await self._exchange(client, exchange, upstream, sent, use)
+                except _Broken as exc:
+                    if exc.status is not None and not client.answering:
+                        return await self._answer(client, exc.status, str(exc))
+                    if not exc.repeatable:
+                        raise
+                    exchange.failure = f"site {router.name_of(provider)}: {exc}"
+                    if not (retryable or exc.head_lost):
+                        return await self._answer(client, 502, exchange.failure)
+                    if upstream.fresh:
+                        refused.add(provider)  # a new flow failed: this provider's target is in trouble
+                    # else a kept flow had gone stale: try again, on another kept flow or a new one
+            upstream = use = None
 
-    async def _exchange(self, client: _Client, exchange: _Exchange, upstream: _Upstream, sent: bool) -> bool:
+    async def _exchange(
+        self, client: _Client, exchange: _Exchange, upstream: _Upstream, sent: bool, use: Outstanding
+    ) -> bool:
         """One request and its answer over `upstream`; raises _Broken if it breaks. True, with the
-        answer left to a sink (`_answer_in_sink`), means: as far as the request says. `sent`: the
-        request went already (a sink gave its answer back)."""
+        answer left to a sink (`_Client.hold`, with `use` handed off to it), means: as far as the
+        request says. `sent`: the request went already (a sink gave its answer back)."""
         head = exchange.head
         if not sent:
             exchange.status, exchange.chunked, exchange.close, exchange.whole = 0, False, not head.keep_alive, False
@@ -846,8 +944,8 @@ class HttpListener(TcpListener):
             except _FLOW_FAILURES as exc:
                 self._pool.discard(upstream)
                 raise _Broken(f"upstream lost: {exc}", repeatable=True, head_lost=True) from None
-            if exchange.body_done and not head.upgrade and getattr(upstream.end, "quiet", False):
-                self._answer_in_sink(client, exchange, upstream)
+            if exchange.body_done and not head.upgrade and upstream.flow is not None and upstream.flow.quiet:
+                client.hold(exchange, upstream, use.hand_off())
                 return True
         try:
             if exchange.body_done:
@@ -882,45 +980,32 @@ class HttpListener(TcpListener):
             self._pool.discard(upstream)
         return exchange.body_done and not exchange.close
 
-    def _answer_in_sink(self, client: _Client, exchange: _Exchange, upstream: _Upstream) -> None:
-        """Leave the answer to the flow's sink (a flow that is `quiet`: nothing came on it since the last answer).
+    def _sinks(self, client: _Client) -> tuple[Callable[[bytes], int], Callable[..., None]]:
+        """The sink through which a flow writes the client's answers, and what gives an answer back, made once per client.
 
-        The answer is then read and written to the client from the link's
-        reader as its bytes come, with no task switch (as a TCP relay's
-        sink writes them), while the client's task waits for the next
-        request. Anything but an answer that the client's socket takes at
-        once and whole (a failure, the target's EOF, a client that does not
-        read as fast, a 101) is given back to that task, as it stands, by
-        cancelling `client.interrupt`: `_serve` goes on with it in `_route`.
+        `_Client.hold` attaches them to the flow that carries a request (one
+        that is `quiet`: nothing came on it since its last answer). The answer
+        is then read and written to the client from the link's reader as its
+        bytes come, with no task switch (as a TCP relay's sink writes them),
+        while the client's task reads on. Anything but an answer that the
+        client's socket takes at once and whole (a failure, the target's EOF,
+        a client that does not read as fast) is given back, as it stands, to
+        a task of its own (`_finish`), which goes on with it in `_route`.
         """
-        if upstream.sink is None:
-            self._make_sink(upstream)
-        upstream.client = client
-        upstream.exchange = client.exchange = exchange
-        exchange.upstream = upstream
-        upstream.end.attach_sink(upstream.sink, upstream.give_back)
+        metrics = self._metrics
 
-    def _make_sink(self, upstream: _Upstream) -> None:
-        """The flow's sink, and what gives its answer back, made once per flow.
-
-        The sink takes bytes only while `upstream.exchange` is set, for the
-        answer it writes. Any other bytes it leaves queued: for the client's
-        task, once the answer is given back; or, on an idle flow, to show
-        that the flow is not `quiet`, so it is not used again.
-        """
-        end = upstream.end
-        reader = upstream.reader
-
-        def give_back(*_) -> None:
-            if upstream.exchange is not None:
-                upstream.exchange = None
-                upstream.client.interrupt.cancel()
+        def give_back(*_: object) -> None:
+            if client.exchange is not None:
+                exchange, upstream, use = client.let_go()
+                client.phase = _Phase.FINISHING
+                assert client.tasks is not None
+                client.tasks.start_soon(self._finish, client, exchange, upstream, use)
 
         def sink(data: bytes) -> int:
-            exchange = upstream.exchange
-            if exchange is None:
-                return 0
-            client = upstream.client
+            exchange, upstream = client.exchange, client.upstream
+            if exchange is None or upstream is None:
+                return 0  # (detached: leave them queued)
+            reader = upstream.reader
             message = reader.whole(data)
             if message is not None:
                 step = self._whole_answer(client, exchange, message, data)
@@ -931,26 +1016,34 @@ class HttpListener(TcpListener):
                     while step is _FLUSH and client.flush_nowait():
                         step = self._take_answer(client, exchange, reader)
                 except _Broken:
-                    give_back()  # the task meets the same error where the reader keeps it
+                    give_back()  # the finisher meets the same error where the reader keeps it
                     return len(data)
             if step is _DONE and client.flush_nowait():
-                upstream.exchange = client.exchange = exchange.upstream = None
-                self._metrics.active -= 1
-                self._router.outstanding[upstream.provider] -= 1
-                client.keep = self._answer_done(client, exchange, upstream)
-                if exchange.done is not None:
-                    exchange.done.set()
-                elif not client.keep:
-                    client.interrupt.cancel()  # the client's task waits for a request that must not come
-                else:
-                    client.state, client.since = _IDLE, _now()  # (the client's task waits for the next request)
+                _, _, use = client.let_go()
+                metrics.active -= 1
+                use.release()
+                client.answer_done(self._answer_done(client, exchange, upstream))
             elif step is not _MORE or not client.flush_nowait():
                 give_back()
             return len(data)
 
-        upstream.sink = sink
-        upstream.give_back = give_back
-        end.on_failure(give_back)
+        return sink, give_back
+
+    async def _finish(self, client: _Client, exchange: _Exchange, upstream: _Upstream, use: Outstanding) -> None:
+        """An answer a sink gave back, read and written on (or the request tried again) as the client's
+        task would, while that task reads on; it ends the connection if it broke."""
+        try:
+            keep = await self._counted(client, exchange, upstream, use)
+        except _Broken as exc:
+            log.debug("listener %s: client %s: %s", self.config.name, client.ip, exc)
+            client.end_as(_Phase.BROKEN)
+            return
+        except Exception:
+            log.exception("listener %s: connection from %s failed", self.config.name, client.ip)
+            client.end_as(_Phase.BROKEN)
+            return
+        if client.phase is _Phase.FINISHING:  # (else a sink has it again: that one says when it is done)
+            client.answer_done(keep)
 
     async def _pump_body(self, client: _Client, head: Head, upstream: _Upstream, exchange: _Exchange) -> None:
         """The rest of the request's body, client -> upstream, as it arrives."""
@@ -1022,6 +1115,9 @@ class HttpListener(TcpListener):
                 return _DONE
             else:
                 status = exchange.status = event.status
+                if status == 101 and not exchange.head.upgrade:
+                    # (RFC 9110, 15.2.2) Only the client's task may make a tunnel of the connection.
+                    raise self._broken_answer(exchange, HttpError("101 to a request that asked for no upgrade"))
                 data, exchange.chunked, exchange.close = self._client_head(event, exchange.head, exchange.close)
                 out.append(data)
                 if status == 101:
@@ -1110,13 +1206,14 @@ class HttpListener(TcpListener):
                 cuts.say()
             wake = min(now + min(header, idle), cuts.due())
             for client in self._clients:
-                state = client.state
-                if state is _BUSY or client.timer.cancel_called:  # (cancelled: cut, or closing)
+                phase = client.phase
+                if not phase.waiting:
                     continue
-                due = client.since + (idle if state is _IDLE else header)
+                due = client.since + (idle if phase is _Phase.IDLE else header)
                 if due <= now:
-                    client.timer.cancel()  # its task answers 408 if a head began, and closes
-                    cuts.count("idle_closed" if state is _IDLE else "header_timeouts")
+                    # Its task ends, and `_serve` answers 408 if a head began, and closes.
+                    client.end_as(_Phase.HEAD_TIMED_OUT if phase is _Phase.HEAD else _Phase.TIMED_OUT)
+                    cuts.count("idle_closed" if phase is _Phase.IDLE else "header_timeouts")
                 elif due < wake:
                     wake = due
             if self._clients or cuts.due() < math.inf:
@@ -1131,12 +1228,12 @@ class HttpListener(TcpListener):
         victim = None
         oldest = math.inf
         for client in self._clients:
-            if client.state is not _BUSY and client.since < oldest:
+            if client.phase.waiting and client.since < oldest:
                 victim, oldest = client, client.since
         if victim is None:
             return False
         self._clients.discard(victim)
-        victim.state = _EVICTED
+        victim.end_as(_Phase.EVICTED)
         victim.end.abort(Reason.UNSPECIFIED, "evicted")  # (its descriptor goes now; its task then ends)
         self._cuts.count("evicted")
         return True

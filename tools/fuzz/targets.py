@@ -432,6 +432,11 @@ class _FakeRouter:
     def release(self, hop) -> None:
         pass
 
+    def using(self, provider):
+        from fabric.router.router import Outstanding
+
+        return Outstanding(self.outstanding, provider)
+
     def name_of(self, site) -> str:
         return site
 
