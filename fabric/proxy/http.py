@@ -294,7 +294,7 @@ class _Broken(Exception):
 
 class _Client:
     """A client's connection: its socket, its requests as read, the answer bytes waiting to be written,
-    and where it stands (`phase`), which only its methods below change with what goes with it.
+    and where it stands (`phase`), which only its methods below change, with what goes with it.
 
     While a flow's sink writes an answer (SINKING), the client holds that request (`exchange`), the
     flow (`upstream`) and the provider's count (`use`); nothing points back at the client but the
@@ -349,12 +349,31 @@ class _Client:
     def __repr__(self) -> str:
         return f"<_Client {self.ip} {self.phase.label}>"
 
+    def began_head(self) -> None:
+        """FRESH or IDLE -> HEAD: part of a head came (timed from the accept, for the first)."""
+        phase = self.phase
+        if phase is _Phase.IDLE:
+            self.phase, self.since = _Phase.HEAD, _now()
+        elif phase is _Phase.FRESH:
+            self.phase = _Phase.HEAD
+
+    def route(self) -> None:
+        """A whole head read, and no answer pending: its task carries the request (ROUTING)."""
+        self.phase = _Phase.ROUTING
+        self.started = _now()
+
+    def routed(self) -> None:
+        """ROUTING -> IDLE: its task is done with the answer (a sink that has it says so itself)."""
+        if self.phase is _Phase.ROUTING:
+            self.phase, self.since = _Phase.IDLE, _now()
+
     def hold(self, exchange: _Exchange, upstream: _Upstream, use: Outstanding) -> None:
         """ROUTING or FINISHING -> SINKING: the answer to `exchange`, which went over `upstream`, is left
         to that flow's sink (its flow is `quiet`)."""
         flow = upstream.flow
         assert flow is not None
         self.exchange, self.upstream, self.use = exchange, upstream, use
+        exchange.away = True
         self.phase = _Phase.SINKING
         flow.attach_sink(self.sink, self.give_back)
         flow.on_failure(self.give_back)
@@ -367,6 +386,12 @@ class _Client:
         upstream.flow.attach_sink(None)
         upstream.flow.on_failure(None)
         return exchange, upstream, use
+
+    def take_back(self) -> tuple[_Exchange, _Upstream, Outstanding]:
+        """SINKING -> FINISHING: the answer the sink held, for a finisher task to go on with."""
+        held = self.let_go()
+        self.phase = _Phase.FINISHING
+        return held
 
     def answer_done(self, keep: bool) -> None:
         """The answer is whole at the client: the next request may come (IDLE), or the connection closes."""
@@ -465,6 +490,7 @@ class _Exchange:
     refused: set[str] | None = None  # providers that cannot serve it (made at the first)
     failure = "no answer"  # why the last try failed
     chosen: str | None = None  # the provider for its first try, chosen before `_route` (_send_at_once)
+    away = False  # left to a sink (and maybe given back to a finisher): no longer the routing task's to count
 
     def __init__(self, head: Head) -> None:
         self.head = head
@@ -677,17 +703,12 @@ class HttpListener(TcpListener):
                 if message is not None:
                     break
                 reader.receive_data_untrusted(data)
-                phase = client.phase
-                if phase is _Phase.IDLE or phase is _Phase.FRESH:  # a head begun (timed from the accept for the first)
-                    client.phase = _Phase.HEAD
-                    if phase is _Phase.IDLE:
-                        client.since = _now()
+                client.began_head()
             if client.phase.pending:
                 await self._settle(client)
                 if client.phase.ended:
                     return
-            client.phase = _Phase.ROUTING
-            client.started = _now()
+            client.route()
             metrics.requests += 1
             if message is not None:
                 head = plain_head(message, True)
@@ -722,8 +743,7 @@ class HttpListener(TcpListener):
                 continue
             if not await self._counted(client, exchange):
                 return
-            if client.phase is _Phase.ROUTING:  # (else a sink writes its answer: it says when that is done)
-                client.phase, client.since = _Phase.IDLE, _now()
+            client.routed()
 
     def _send_at_once(self, client: _Client, exchange: _Exchange) -> bool:
         """The common request, sent with no task switch: read whole (its `payload` made), its first
@@ -753,13 +773,14 @@ class HttpListener(TcpListener):
         self, client: _Client, exchange: _Exchange, upstream: _Upstream | None = None, use: Outstanding | None = None
     ) -> bool:
         """`_route`, counted in progress until its answer is done (by a sink, if it takes it), and broken if it broke."""
+        exchange.away = False
         try:
             return await self._route(client, exchange, upstream, use)
         except _Broken:
             self._metrics.errors += 1
             raise
         finally:
-            if client.exchange is not exchange:
+            if not exchange.away:
                 self._metrics.active -= 1
 
     async def _settle(self, client: _Client) -> None:
@@ -996,8 +1017,7 @@ class HttpListener(TcpListener):
 
         def give_back(*_: object) -> None:
             if client.exchange is not None:
-                exchange, upstream, use = client.let_go()
-                client.phase = _Phase.FINISHING
+                exchange, upstream, use = client.take_back()
                 assert client.tasks is not None
                 client.tasks.start_soon(self._finish, client, exchange, upstream, use)
 
@@ -1089,6 +1109,8 @@ class HttpListener(TcpListener):
         (_MORE, _FLUSH, _DONE, _SWITCHED). Raises _Broken for an answer that broke off or is malformed."""
         if exchange.whole:  # (a sink gave it back with its last bytes still to write)
             return _SWITCHED if exchange.status == 101 else _DONE
+        if exchange.status == 101:  # (refused where a sink read it first: refused again where it is given back)
+            raise self._unasked_switch(exchange)
         out = client.out
         while True:
             try:
@@ -1116,8 +1138,7 @@ class HttpListener(TcpListener):
             else:
                 status = exchange.status = event.status
                 if status == 101 and not exchange.head.upgrade:
-                    # (RFC 9110, 15.2.2) Only the client's task may make a tunnel of the connection.
-                    raise self._broken_answer(exchange, HttpError("101 to a request that asked for no upgrade"))
+                    raise self._unasked_switch(exchange)
                 data, exchange.chunked, exchange.close = self._client_head(event, exchange.head, exchange.close)
                 out.append(data)
                 if status == 101:
@@ -1148,6 +1169,10 @@ class HttpListener(TcpListener):
         client.answering = exchange.whole = True
         self._metrics.answered(status, client.started)
         return _DONE
+
+    def _unasked_switch(self, exchange: _Exchange) -> _Broken:
+        # RFC 9110, 15.2.2: only to a request that asked for it; and only the client's task makes a tunnel.
+        return self._broken_answer(exchange, HttpError("101 to a request that asked for no upgrade"))
 
     def _broken_answer(self, exchange: _Exchange, exc: BaseException, what: str = "the target's answer broke off") -> _Broken:
         return _Broken(f"{what}: {exc}", repeatable=exchange.answered is None and not exchange.body_sent)

@@ -1,8 +1,8 @@
-"""An HTTP listener's answers written by a flow's sink, and what the sink gives back to the client's task.
+"""An HTTP listener's answers written by a flow's sink, and what the sink gives back to a finisher task.
 
 Sites in this process, a scripted HTTP/1.1 target behind a connector at
 one, an HTTP listener at the other, raw clients on 127.0.0.1. Most answers
-are read and written from the link's reader (`HttpListener._answer_in_sink`);
+are read and written from the link's reader (`HttpListener._sinks`);
 these tests hold the cases where it must give the answer back, or where
 the client's task must learn that it is done: whatever path an answer
 took, the client gets it whole or sees the connection broken, and the
@@ -48,7 +48,7 @@ async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes:
 
 async def target(stream: trio.SocketStream, release: trio.Event) -> None:
     """GET /small, /big (8 MiB), /close (a body the target's close ends), /reset (broken off), /bad (a
-    malformed head), /wait (answered once `release` is set); keep-alive otherwise."""
+    malformed head), /switch (101, asked or not), /wait (answered once `release` is set); keep-alive otherwise."""
     buffer = bytearray()
     async with stream:
         while True:
@@ -70,6 +70,9 @@ async def target(stream: trio.SocketStream, release: trio.Event) -> None:
                 return
             elif path == b"/bad":
                 await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n")
+            elif path == b"/switch":
+                await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
+                return
             elif path == b"/wait":
                 await release.wait()
                 try:
@@ -154,9 +157,9 @@ async def test_keep_alive_answers_come_whole_and_in_order_and_the_counts_come_to
             assert (stats.requests, stats.statuses, stats.errors) == (203, {"2xx": 203}, 0)
 
 
-async def test_an_answer_the_client_does_not_take_at_once_is_given_back_to_its_task(network, start_server):
+async def test_an_answer_the_client_does_not_take_at_once_is_given_back_to_a_finisher(network, start_server):
     """8 MiB to a client that reads nothing for a while: the sink writes what the socket takes and gives the
-    rest back (the task writes it under flow control); the connection then carries the next request."""
+    rest back (a finisher task writes it under flow control); the connection then carries the next request."""
     async with http_pair(network, start_server, trio.Event()) as (edge, port):
         with trio.fail_after(DEADLINE):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -169,6 +172,37 @@ async def test_an_answer_the_client_does_not_take_at_once_is_given_back_to_its_t
                 assert (await answer(stream, buffer))[1] == b"small"
             stats = await at_rest(edge)
             assert (stats.requests, stats.errors) == (2, 0)
+
+
+async def test_a_request_pipelined_behind_a_finished_answer_waits_for_it_and_then_goes(network, start_server):
+    """The client's task reads the next request while a finisher writes the answer before it, and routes
+    it once that one is done; then the client's half-close ends the connection after both answers."""
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                buffer = bytearray()
+                await stream.send_all(get(b"/big") + get(b"/small"))
+                await trio.sleep(0.3)  # (the socket fills: the sink gives the rest of /big back)
+                await stream.send_eof()
+                assert [(await answer(stream, buffer))[1] for _ in range(2)] == [BIG, b"small"]
+                assert await stream.receive_some(65536) == b""
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.statuses, stats.errors) == (2, {"2xx": 2}, 0)
+
+
+async def test_a_switch_of_protocols_nobody_asked_for_is_a_broken_answer(network, start_server):
+    """101 to a plain GET (RFC 9110 forbids it): never a tunnel, but a 502, once the request was tried twice."""
+    async with http_pair(network, start_server, trio.Event()) as (edge, port):
+        with trio.fail_after(DEADLINE):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(get(b"/switch"))
+                received, _ = await until_closed(stream)
+            assert received.startswith(b"HTTP/1.1 502 "), received
+            assert b"asked for no upgrade" in received, received
+            stats = await at_rest(edge)
+            assert (stats.requests, stats.statuses) == (1, {"5xx": 1})
 
 
 async def test_an_answer_the_targets_close_ends_reaches_the_client_through_the_sinks_eof(network, start_server):
