@@ -51,13 +51,18 @@ MAX_LENGTH_DIGITS = 15  # a longer Content-Length is left to llhttp, which check
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110, 5.6.2: a header name
 _VCHAR = rb"\t\x20-\x7e\x80-\xff"  # RFC 9110, 5.5: field-vchar, SP and HTAB: a header value, a reason phrase
 _PCHAR = rb"\-._~!$&'()*+,;=:@/?%0-9A-Za-z"  # RFC 3986: pchar, "/" and "?": an origin-form target
-_REQUEST_LINE = re.compile(rb"(%s) (/[%s]*) HTTP/1\.1\r\n" % (b"|".join(METHODS), _PCHAR))
-_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) ([%s]*)\r\n" % _VCHAR)
-_FIELDS = re.compile(rb"(?:[%s]+:[ \t]*[%s]*\r\n)*" % (_TCHAR, _VCHAR))
+# A whole head (first line, header lines, blank line) in one match; possessive (*+): no backtracking.
+_FIELDS = rb"((?:[%s]++:[ \t]*+[%s]*+\r\n)*+)\r\n" % (_TCHAR, _VCHAR)
+_REQUEST_HEAD = re.compile(rb"(%s) (/[%s]*+) HTTP/1\.1\r\n" % (b"|".join(map(re.escape, METHODS)), _PCHAR) + _FIELDS)
+_RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 ([0-9]{3}) ([%s]*+)\r\n" % _VCHAR + _FIELDS)
 _FIELD = re.compile(rb"([%s]+):[ \t]*([%s]*)\r\n" % (_TCHAR, _VCHAR))
 _METHOD = {method: method for method in METHODS}  # every request's Head shares these
-# The lengths of the names read specially: a header of another length needs no lower().
-_LENGTHS = frozenset(len(name) for name in SPECIAL | DECLINED | {b"host", b"content-length"})
+# What a header name read specially does (lower-case name -> one of these); a header of a length none
+# of them has needs no lower().
+_HOST, _CONNECTION, _LENGTH, _DECLINE, _SPECIAL = range(5)
+_READ = {name: _SPECIAL for name in SPECIAL} | {name: _DECLINE for name in DECLINED}
+_READ |= {b"host": _HOST, b"connection": _CONNECTION, b"content-length": _LENGTH}
+_LENGTHS = frozenset(map(len, _READ))
 
 
 def parse_python(data: bytes, start: int, request: bool, max_head: int) -> tuple | None:
@@ -66,57 +71,51 @@ def parse_python(data: bytes, start: int, request: bool, max_head: int) -> tuple
     data[end of head : end of head + Content-Length]. `lines`: the header lines as a proxy passes
     them on (b"name: value\\r\\n" each, Connection left out) when none is in SPECIAL but Connection,
     else None. None when the message is not plain (see the module's docstring)."""
-    size = len(data)
-    if start < 0 or start > size or max_head < 0:
+    if start < 0 or start > len(data) or max_head < 0:
         return None
-    limit = start + max_head if size - start > max_head else size
-    blank = data.find(b"\r\n\r\n", start, limit)  # (a plain head has no CR but those ending its lines)
-    if blank < 0:
-        return None
-    fields_end = blank + 2
-    end = blank + 4
-    line = (_REQUEST_LINE if request else _STATUS_LINE).match(data, start, fields_end)
-    if line is None:
+    head = (_REQUEST_HEAD if request else _RESPONSE_HEAD).match(data, start, start + max_head)
+    if head is None:
         return None
     if request:
-        first: bytes | int = _METHOD[line[1]]
+        first: bytes | int = _METHOD[head[1]]
     else:
-        first = int(line[1])
+        first = int(head[1])
         if first < 200 or first > 599 or first == 204 or first == 304:
             return None
-    fields = line.end()
-    if _FIELDS.fullmatch(data, fields, fields_end) is None:
-        return None
-    headers = _FIELD.findall(data, fields, fields_end)
+    headers = _FIELD.findall(data, head.start(3), head.end(3))
     hosts = 0
     length = -1
     plain = True
+    connection = False
     for name, value in headers:
         if len(name) in _LENGTHS:
-            lower = name.lower()
-            if lower == b"host":
+            read = _READ.get(name.lower())
+            if read is None:
+                continue
+            if read == _HOST:
                 hosts += 1
-            elif lower == b"connection":
+            elif read == _CONNECTION:
                 if value.lower() != b"keep-alive":  # (trailing whitespace kept, as llhttp keeps it)
                     return None
-            elif lower == b"content-length":
+                connection = True
+            elif read == _LENGTH:
                 if length >= 0 or len(value) > MAX_LENGTH_DIGITS or not value.isdigit():
                     return None
                 length = int(value)
-            elif lower in DECLINED:
+            elif read == _DECLINE:
                 return None
-            elif lower in SPECIAL:
+            else:
                 plain = False
     if (request and hosts != 1) or (not request and length < 0):  # (a request needs one Host, an answer a length)
         return None
-    if length > size - end:  # (the body is not whole)
+    end = head.end()
+    if length > len(data) - end:  # (the body is not whole)
         return None
     lines = None
     if plain:
-        lines = b"".join([
-            name + b": " + value + b"\r\n" for name, value in headers if len(name) != 10 or name.lower() != b"connection"
-        ])
-    return end, length, first, line[2], headers, lines
+        kept = [(n, v) for n, v in headers if len(n) != 10 or n.lower() != b"connection"] if connection else headers
+        lines = b"\r\n".join(map(b": ".join, kept)) + b"\r\n" if kept else b""
+    return end, length, first, head[2], headers, lines
 
 
 def compiled() -> Callable[[bytes, int, bool, int], tuple | None] | None:
