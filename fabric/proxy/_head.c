@@ -2,24 +2,18 @@
  *
  * llhttp (through httptools) reads every message the listener is not sure
  * of; its callbacks into Python (one per header, and what http1.Reader does
- * in them) cost more than the parse. This reads only the messages that
- * carry a proxy's every request in the common case - a keep-alive HTTP/1.1
- * request with no body or a Content-Length body, an answer with a
- * Content-Length - from a grammar stricter than llhttp's, and declines
- * (returns None) for anything else: llhttp reads that message, and says
- * whether it is malformed. So this never refuses a message, and never takes
- * one that llhttp would refuse or read otherwise (tests/unit/test_http1.py
- * checks both readers against each other on generated messages).
+ * in them) cost more than the parse. This reads only the plain messages
+ * (fabric/proxy/plain.py says which, and declines the others as this does:
+ * parse_python there is this in Python) from a grammar stricter than
+ * llhttp's, and declines (returns None) anything else: llhttp reads that
+ * message, and says whether it is malformed. So this never refuses a
+ * message, and never takes one that llhttp would refuse or read otherwise
+ * (tests/unit/test_http1.py checks the readers against each other on
+ * generated messages).
  *
- * Declined: a head not whole in `data`, or over `max_head` bytes; a body not
- * whole in `data`; a method other than the eight common ones; a target other
- * than an origin-form path and query of plain characters; a version other
- * than HTTP/1.1; obsolete line folding, bare CR or LF, a header name or value
- * character outside RFC 9110's grammar; Transfer-Encoding, Upgrade,
- * Proxy-Connection; a Connection other than "keep-alive"; a Content-Length
- * other than up to 15 digits, or more than one; a request without exactly
- * one Host; an answer without a Content-Length, or with a status other than
- * 200-599 (204 and 304 too: they have no body whatever their headers say).
+ * The methods taken and the headers read specially come from plain.py, at
+ * import (init): they are defined there once. Host, Connection and
+ * Content-Length are read here, by name: their values matter.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -49,18 +43,23 @@ init_classes(void)
     }
 }
 
-/* The headers a proxy does not pass on as they came: hop-by-hop ones (RFC 9110, 7.6.1) and the
- * forwarding ones it extends. http.py's HOP_BY_HOP | FORWARDING, which a test checks against SPECIAL. */
-static const char *const special_names[] = {
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-    "x-forwarded-for", "x-forwarded-proto", "forwarded", "via",
-};
-#define SPECIALS (sizeof(special_names) / sizeof(special_names[0]))
-static size_t special_lengths[SPECIALS];  /* (measured once, at import: not per header) */
-
-static const char *const method_names[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"};
-#define METHODS (sizeof(method_names) / sizeof(method_names[0]))
-static PyObject *methods[METHODS];  /* as bytes, made once: every request's Head shares them */
+/* From plain.py (init): the methods taken, as bytes shared by every request's Head, and the headers
+ * read specially, lower-case, each with what it does. */
+#define MAX_METHODS 16
+#define MAX_NAMES 32
+#define MAX_NAME 63  /* bytes: a name's length is a bit of `name_lengths` */
+#define SPECIAL 1    /* a proxy does not pass it on as it came: no `lines` */
+#define DECLINED 2   /* llhttp reads the message */
+static PyObject *methods[MAX_METHODS];
+static Py_ssize_t method_count;
+static struct {
+    char name[MAX_NAME + 1];
+    Py_ssize_t length;
+    int flags;
+} names[MAX_NAMES];
+static Py_ssize_t name_count;
+static unsigned long long name_lengths;  /* bit n: a name of n bytes is in `names` (most headers are not) */
+static int ready;  /* init has been called */
 
 static int
 same_lower(const unsigned char *p, Py_ssize_t n, const char *lower)
@@ -75,12 +74,15 @@ same_lower(const unsigned char *p, Py_ssize_t n, const char *lower)
     return 1;
 }
 
+/* What `names` says of a header name: SPECIAL, DECLINED, both or neither. */
 static int
-is_special(const unsigned char *name, Py_ssize_t n)
+name_flags(const unsigned char *name, Py_ssize_t n)
 {
-    for (size_t i = 0; i < SPECIALS; i++) {
-        if ((size_t)n == special_lengths[i] && same_lower(name, n, special_names[i]))
-            return 1;
+    if (n > MAX_NAME || !((name_lengths >> n) & 1))
+        return 0;
+    for (Py_ssize_t i = 0; i < name_count; i++) {
+        if (n == names[i].length && same_lower(name, n, names[i].name))
+            return names[i].flags;
     }
     return 0;
 }
@@ -117,16 +119,14 @@ read_headers(const unsigned char *p, Py_ssize_t pos, Py_ssize_t limit, int reque
         Py_ssize_t value_len = pos - value;  /* trailing whitespace kept, as llhttp keeps it */
         pos += 2;
         const unsigned char *n = p + name;
+        int connection = 0;
         switch (name_len) {
         case 4:
             hosts += same_lower(n, 4, "host");
             break;
-        case 7:
-            if (same_lower(n, 7, "upgrade"))
-                return 0;
-            break;
         case 10:
-            if (same_lower(n, 10, "connection") && !(value_len == 10 && same_lower(p + value, 10, "keep-alive")))
+            connection = same_lower(n, 10, "connection");
+            if (connection && !(value_len == 10 && same_lower(p + value, 10, "keep-alive")))
                 return 0;
             break;
         case 14:
@@ -143,16 +143,11 @@ read_headers(const unsigned char *p, Py_ssize_t pos, Py_ssize_t limit, int reque
                 *length = v;
             }
             break;
-        case 16:
-            if (same_lower(n, 16, "proxy-connection"))
-                return 0;
-            break;
-        case 17:
-            if (same_lower(n, 17, "transfer-encoding"))
-                return 0;
-            break;
         }
-        if (*plain && is_special(n, name_len) && !(name_len == 10 && same_lower(n, 10, "connection")))
+        int flags = name_flags(n, name_len);
+        if (flags & DECLINED)
+            return 0;
+        if ((flags & SPECIAL) && !connection)
             *plain = 0;
         PyObject *pair = PyTuple_New(2);
         if (pair == NULL)
@@ -204,8 +199,8 @@ PyDoc_STRVAR(parse_doc,
 "(end of its head, Content-Length or -1, method or status, target or reason, headers,\n"
 "lines) - its body is data[end of head:end of head + Content-Length]; lines: the\n"
 "header lines as a proxy passes them on (b\"name: value\\r\\n\" each, Connection left\n"
-"out) when none is in SPECIAL but Connection, else None. None when this path\n"
-"declines the message (see the module's source): llhttp reads it then.");
+"out) when none is special but Connection, else None. None when this path\n"
+"declines the message (see fabric/proxy/plain.py): llhttp reads it then.");
 
 static PyObject *
 parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -222,6 +217,10 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     request = PyObject_IsTrue(args[2]);
     if (PyErr_Occurred() || request < 0)
         return NULL;
+    if (!ready) {
+        PyErr_SetString(PyExc_RuntimeError, "parse() before init()");
+        return NULL;
+    }
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *result = NULL, *first = NULL, *second = NULL, *headers = NULL, *lines = NULL;
@@ -232,13 +231,13 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t limit = size - start > max_head ? start + max_head : size;
     Py_ssize_t pos = start;
     if (request) {
-        size_t m;
-        for (m = 0; m < METHODS; m++) {
+        Py_ssize_t m;
+        for (m = 0; m < method_count; m++) {
             Py_ssize_t n = PyBytes_GET_SIZE(methods[m]);
-            if (limit - pos > n && memcmp(p + pos, method_names[m], n) == 0 && p[pos + n] == ' ')
+            if (limit - pos > n && memcmp(p + pos, PyBytes_AS_STRING(methods[m]), n) == 0 && p[pos + n] == ' ')
                 break;
         }
-        if (m == METHODS)
+        if (m == method_count)
             goto decline;
         pos += PyBytes_GET_SIZE(methods[m]) + 1;
         Py_ssize_t target = pos;
@@ -306,7 +305,91 @@ done:
     return result;
 }
 
+/* The headers of `names` (an iterable of bytes) added to `names` with `flag`: 0, or -1 with an exception set. */
+static int
+add_names(PyObject *iterable, int flag)
+{
+    PyObject *iterator = PyObject_GetIter(iterable), *name;
+    if (iterator == NULL)
+        return -1;
+    while ((name = PyIter_Next(iterator)) != NULL) {
+        Py_ssize_t n = PyBytes_Check(name) ? PyBytes_GET_SIZE(name) : 0;
+        if (n < 1 || n > MAX_NAME) {
+            PyErr_Format(PyExc_ValueError, "a header name is 1 to %d bytes, not %R", MAX_NAME, name);
+            goto fail;
+        }
+        char lower[MAX_NAME + 1];
+        for (Py_ssize_t i = 0; i <= n; i++)
+            lower[i] = (char)Py_TOLOWER(PyBytes_AS_STRING(name)[i]);
+        Py_ssize_t i;
+        for (i = 0; i < name_count; i++) {
+            if (names[i].length == n && memcmp(names[i].name, lower, n) == 0)
+                break;
+        }
+        if (i == MAX_NAMES) {
+            PyErr_Format(PyExc_ValueError, "more than %d header names", MAX_NAMES);
+            goto fail;
+        }
+        if (i == name_count) {
+            memcpy(names[i].name, lower, n + 1);
+            names[i].length = n;
+            names[i].flags = 0;
+            name_count++;
+            name_lengths |= 1ULL << n;
+        }
+        names[i].flags |= flag;
+        Py_DECREF(name);
+    }
+    Py_DECREF(iterator);
+    return PyErr_Occurred() ? -1 : 0;
+fail:
+    Py_DECREF(name);
+    Py_DECREF(iterator);
+    return -1;
+}
+
+PyDoc_STRVAR(init_doc,
+"init(methods, special, declined)\n--\n\n"
+"What parse() reads by the lists of fabric/proxy/plain.py: the methods a plain request\n"
+"has (a sequence of bytes), the header names that give no lines (special) and those\n"
+"that make it decline (declined), lower-case bytes. Once, at import, before parse().");
+
+static PyObject *
+init(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "init() takes methods, special, declined");
+        return NULL;
+    }
+    PyObject *given = PySequence_Fast(args[0], "init(): methods is a sequence of bytes");
+    if (given == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(given);
+    for (Py_ssize_t m = 0; m < count; m++) {
+        PyObject *method = PySequence_Fast_GET_ITEM(given, m);
+        if (!PyBytes_Check(method) || PyBytes_GET_SIZE(method) == 0 || count > MAX_METHODS) {
+            PyErr_Format(PyExc_ValueError, "init(): up to %d methods, each non-empty bytes", MAX_METHODS);
+            Py_DECREF(given);
+            return NULL;
+        }
+    }
+    ready = 0;
+    for (Py_ssize_t m = 0; m < method_count; m++)
+        Py_CLEAR(methods[m]);
+    for (Py_ssize_t m = 0; m < count; m++)
+        methods[m] = Py_NewRef(PySequence_Fast_GET_ITEM(given, m));
+    method_count = count;
+    Py_DECREF(given);
+    name_count = 0;
+    name_lengths = 0;
+    if (add_names(args[1], SPECIAL) < 0 || add_names(args[2], DECLINED) < 0)
+        return NULL;
+    ready = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef functions[] = {
+    {"init", (PyCFunction)(void (*)(void))init, METH_FASTCALL, init_doc},
     {"parse", (PyCFunction)(void (*)(void))parse, METH_FASTCALL, parse_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -320,31 +403,5 @@ PyMODINIT_FUNC
 PyInit__head(void)
 {
     init_classes();
-    for (size_t i = 0; i < SPECIALS; i++)
-        special_lengths[i] = strlen(special_names[i]);
-    for (size_t m = 0; m < METHODS; m++) {
-        if (methods[m] == NULL && (methods[m] = PyBytes_FromString(method_names[m])) == NULL)
-            return NULL;
-    }
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL)
-        return NULL;
-    PyObject *special = PyTuple_New(SPECIALS);
-    if (special == NULL)
-        goto fail;
-    for (size_t i = 0; i < SPECIALS; i++) {
-        PyObject *name = PyBytes_FromString(special_names[i]);
-        if (name == NULL) {
-            Py_DECREF(special);
-            goto fail;
-        }
-        PyTuple_SET_ITEM(special, i, name);
-    }
-    int added = PyModule_AddObjectRef(m, "SPECIAL", special);
-    Py_DECREF(special);
-    if (added == 0)
-        return m;
-fail:
-    Py_DECREF(m);
-    return NULL;
+    return PyModule_Create(&module);
 }

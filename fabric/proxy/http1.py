@@ -2,18 +2,19 @@
 
 The HTTP listener's one way to parse: llhttp (Node's parser, in C, through
 httptools), strict as it comes (no leniency is turned on), plus the checks it
-leaves to its user; and in front of it a fast path (`_head.c`, our one
-compiled module) for the plain messages that nearly every exchange is made
-of: a keep-alive HTTP/1.1 request with no body or a Content-Length one, an
-answer with a Content-Length, each whole in one read. It reads those in one
-call instead of llhttp's dozen-odd Python callbacks (~2-3 us less per
-message), from a grammar stricter than llhttp's, and declines anything
-else, which llhttp then reads as before: it never refuses a message and
-never takes one that llhttp would refuse or read otherwise (the tests and
-the `http-fast` fuzz target read every message both ways and compare). It
-runs only while llhttp is between messages with nothing of the next one
-read. `Reader.whole` offers the same call on a read that is one plain message
-and nothing else, and gives it back with no events made: the HTTP listener's
+leaves to its user; and in front of it a fast path (plain.py) for the plain
+messages that nearly every exchange is made of: a keep-alive HTTP/1.1
+request with no body or a Content-Length one, an answer with a
+Content-Length, each whole in one read. It reads those in one call instead
+of llhttp's dozen-odd Python callbacks, from a grammar stricter than
+llhttp's, and declines anything else, which llhttp then reads as before: it
+never refuses a message and never takes one that llhttp would refuse or read
+otherwise (the tests and the `http-fast` fuzz target read every message both
+ways and compare). The fast path is compiled (`_head.c`) when it is built,
+else the same in Python; FABRIC_PURE_PYTHON=1 forces the Python one. It runs
+only while llhttp is between messages with nothing of the next one read.
+`Reader.whole` offers the same call on a read that is one plain message and
+nothing else, and gives it back with no events made: the HTTP listener's
 common request and answer go that way. A `Reader` takes bytes as they arrive
 (`receive_data_untrusted`) and gives events, in order, from `next_event()`:
 
@@ -32,9 +33,9 @@ or trailers, still incomplete) past `max_head` are an error (431), so a peer
 cannot make a reader hold more than `max_head` plus one read.
 
 Why not h11, as the listener first was: per request the listener parses a
-request and a response; h11 takes ~50 us of CPU for the two (and ~150 us
-with writing them again), llhttp ~2 us. At 5,000-13,000 requests/s h11 alone
-would need most of a core. This module keeps h11's strictness where it
+request and a response, and h11, in Python, takes many times llhttp's CPU
+for the two: at the request rates the listener serves, h11 alone would need
+most of a core. This module keeps h11's strictness where it
 matters for request smuggling: Content-Length with Transfer-Encoding,
 duplicate or malformed Content-Length, a Transfer-Encoding other than
 `chunked`, bad chunk sizes and chunk framing, bare CR or LF, obsolete line
@@ -47,7 +48,7 @@ import collections
 
 import httptools
 
-from . import _head
+from . import plain
 
 MAX_HEAD = 32 * 1024  # bytes of request line + headers (or of trailers); past it: 431
 REQUEST = "request"
@@ -89,7 +90,7 @@ class Head:
     message after this one, as far as this message says. `lines`, from the
     fast path only: the header lines as a proxy passes them on
     (b"name: value\r\n" each), when none of them is hop-by-hop or a
-    forwarding one (`_head.SPECIAL`) but a `Connection: keep-alive`, which
+    forwarding one (`plain.SPECIAL`) but a `Connection: keep-alive`, which
     they leave out; else None.
     """
 
@@ -144,7 +145,7 @@ class Reader:
     def __init__(self, kind: str, *, max_head: int = MAX_HEAD, fast: bool = True) -> None:
         self.kind = kind
         self.max_head = max_head
-        self.fast = fast  # plain messages read by _head.c (False: llhttp reads all; the tests compare the two)
+        self.fast = fast  # plain messages read by the fast path (False: llhttp reads all; the tests compare the two)
         self.switched = False  # an upgrade happened: what follows `trailing` is not HTTP
         self.trailing = b""
         self.eof = False
@@ -166,6 +167,7 @@ class Reader:
         self._first: list[bytes] = []  # the request target's or the reason phrase's pieces
         # llhttp's callbacks for these pieces are the list's own append: a Python call less per piece.
         self.on_url = self.on_status = self._first.append
+        self._parser: httptools.HttpRequestParser | httptools.HttpResponseParser
         if self.kind == REQUEST:
             self._parser = httptools.HttpRequestParser(self)
         else:
@@ -246,7 +248,7 @@ class Reader:
         as the events would give (the tests compare the two)."""
         if not self._fresh or self._skip_body or self._events or self._error is not None:
             return None
-        message = _head.parse(data, 0, self.kind == REQUEST, self.max_head)
+        message = plain.parse(data, 0, self.kind == REQUEST, self.max_head)
         if message is None or message[0] + (message[1] if message[1] > 0 else 0) != len(data):
             return None
         self.keep_alive = True
@@ -254,9 +256,9 @@ class Reader:
         return message
 
     def _take_plain(self, data: bytes) -> int:
-        """The plain messages at the start of `data`, read by the fast path (_head.c) into events;
+        """The plain messages at the start of `data`, read by the fast path (plain.parse) into events;
         how many bytes they took. It declines at the first that is not plain: llhttp reads the rest."""
-        parse = _head.parse
+        parse = plain.parse
         request = self.kind == REQUEST
         events = self._events
         taken = 0
@@ -349,7 +351,7 @@ class Reader:
                     # llhttp takes "gzip, chunked"; a proxy that re-frames bodies must not drop a coding.
                     raise HttpError(f"transfer-encoding {value.decode(errors='replace')!r} is not supported", 501)
                 chunked = True
-        if self.kind == REQUEST:
+        if isinstance(parser, httptools.HttpRequestParser):
             if hosts != 1 and (hosts or version == "1.1"):
                 raise HttpError("an HTTP/1.1 request needs one Host header (RFC 9112, 3.2)")
             framing = CHUNKED if chunked else LENGTH if length else NO_BODY

@@ -3,21 +3,24 @@
 Hypothesis writes requests and answers (heads by write_head, bodies by
 length or in chunks), cuts the bytes anywhere, and checks that the Reader
 gives back the same message; then the refusals that keep request smuggling
-out, one table; then the bounds. The fuzz targets `http` and `http-listener`
+out, one table; then the fast path against llhttp, each implementation of it
+(`_head.c`, when it is built, and plain.py's); then the bounds. The fuzz targets `http` and `http-listener`
 (tools/fuzz/targets.py) run under Hypothesis in test_fuzz.py; what they found
 is at the end here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric.proxy import http1
+from fabric.proxy import http1, plain
 from fabric.proxy.http1 import (
     END,
     NEED_DATA,
@@ -233,10 +236,27 @@ def test_a_response_with_an_unknown_transfer_coding_is_refused():
         reader.next_event()
 
 
-# -- the fast path (_head.c) reads as llhttp does, or declines -------------------------------------------
+# -- the fast path reads as llhttp does, or declines -------------------------------------------------------
 # Messages plain but for a part or two a byte away, in the places where its grammar is stricter than
 # llhttp's or where llhttp reads a header specially: read with the fast path and with llhttp alone,
 # each must give the same. (Most parts are plain: a message the fast path takes must be common.)
+# Each test runs with the compiled fast path and with the Python one.
+
+COMPILED = plain.compiled()
+FAST_PATHS = [
+    pytest.param(COMPILED, id="c", marks=pytest.mark.skipif(COMPILED is None, reason="fabric/proxy/_head.c is not built")),
+    pytest.param(plain.parse_python, id="python"),
+]
+
+
+@contextlib.contextmanager
+def fast_path(parse: Callable) -> Iterator[None]:
+    """Readers read plain messages with `parse` in the block."""
+    saved, plain.parse = plain.parse, parse
+    try:
+        yield
+    finally:
+        plain.parse = saved
 
 
 def mostly(plain: bytes, *others: bytes, chars: bytes = b"", prefix: bytes = b"") -> st.SearchStrategy[bytes]:
@@ -285,6 +305,7 @@ STATUS_LINE = st.tuples(
 ).map(b"".join)
 
 
+@pytest.mark.parametrize("parse", FAST_PATHS)
 @settings(max_examples=1000, deadline=None)
 @given(
     response=st.booleans(),
@@ -299,7 +320,7 @@ STATUS_LINE = st.tuples(
     step=st.sampled_from([400, 400, 400, 1, 7, 40]),
 )
 def test_the_fast_path_reads_what_llhttp_reads_or_leaves_it_to_llhttp(
-    response, request_line, status_line, headers, hosts, length, blank, body, then, step
+    parse, response, request_line, status_line, headers, hosts, length, blank, body, then, step
 ):
     lines = list(headers)
     if not response:
@@ -308,7 +329,8 @@ def test_the_fast_path_reads_what_llhttp_reads_or_leaves_it_to_llhttp(
         lines.append(b"Content-Length: %d\r\n" % length)
     wire = (status_line if response else request_line) + b"".join(lines) + blank + body + then
     kind = RESPONSE if response else REQUEST
-    same_every_way(kind, wire, step)
+    with fast_path(parse):
+        same_every_way(kind, wire, step)
 
 
 def same_every_way(kind: str, wire: bytes, step: int = 1 << 20) -> None:
@@ -326,9 +348,15 @@ PLAIN = [
 ]
 
 
+@pytest.mark.parametrize("parse", FAST_PATHS)
 @pytest.mark.parametrize("kind, wire", PLAIN, ids=["get", "post-then-get", "answer"])
-def test_every_message_a_byte_from_a_plain_one_reads_the_same_every_way(kind, wire):
+def test_every_message_a_byte_from_a_plain_one_reads_the_same_every_way(parse, kind, wire):
     """Each byte of a plain message replaced by, or preceded by, each of NEIGHBOURS, or dropped."""
+    with fast_path(parse):
+        _every_neighbour_the_same(kind, wire)
+
+
+def _every_neighbour_the_same(kind: str, wire: bytes) -> None:
     for pos in range(len(wire)):
         same_every_way(kind, wire[:pos] + wire[pos + 1 :])
         for byte in NEIGHBOURS:
@@ -336,9 +364,15 @@ def test_every_message_a_byte_from_a_plain_one_reads_the_same_every_way(kind, wi
             same_every_way(kind, wire[:pos] + bytes([byte]) + wire[pos:])
 
 
-def test_every_special_header_and_every_status_reads_the_same_every_way():
+@pytest.mark.parametrize("parse", FAST_PATHS)
+def test_every_special_header_and_every_status_reads_the_same_every_way(parse):
     """The headers llhttp reads specially, by every name and value above, in a request and an answer;
     and every status code."""
+    with fast_path(parse):
+        _every_special_header_the_same()
+
+
+def _every_special_header_the_same() -> None:
     for name in SPECIAL_NAMES:
         for value in SPECIAL_VALUES:
             line = name + b": " + value + b"\r\n"
@@ -350,11 +384,12 @@ def test_every_special_header_and_every_status_reads_the_same_every_way():
 
 
 def test_the_headers_the_fast_path_calls_special_are_the_ones_the_listener_filters():
-    from fabric.proxy import _head, http
+    from fabric.proxy import http
 
-    assert set(_head.SPECIAL) == http.HOP_BY_HOP | http.FORWARDING
+    assert plain.SPECIAL == http.HOP_BY_HOP | http.FORWARDING
 
 
+@pytest.mark.parametrize("parse", FAST_PATHS)
 @settings(max_examples=300, deadline=None)
 @given(
     headers=st.lists(st.one_of(HEADER, st.sampled_from([b"Connection: keep-alive\r\n", b"Via: 1.0 x\r\n",
@@ -362,14 +397,18 @@ def test_the_headers_the_fast_path_calls_special_are_the_ones_the_listener_filte
                      max_size=6),
     close=st.booleans(),
 )
-def test_heads_written_from_the_fast_paths_lines_are_those_written_header_by_header(headers, close):
+def test_heads_written_from_the_fast_paths_lines_are_those_written_header_by_header(parse, headers, close):
     """The listener writes a plain head from the fast path's `lines` in one go: byte for byte what it
     writes by filtering the headers one by one (as for a head llhttp read)."""
+    with fast_path(parse):
+        _heads_written_both_ways_the_same(b"".join(headers), close)
+
+
+def _heads_written_both_ways_the_same(block: bytes, close: bool) -> None:
     from fabric.config import ListenerConfig
     from fabric.proxy.http import HttpListener, _Client
 
     listener = HttpListener(ListenerConfig(name="web", routing_key="web", port=0, protocol="http"), targets._FakeRouter())
-    block = b"".join(headers)
     for kind, wire in [(REQUEST, b"GET /a HTTP/1.1\r\nHost: x\r\n" + block + b"\r\n"),
                        (RESPONSE, b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n")]:
         reader = Reader(kind)
@@ -391,18 +430,26 @@ def test_heads_written_from_the_fast_paths_lines_are_those_written_header_by_hea
             assert listener._client_head(head, request, close) == listener._client_head(slow, request, close)
 
 
-def test_the_fast_path_takes_the_plain_messages_it_is_for():
+@pytest.mark.parametrize("parse", FAST_PATHS)
+def test_the_fast_path_takes_the_plain_messages_it_is_for(parse):
     """(Not only declines: the plain request and answer of every proxied exchange skip llhttp.)"""
     for kind, wire in [(REQUEST, targets.PLAIN_REQUESTS[0]), (RESPONSE, targets.PLAIN_ANSWERS[0])]:
         reader = Reader(kind)
         reader.expect_response(b"GET")
-        reader.receive_data_untrusted(wire)
+        with fast_path(parse):
+            reader.receive_data_untrusted(wire)
         assert reader._fresh, "llhttp was fed"
         assert len([e for e in iter(reader.next_event, NEED_DATA) if isinstance(e, Head)]) == (3 if kind == REQUEST else 1)
 
 
-def test_whole_takes_a_message_only_between_messages_and_never_an_answer_to_head():
+@pytest.mark.parametrize("parse", FAST_PATHS)
+def test_whole_takes_a_message_only_between_messages_and_never_an_answer_to_head(parse):
     """`Reader.whole` reads a plain message on its own only where the events would begin a new one."""
+    with fast_path(parse):
+        _whole_only_between_messages()
+
+
+def _whole_only_between_messages() -> None:
     inner = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     outer = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(inner)
     same_every_way(REQUEST, outer + inner, step=len(outer))  # the second piece is the first's body
