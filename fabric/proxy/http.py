@@ -99,6 +99,7 @@ from .http1 import (
     plain_head,
     write_head,
 )
+from .plain import FORWARDING, HOP_BY_HOP, SPECIAL
 from .tcp import TcpListener
 
 __all__ = ["MAX_HEAD", "HttpListener", "HttpStats"]
@@ -112,14 +113,8 @@ LINGER = 1.0  # seconds to drain a client's unread bytes after the last answer, 
 # Methods a request may be repeated with (RFC 9110, 9.2.2) when its first
 # try failed before an answer began and before any body byte was sent.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-# RFC 9110, 7.6.1: these describe one connection, never forwarded as they are.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
-# Headers the listener writes itself from what came (and its own part).
-FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"via"})
-# The lengths of those names: a header of another length needs no lower() to be passed on.
-_SPECIAL_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP | FORWARDING)
+# The lengths of the names the listener filters: a header of another length needs no lower() to be passed on.
+_SPECIAL_LENGTHS = frozenset(map(len, SPECIAL))
 # What a Connection header usually says, which names no other header to drop.
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds

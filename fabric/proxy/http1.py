@@ -10,8 +10,8 @@ of llhttp's dozen-odd Python callbacks, from a grammar stricter than
 llhttp's, and declines anything else, which llhttp then reads as before: it
 never refuses a message and never takes one that llhttp would refuse or read
 otherwise (the tests and the `http-fast` fuzz target read every message both
-ways and compare). The fast path is compiled (`_head.c`) when it is built,
-else the same in Python; FABRIC_PURE_PYTHON=1 forces the Python one. It runs
+ways and compare). The fast path is the compiled module `_head.c`; where it
+is not built (or FABRIC_PURE_PYTHON=1), llhttp reads every message. It runs
 only while llhttp is between messages with nothing of the next one read.
 `Reader.whole` offers the same call on a read that is one plain message and
 nothing else, and gives it back with no events made: the HTTP listener's
@@ -246,9 +246,10 @@ class Reader:
 
         For a caller that handles the common message on its own, with no event: the same message
         as the events would give (the tests compare the two)."""
-        if not self._fresh or self._skip_body or self._events or self._error is not None:
+        parse = plain.parse
+        if parse is None or not self._fresh or self._skip_body or self._events or self._error is not None:
             return None
-        message = plain.parse(data, 0, self.kind == REQUEST, self.max_head)
+        message = parse(data, 0, self.kind == REQUEST, self.max_head)
         if message is None or message[0] + (message[1] if message[1] > 0 else 0) != len(data):
             return None
         self.keep_alive = True
@@ -259,6 +260,8 @@ class Reader:
         """The plain messages at the start of `data`, read by the fast path (plain.parse) into events;
         how many bytes they took. It declines at the first that is not plain: llhttp reads the rest."""
         parse = plain.parse
+        if parse is None:
+            return 0
         request = self.kind == REQUEST
         events = self._events
         taken = 0

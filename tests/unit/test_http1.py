@@ -3,8 +3,8 @@
 Hypothesis writes requests and answers (heads by write_head, bodies by
 length or in chunks), cuts the bytes anywhere, and checks that the Reader
 gives back the same message; then the refusals that keep request smuggling
-out, one table; then the fast path against llhttp, each implementation of it
-(`_head.c`, when it is built, and plain.py's); then the bounds. The fuzz targets `http` and `http-listener`
+out, one table; then the fast path (`_head.c`, when it is built) against
+llhttp; then the bounds. The fuzz targets `http` and `http-listener`
 (tools/fuzz/targets.py) run under Hypothesis in test_fuzz.py; what they found
 is at the end here.
 """
@@ -240,12 +240,10 @@ def test_a_response_with_an_unknown_transfer_coding_is_refused():
 # Messages plain but for a part or two a byte away, in the places where its grammar is stricter than
 # llhttp's or where llhttp reads a header specially: read with the fast path and with llhttp alone,
 # each must give the same. (Most parts are plain: a message the fast path takes must be common.)
-# Each test runs with the compiled fast path and with the Python one.
 
 COMPILED = plain.compiled()
 FAST_PATHS = [
     pytest.param(COMPILED, id="c", marks=pytest.mark.skipif(COMPILED is None, reason="fabric/proxy/_head.c is not built")),
-    pytest.param(plain.parse_python, id="python"),
 ]
 
 
@@ -381,12 +379,6 @@ def _every_special_header_the_same() -> None:
             same_every_way(RESPONSE, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nabcdefgh")
     for status in range(1000):
         same_every_way(RESPONSE, b"HTTP/1.1 %03d OK\r\nContent-Length: 2\r\n\r\nok" % status)
-
-
-def test_the_headers_the_fast_path_calls_special_are_the_ones_the_listener_filters():
-    from fabric.proxy import http
-
-    assert plain.SPECIAL == http.HOP_BY_HOP | http.FORWARDING
 
 
 @pytest.mark.parametrize("parse", FAST_PATHS)

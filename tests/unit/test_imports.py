@@ -1,8 +1,10 @@
-"""The module graph: no module imports itself through others."""
+"""The module graph: no module imports itself through others; the compiled module is optional."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import fabric
@@ -80,3 +82,14 @@ def test_no_module_imports_itself_through_others() -> None:
     cycles = [" -> ".join(c) for m in sorted(graph) if (c := _cycle_through(graph, m))]
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
+
+
+def test_fabric_and_its_cli_work_where_the_compiled_module_was_not_built() -> None:
+    code = (
+        "import sys; sys.modules['fabric.proxy._head'] = None\n"  # None: its import fails, as if never built
+        "import fabric.cli\n"
+        "from click.testing import CliRunner\n"
+        "result = CliRunner().invoke(fabric.cli.main, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
