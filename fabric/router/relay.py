@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -31,9 +32,18 @@ class End(Protocol):
 
     async def send_eof(self) -> None: ...
 
-    def abort(self, code: Reason, text: str) -> None: ...
+    def abort(self, code: int, text: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Watched(End, Protocol):
+    """An end that reports its own failure even while nobody reads it: a flow's end (a socket has none)."""
+
+    def on_failure(self, callback: Callable[[FlowReset | FlowRefused], None] | None) -> None: ...
+
+    def attach_sink(self, sink: Callable[[bytes], int] | None, at_eof: Callable[[], None] | None = None) -> None: ...
 
 
 class SocketEnd:
@@ -109,7 +119,7 @@ class SocketEnd:
     async def send_eof(self) -> None:
         await self.stream.send_eof()
 
-    def abort(self, code: Reason, text: str) -> None:
+    def abort(self, code: int, text: str) -> None:
         """Close with an RST: the application sees a reset, not a clean end of data."""
         sock = self._socket
         if sock.fileno() != -1:
@@ -200,14 +210,14 @@ async def relay(a: End, b: End) -> None:
             # A flow that has delivered its EOF is read by nobody, yet a later
             # RESET or link loss must still end the relay: flows say so at once.
             for end in (a, b):
-                if hasattr(end, "on_failure"):
+                if isinstance(end, Watched):
                     end.on_failure(failed)
             pumps.start_soon(pump, b, a, pumps.cancel_scope)
             await pump(a, b, pumps.cancel_scope)  # this task is the other pump: one task fewer to start
         clean = failure is None
     finally:
         for end in (a, b):
-            if hasattr(end, "attach_sink"):
+            if isinstance(end, Watched):
                 end.attach_sink(None)
                 end.on_failure(None)
         if clean:
