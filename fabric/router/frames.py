@@ -136,6 +136,17 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive. Raises `FrameError`."""
+        fields = self.next_fields()
+        if fields is None:
+            return None
+        type_, flags, flow_id, payload = fields
+        return Frame(_TYPES[type_], flow_id, payload, flags)
+
+    def next_fields(self) -> tuple[int, int, int, bytes] | None:
+        """`next_frame` as plain values (type, flags, flow id, payload): what a link's reader uses per frame.
+
+        The type is one of `FrameType`'s values. Raises `FrameError`.
+        """
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
             return None
@@ -151,7 +162,7 @@ class FrameDecoder:
             return None
         payload = buf[pos + HEADER_SIZE : end] if type(buf) is bytes else bytes(memoryview(buf)[pos + HEADER_SIZE : end])
         self._pos = end
-        return Frame(_TYPES[type_], flow_id, payload, flags)
+        return type_, flags, flow_id, payload
 
     def __iter__(self) -> Iterator[Frame]:
         while (frame := self.next_frame()) is not None:

@@ -1,14 +1,15 @@
-"""A link: one authenticated byte stream between two sites, carrying frames.
+"""A link: one authenticated byte stream between two sites, carrying frames; the Trio side.
 
-A `Link` runs three tasks: a reader that decodes frames and dispatches them
-without ever blocking (flows buffer at most their credit), one writer that
-coalesces queued frames into large writes, and a pinger. Silence longer than
-the keepalive timeout ends the link; so does any protocol error, with a
-GOAWAY that says why.
+The protocol itself (flow ids, credit, frame validation) is `protocol.LinkProtocol`,
+which does no I/O. A `Link` is the shell around it: a reader task that feeds it
+what the stream (or `tls_io.DirectTLS`) delivers and acts on its events without
+ever blocking (flows buffer at most their credit), one writer that coalesces
+what it returns into large writes, and a pinger. Silence longer than the
+keepalive timeout ends the link; so does any protocol error, with a GOAWAY
+that says why.
 
-A `FlowEnd` is one hop of a flow on a link: a half-closeable byte stream with
-credit-based flow control (CREDIT carries the absolute byte offset the
-receiver allows, QUIC style).
+A `FlowEnd` is one hop of a flow on a link: a half-closeable byte stream whose
+readers and writers wait on the credit the protocol keeps.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import trio
 from ..config import Settings
 from ..errors import FlowRefused, FlowReset, LinkError, ProtocolError
 from .frames import (
-    MAX_FLOW_ID,
     PROTOCOL_MAX,
     PROTOCOL_MIN,
     Frame,
@@ -34,12 +34,24 @@ from .frames import (
     Reason,
     decode_message_untrusted,
     decode_reason_untrusted,
-    decode_u64_untrusted,
     encode_frame,
-    encode_header,
-    encode_message,
     encode_reason,
-    encode_u64,
+)
+from .protocol import (
+    Data,
+    FlowAccepted,
+    FlowClosed,
+    FlowOpened,
+    FlowOverLimit,
+    FlowRefusedByPeer,
+    FlowResetByPeer,
+    GoAway,
+    Gossip,
+    LinkProtocol,
+    Ping,
+    Pong,
+    RoundTrips,
+    WindowUpdate,
 )
 from .tls_io import DirectTLS
 from .transports import receive_batch
@@ -49,14 +61,6 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024  # bytes per read from the link stream
 MAX_DATA = 64 * 1024  # bytes of payload per DATA frame: one TCP read of a client
 GOAWAY_GRACE = 0.5  # seconds for the writer to finish its frame and send a last GOAWAY once the link ends
-RTT_SMOOTHING = 0.125  # weight of a new RTT sample (as TCP's SRTT)
-# PONGs whose RTT samples the floor is the least of (one per keepalive
-# interval: 10 s by default). The floor measures the path, not the queues:
-# a burst of traffic or a busy event loop lifts the smoothed RTT, not it.
-RTT_WINDOW = 10
-# Samples before the floor is trusted: the first PONGs come back while both
-# sites are busy with handshakes, and one slow sample would be the floor.
-RTT_MIN_SAMPLES = 3
 # Bytes of control frames (PONG, CREDIT, RESET, OPEN_FAIL..., and a WebSocket
 # link's pongs) that may queue past `link_write_buffer`. Data waits for the
 # writer; control frames cannot (the reader must never block), so a peer that
@@ -69,18 +73,12 @@ CONTROL_ALLOWANCE = 1024 * 1024
 # (a request and its answer), a burst (many flows answering at once) in one
 # TLS write. Once the window has passed, the next frame goes out at once with
 # all that queued before it, even while the burst goes on: the peer starts on a
-# long burst's first frames (on the other core) while this site makes the rest,
-# where it would wait for the whole burst. Measured (tools.bench http-50, two
-# networks side by side, 4 rounds alternating): TCP listener 24,694 -> 27,943
-# req/s, HTTP listener 16,262 -> 21,757; windows of 30 us and 300 us did worse.
+# long burst's first frames while this site makes the rest. Shorter and longer
+# windows did worse in tools.bench (docs/performance.md).
 COALESCE_WINDOW = 100e-6
 # Drive an established link's TLS directly (tls_io.DirectTLS) instead of through
 # trio.SSLStream: no writer task hop per frame, whole socket reads decrypted at
-# once. Measured (tools.bench, 2 sites, whole runs alternating off/on, 2 rounds,
-# a loaded 2-core machine): redis PING 1 client 1,973 / 2,585 -> 4,083 / 4,258
-# req/s; iperf3 1 stream 1.01 / 2.27 -> 2.63 / 3.14 Gbit/s (0.26 / 0.55x ->
-# 0.54 / 0.65x socat). WebSocket links too (the framing between the TLS and
-# the socket): iperf3 1 stream 0.61-0.70x -> 0.70-0.99x a TLS link's.
+# once (on WebSocket links too, with the framing between the TLS and the socket).
 DIRECT_TLS = True
 
 
@@ -141,6 +139,8 @@ class _LinkEnded(Exception):
 
 
 class Link(trio.abc.AsyncResource):
+    """The Trio side of a link: reads the stream into a `LinkProtocol`, acts on its events, writes its bytes."""
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -158,15 +158,18 @@ class Link(trio.abc.AsyncResource):
         self.peer = peer
         self.dialer = dialer
         self.cost = cost
-        self.rtt: float | None = None  # seconds, smoothed
-        self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
-        self.answered_at = trio.current_time()  # when the peer last answered a PING (or the link began)
         self.settings = settings
+        self.round_trips = RoundTrips(trio.current_time(), settings.keepalive_timeout)
         self._handler = handler
-        self._decoder = decoder
+        self._protocol = LinkProtocol(
+            dialer=dialer,
+            window=settings.flow_window,
+            peer_window=peer.flow_window,
+            max_flows=settings.max_flows_per_link,
+            peer_name=peer.name,
+            decoder=decoder,
+        )
         self._flows: dict[int, FlowEnd] = {}
-        self._next_id = 1 if dialer else 2  # DESIGN.md: dialer odd, acceptor even
-        self._peer_max_id = 0
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_ready = trio.Event()
@@ -191,6 +194,11 @@ class Link(trio.abc.AsyncResource):
         return self._out_bytes + (self._tls.pending if self._tls is not None else 0)
 
     @property
+    def direct(self) -> bool:
+        """Whether the link drives its TLS itself (tls_io.DirectTLS) rather than through the stream's methods."""
+        return self._tls is not None
+
+    @property
     def peer_id(self) -> str:
         return self.peer.site_id
 
@@ -200,8 +208,28 @@ class Link(trio.abc.AsyncResource):
         return self._closed or self._reason is not None
 
     @property
+    def reason(self) -> str | None:
+        """Why the link ended, as one line; None while it is up."""
+        return self._reason
+
+    @property
     def flow_count(self) -> int:
         return len(self._flows)
+
+    @property
+    def rtt(self) -> float | None:
+        """Seconds, smoothed; None before the first PONG."""
+        return self.round_trips.smoothed
+
+    @property
+    def rtt_floor(self) -> float | None:
+        """Seconds: what routing uses (see `RoundTrips.floor`)."""
+        return self.round_trips.floor
+
+    @property
+    def answered_at(self) -> float:
+        """When the peer last answered a PING (or the link began), in trio time."""
+        return self.round_trips.answered_at
 
     # -- running ---------------------------------------------------------------
 
@@ -235,7 +263,7 @@ class Link(trio.abc.AsyncResource):
 
     def close(self, code: Reason = Reason.SHUTDOWN, text: str = "site is shutting down") -> None:
         """End the link, telling the peer why. Returns at once; `run` does the rest."""
-        self._end(f"closed here: {text}", goaway=goaway_frame(code, text))
+        self._end(f"closed here: {text}", goaway=self._protocol.goaway(code, text))
 
     async def aclose(self) -> None:
         self.close()
@@ -254,7 +282,7 @@ class Link(trio.abc.AsyncResource):
         except _LinkEnded as exc:
             self._end(str(exc))
         except ProtocolError as exc:
-            self._end(f"protocol error: {exc}", goaway_frame(Reason.PROTOCOL, str(exc)))
+            self._end(f"protocol error: {exc}", self._protocol.goaway(Reason.PROTOCOL, str(exc)))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__ or exc
             self._end(f"connection lost: {cause}" if str(cause) else "connection lost")
@@ -264,8 +292,7 @@ class Link(trio.abc.AsyncResource):
     async def _reader(self) -> None:
         timeout = self.settings.keepalive_timeout
         with trio.CancelScope(deadline=trio.current_time() + timeout) as silence:
-            for frame in self._decoder:  # frames that came with the handshake
-                self._dispatch(frame)
+            self._receive(b"")  # frames that came with the handshake
             while True:
                 if self._tls is not None:
                     data = await self._tls.receive(RECEIVE_SIZE)
@@ -276,10 +303,47 @@ class Link(trio.abc.AsyncResource):
                 if not data:
                     raise _LinkEnded("peer closed the connection")
                 silence.deadline = trio.current_time() + timeout
-                self._decoder.receive_data(data)
-                for frame in self._decoder:
-                    self._dispatch(frame)
+                self._receive(data)
         raise _LinkEnded(f"no frames from peer for {timeout:g} s (keepalive timeout)")
+
+    def _receive(self, data: bytes) -> None:
+        """Feed the protocol; act on its events (synchronously: the reader never blocks)."""
+        flows = self._flows
+        for event in self._protocol.receive_data(data):
+            kind = type(event)
+            if kind is Data:
+                if (flow := flows.get(event.flow_id)) is not None:
+                    flow._on_data(event.payload)
+            elif kind is WindowUpdate:
+                if (flow := flows.get(event.flow_id)) is not None:
+                    flow._wake()
+            elif kind is FlowAccepted:
+                if (flow := flows.get(event.flow_id)) is not None:
+                    flow._opened.set()
+            elif kind is FlowClosed:
+                if (flow := flows.get(event.flow_id)) is not None:
+                    flow._on_close()
+            elif kind is FlowResetByPeer:
+                if (flow := flows.get(event.flow_id)) is not None:
+                    flow._fail(FlowReset(event.code, event.text))
+            elif kind is FlowRefusedByPeer:
+                if (flow := flows.get(event.flow_id)) is not None:
+                    flow._fail(FlowRefused(event.code, event.text))
+            elif kind is FlowOpened:
+                flow = FlowEnd(self, event.flow_id, event.request.flow_uid, opener=False)
+                flows[event.flow_id] = flow
+                self._handler.on_open(self, flow, event.request)
+            elif kind is FlowOverLimit:
+                self._send(self._protocol.refuse_flow(event.flow_id, Reason.FLOW_LIMIT, event.text))
+            elif kind is Ping:
+                self._send(self._protocol.pong(event.payload))
+            elif kind is Pong:
+                if self.round_trips.on_pong(event, trio.current_time()):
+                    self._handler.on_rtt(self)
+            elif kind is Gossip:
+                self._handler.on_gossip(self, event.payload)
+            elif kind is GoAway:
+                raise _LinkEnded(f"peer went away: {event.text}")
 
     async def _writer(self) -> None:
         while True:
@@ -291,7 +355,7 @@ class Link(trio.abc.AsyncResource):
             data = b"".join(chunks)
             if self._tls is not None:
                 self._out_bytes -= len(data)
-                if data:  # (send_frame may have written all that was queued)
+                if data:  # (_send may have written all that was queued)
                     self._tls.write_nowait(data)
                 await self._tls.flush()
             else:
@@ -315,19 +379,21 @@ class Link(trio.abc.AsyncResource):
 
     async def _pinger(self) -> None:
         while True:
-            self.send_frame(FrameType.PING, 0, encode_u64(int(trio.current_time() * 1e9)))
+            self._send(self._protocol.ping(trio.current_time()))
             await trio.sleep(self.settings.keepalive_interval)
 
     # -- sending -----------------------------------------------------------------
 
-    def send_frame(self, type: FrameType, flow_id: int = 0, payload: bytes = b"") -> None:
-        """Queue a frame. Never blocks; ends the link if the peer has stopped reading."""
+    def _send(self, frame: bytes, payload: bytes = b"") -> None:
+        """Queue what the protocol returned: a frame, or a DATA header and its payload. Never blocks.
+
+        Ends the link if the peer has stopped reading.
+        """
         if self.closed:
             return
         if self.queued > self.settings.link_write_buffer + CONTROL_ALLOWANCE:
             self._end(f"peer is not reading: {self.queued} bytes are queued for it")
             return
-        header = encode_header(type, flow_id, len(payload))
         tls = self._tls
         if tls is not None and not tls.pending:
             # The socket has taken all before it: write it now, with whatever queued meanwhile,
@@ -335,7 +401,7 @@ class Link(trio.abc.AsyncResource):
             now = trio.current_time()
             if now - self._last_direct > COALESCE_WINDOW:
                 self._last_direct = now
-                data = header + payload if payload else header
+                data = frame + payload if payload else frame
                 if self._out:  # (the writer is due to run, and finds nothing left, or less)
                     self._out.append(data)
                     data = b"".join(self._out)
@@ -350,10 +416,10 @@ class Link(trio.abc.AsyncResource):
                 if tls.pending:
                     self._out_ready.set()  # the writer waits for the socket to take the rest
                 return
-        self._out.append(header)
+        self._out.append(frame)
         if payload:
             self._out.append(payload)
-        self._out_bytes += len(payload) + 12
+        self._out_bytes += len(frame) + len(payload)
         self._out_ready.set()
 
     async def wait_writable(self) -> None:
@@ -364,7 +430,7 @@ class Link(trio.abc.AsyncResource):
             await self._drained.wait()
 
     def send_gossip(self, payload: bytes) -> None:
-        self.send_frame(FrameType.GOSSIP, 0, payload)
+        self._send(self._protocol.gossip(payload))
 
     # -- flows -------------------------------------------------------------------
 
@@ -372,122 +438,42 @@ class Link(trio.abc.AsyncResource):
         """Send OPEN for a new flow; `await flow.wait_opened()` for the answer."""
         if self._closed:
             raise FlowRefused(Reason.LINK_LOST, f"link to {self.peer.name} is down")
-        if len(self._flows) >= self.settings.max_flows_per_link:
-            raise FlowRefused(Reason.FLOW_LIMIT, f"link to {self.peer.name} has {len(self._flows)} flows, its limit")
-        flow_id = self._next_id
-        if flow_id > MAX_FLOW_ID:
-            # Ids are never reused on a link, so when they run out the link is made
-            # again: closed here, redialled by the dialling site. Its flows are reset.
-            self.close(Reason.FLOW_LIMIT, "the link has used all its flow ids")
-            raise FlowRefused(Reason.FLOW_LIMIT, f"link to {self.peer.name} has used all its flow ids")
-        self._next_id += 2
+        try:
+            flow_id, frame = self._protocol.open_flow(request)
+        except FlowRefused:
+            if self._protocol.out_of_flow_ids:
+                # Ids are never reused on a link, so when they run out the link is made
+                # again: closed here, redialled by the dialling site. Its flows are reset.
+                self.close(Reason.FLOW_LIMIT, "the link has used all its flow ids")
+            raise
         flow = FlowEnd(self, flow_id, request.flow_uid, opener=True)
         self._flows[flow_id] = flow
-        self.send_frame(FrameType.OPEN, flow_id, encode_message(request))
+        self._send(frame)
         return flow
 
     def _forget(self, flow: FlowEnd) -> None:
         self._flows.pop(flow.flow_id, None)
-
-    def _was_opened(self, flow_id: int) -> bool:
-        if flow_id == 0:
-            return False
-        mine = flow_id % 2 == (1 if self.dialer else 0)
-        return flow_id < self._next_id if mine else flow_id <= self._peer_max_id
-
-    def _flow(self, frame: Frame) -> FlowEnd | None:
-        """The live flow a frame is for; None for a flow that has ended (late frames are dropped)."""
-        flow = self._flows.get(frame.flow_id)
-        if flow is None and not self._was_opened(frame.flow_id):
-            raise ProtocolError(f"{frame.type.name} frame for unknown flow {frame.flow_id}")
-        return flow
-
-    # -- receiving -----------------------------------------------------------------
-
-    def _dispatch(self, frame: Frame) -> None:
-        kind = frame.type
-        if kind is FrameType.DATA:
-            if flow := self._flow(frame):
-                flow._on_data(frame.payload)
-        elif kind is FrameType.CREDIT:
-            if flow := self._flow(frame):
-                flow._on_credit(decode_u64_untrusted(frame.payload))
-        elif kind is FrameType.CLOSE:
-            if flow := self._flow(frame):
-                flow._on_close()
-        elif kind is FrameType.RESET:
-            if flow := self._flow(frame):
-                flow._on_reset(*decode_reason_untrusted(frame.payload))
-        elif kind is FrameType.OPEN:
-            self._on_open(frame)
-        elif kind is FrameType.OPEN_OK:
-            if flow := self._flow(frame):
-                flow._on_open_ok()
-        elif kind is FrameType.OPEN_FAIL:
-            if flow := self._flow(frame):
-                flow._on_open_fail(*decode_reason_untrusted(frame.payload))
-        elif kind is FrameType.PING:
-            self.send_frame(FrameType.PONG, 0, frame.payload)
-        elif kind is FrameType.PONG:
-            self._on_pong(decode_u64_untrusted(frame.payload))
-        elif kind is FrameType.GOSSIP:
-            self._handler.on_gossip(self, frame.payload)
-        elif kind is FrameType.GOAWAY:
-            _, text = decode_reason_untrusted(frame.payload)
-            raise _LinkEnded(f"peer went away: {text}")
-        else:
-            raise ProtocolError(f"unexpected {kind.name} frame on an established link")
-
-    def _on_open(self, frame: Frame) -> None:
-        flow_id = frame.flow_id
-        peers_parity = 0 if self.dialer else 1
-        if flow_id % 2 != peers_parity or flow_id <= self._peer_max_id:
-            raise ProtocolError(f"OPEN with flow id {flow_id}, which the peer may not use now")
-        self._peer_max_id = flow_id
-        request = decode_message_untrusted(frame.payload, Open)
-        if len(self._flows) >= self.settings.max_flows_per_link:
-            reason = f"link from {self.peer.name} has {len(self._flows)} flows, its limit"
-            self.send_frame(FrameType.OPEN_FAIL, flow_id, encode_reason(Reason.FLOW_LIMIT, reason))
-            return
-        flow = FlowEnd(self, flow_id, request.flow_uid, opener=False)
-        self._flows[flow_id] = flow
-        self._handler.on_open(self, flow, request)
-
-    def _on_pong(self, sent_ns: int) -> None:
-        sample = trio.current_time() - sent_ns / 1e9
-        if not 0 <= sample <= self.settings.keepalive_timeout:
-            return  # not an echo of a recent PING of ours: no measurement
-        self.rtt = sample if self.rtt is None else self.rtt + RTT_SMOOTHING * (sample - self.rtt)
-        self.answered_at = trio.current_time()
-        self._rtt_samples.append(sample)
-        self._handler.on_rtt(self)
-
-    @property
-    def rtt_floor(self) -> float | None:
-        """Seconds: the least RTT sample of the last RTT_WINDOW, what routing uses (None until RTT_MIN_SAMPLES)."""
-        return min(self._rtt_samples) if len(self._rtt_samples) >= RTT_MIN_SAMPLES else None
 
 
 class FlowEnd(trio.abc.HalfCloseableStream):
     """One hop of a flow on one link, as a half-closeable byte stream.
 
     Receiving buffers at most `flow_window` bytes: the peer may send only up to
-    the offset we granted, and we grant more only as bytes are consumed.
+    the offset we granted, and we grant more only as bytes are consumed (the
+    link's protocol keeps the counts: `credit`).
     """
 
     def __init__(self, link: Link, flow_id: int, uid: str, *, opener: bool) -> None:
         self.link = link
         self.flow_id = flow_id
         self.uid = uid
-        self._window = link.settings.flow_window
+        credit = link._protocol.flow_credit(flow_id)
+        assert credit is not None, "a FlowEnd is made for a flow the protocol has just opened"
+        self.credit = credit
+        self._protocol = link._protocol
         self.settings_write_buffer = link.settings.link_write_buffer
         self._inbound: collections.deque[bytes] = collections.deque()
-        self._received = 0
-        self._consumed = 0
-        self._recv_limit = self._window
         self._recv_closed = False
-        self._sent = 0
-        self._send_limit = link.peer.flow_window
         self._send_closed = False
         self._error: FlowReset | FlowRefused | None = None
         # Where DATA goes straight from the link's reader, while nothing is queued (see attach_sink).
@@ -502,10 +488,7 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             self._opened.set()
 
     def __repr__(self) -> str:
-        return (
-            f"<FlowEnd {self.flow_id} on {self.link.peer.name} sent={self._sent}/{self._send_limit} "
-            f"received={self._received}/{self._recv_limit} buffered={self._received - self._consumed}>"
-        )
+        return f"<FlowEnd {self.flow_id} on {self.link.peer.name} {self.credit!r}>"
 
     @property
     def finished(self) -> bool:
@@ -558,11 +541,11 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             raise self._error
 
     def accept(self) -> None:
-        self.link.send_frame(FrameType.OPEN_OK, self.flow_id)
+        self.link._send(self._protocol.accept_flow(self.flow_id))
 
-    def refuse(self, code: Reason, text: str) -> None:
+    def refuse(self, code: Reason | int, text: str) -> None:
         if self._error is None:
-            self.link.send_frame(FrameType.OPEN_FAIL, self.flow_id, encode_reason(code, text))
+            self.link._send(self._protocol.refuse_flow(self.flow_id, code, text))
             self._fail(FlowRefused(code, text))
 
     # -- stream interface ------------------------------------------------------------
@@ -594,11 +577,9 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         return chunk
 
     def _consume(self, n: int) -> None:
-        """`n` more bytes were taken by the reader of this flow: grant more credit once half the window is used."""
-        self._consumed += n
-        if not self._recv_closed and self._recv_limit - self._consumed <= self._window // 2:
-            self._recv_limit = self._consumed + self._window
-            self.link.send_frame(FrameType.CREDIT, self.flow_id, encode_u64(self._recv_limit))
+        """`n` more bytes were taken by the reader of this flow: the protocol may grant more credit."""
+        if credit := self._protocol.consumed(self.flow_id, n):
+            self.link._send(credit)
 
     @property
     def quiet(self) -> bool:
@@ -634,21 +615,20 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         if self._send_closed:
             raise trio.ClosedResourceError("this flow was half-closed for sending")
         await trio.lowlevel.checkpoint_if_cancelled()
+        credit = self.credit
         total, pos = len(data), 0
         while pos < total:
             if self._error is not None:
                 raise self._error
-            room = self._send_limit - self._sent
-            if room <= 0:
+            if credit.send_limit <= credit.sent:
                 await self._changed.wait()
                 continue
             await self.link.wait_writable()
             if self._error is not None:
                 raise self._error
-            n = min(room, total - pos, MAX_DATA)
+            n = min(credit.send_limit - credit.sent, total - pos, MAX_DATA)
             chunk = data if (pos == 0 and n == total and isinstance(data, bytes)) else bytes(data[pos : pos + n])
-            self.link.send_frame(FrameType.DATA, self.flow_id, chunk)
-            self._sent += n
+            self.link._send(self._protocol.send_data(self.flow_id, chunk), chunk)
             pos += n
         await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -663,15 +643,16 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             return 0
         if self.link.queued >= self.settings_write_buffer:
             return 0
-        n = min(self._send_limit - self._sent, len(data), MAX_DATA)
+        credit = self.credit
+        n = min(credit.send_limit - credit.sent, len(data), MAX_DATA)
         if n <= 0 or (whole and n < len(data)):
             return 0
-        self.link.send_frame(FrameType.DATA, self.flow_id, data if n == len(data) else data[:n])
-        self._sent += n
+        chunk = data if n == len(data) else data[:n]
+        self.link._send(self._protocol.send_data(self.flow_id, chunk), chunk)
         return n
 
     async def wait_send_all_might_not_block(self) -> None:
-        while self._send_limit <= self._sent and self._error is None:
+        while self.credit.send_limit <= self.credit.sent and self._error is None:
             await self._changed.wait()
 
     async def send_eof(self) -> None:
@@ -680,14 +661,14 @@ class FlowEnd(trio.abc.HalfCloseableStream):
             raise self._error
         if not self._send_closed:
             self._send_closed = True
-            self.link.send_frame(FrameType.CLOSE, self.flow_id)
+            self.link._send(self._protocol.close_flow(self.flow_id))
             self._maybe_forget()
 
-    def reset(self, code: Reason, text: str) -> None:
+    def reset(self, code: Reason | int, text: str) -> None:
         """Abandon the flow in both directions and tell the peer why. Idempotent."""
         if self.finished:
             return
-        self.link.send_frame(FrameType.RESET, self.flow_id, encode_reason(code, text))
+        self.link._send(self._protocol.reset_flow(self.flow_id, code, text))
         self._fail(FlowReset(code, text))
 
     abort = reset
@@ -699,29 +680,16 @@ class FlowEnd(trio.abc.HalfCloseableStream):
     # -- from the link's reader (synchronous, never blocks) ------------------------------
 
     def _on_data(self, payload: bytes) -> None:
-        if self._recv_closed:
-            raise ProtocolError(f"DATA after CLOSE on flow {self.flow_id}")
-        self._received += len(payload)
-        if self._received > self._recv_limit:
-            raise ProtocolError(
-                f"peer sent past its credit on flow {self.flow_id} ({self._received} > {self._recv_limit} bytes)"
-            )
-        if payload:
-            if self._sink is not None and not self._sink_held:
-                taken = self._sink(payload)
-                if taken:
-                    self._consume(taken)
-                    if taken == len(payload):
-                        return
-                    payload = payload[taken:]
-                self._sink_held = True
-            self._inbound.append(payload)
-            self._wake()
-
-    def _on_credit(self, limit: int) -> None:
-        if limit > self._send_limit:
-            self._send_limit = limit
-            self._wake()
+        if self._sink is not None and not self._sink_held:
+            taken = self._sink(payload)
+            if taken:
+                self._consume(taken)
+                if taken == len(payload):
+                    return
+                payload = payload[taken:]
+            self._sink_held = True
+        self._inbound.append(payload)
+        self._wake()
 
     def _on_close(self) -> None:
         self._recv_closed = True
@@ -730,16 +698,6 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         if self._sink_eof is not None and not self._sink_held and not self._inbound:
             self._sink_eof()
 
-    def _on_reset(self, code: int, text: str) -> None:
-        self._fail(FlowReset(code, text))
-
-    def _on_open_ok(self) -> None:
-        self._opened.set()
-
-    def _on_open_fail(self, code: int, text: str) -> None:
-        self._fail(FlowRefused(code, text))
-
     def _on_link_lost(self, reason: str) -> None:
         if not self.finished:
             self._fail(FlowReset(Reason.LINK_LOST, f"link to {self.link.peer.name} lost: {reason}"))
-

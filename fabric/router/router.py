@@ -248,7 +248,7 @@ class Router:
                 if self.links.get(link.peer_id) is link:
                     self.gossip.link_up(link)
                     self._publish()
-            return link._reason or "link closed"
+            return link.reason or "link closed"
         finally:
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]

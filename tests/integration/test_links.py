@@ -392,7 +392,7 @@ async def test_a_link_that_runs_out_of_flow_ids_is_made_again(two_sites, tcp, ec
     with trio.fail_after(20):
         port = await two_sites.expose("echo", echo_server)
         link = edge.router.links[hub.site_id]
-        link._next_id = MAX_FLOW_ID  # the dialler's ids are odd, and so is 2**32 - 1: one id left
+        link._protocol._next_id = MAX_FLOW_ID  # the dialler's ids are odd, and so is 2**32 - 1: one id left
 
         last = await tcp.connect(port)
         async with last:
