@@ -53,6 +53,7 @@ from .errors import (
     TokenSpentError,
 )
 from .files import write_private_atomic
+from .gossip.gossip import Gossip
 from .gossip.records import EDGE, sign_record
 from .proxy.http import HttpListener, HttpStats
 from .proxy.sync import (
@@ -304,9 +305,11 @@ class Site:
             site_id=identity.site_id,
             name=config.name,
             mode=config.mode,
-            incarnation=incarnation,
             settings=config.settings,
-            sign=functools.partial(sign_record, identity=identity),
+            catalog=functools.partial(
+                Gossip, site_id=identity.site_id, name=config.name, mode=config.mode, incarnation=incarnation,
+                sign=functools.partial(sign_record, identity=identity), settings=config.settings,
+            ),
             refuse_origin=self._refused_origin,
         )
         self.link_port: int | None = None

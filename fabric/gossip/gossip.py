@@ -2,19 +2,21 @@
 
 `engine.py` decides what to send (push on change, forward once, anti-entropy
 by digest, purge); this class feeds it link events, GOSSIP frames and the
-clock, and sends what it returns on the links it names.
+clock, and sends what it returns on the links it names. It knows a link only
+as a `Neighbour`: the router's links are that, and the site hands this class
+to the router (router.Catalog), so neither imports the other.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import trio
 
 from .. import logs
 from ..config import Settings
-from ..router.link import Link
 from .engine import (
     GossipEngine,
     Outbox,
@@ -28,6 +30,15 @@ from .records import LinkInfo, RecordTable, ServiceInfo, SiteRecord
 log = logging.getLogger("fabric.gossip")
 
 
+class Neighbour(Protocol):
+    """What gossip needs of a link (router.link.Link): the site it reaches, and a way to send it a GOSSIP frame."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    def send_gossip(self, payload: bytes) -> None: ...
+
+
 class Gossip:
     def __init__(
         self,
@@ -38,7 +49,7 @@ class Gossip:
         incarnation: int,
         sign: Callable[[SiteRecord], SiteRecord],
         settings: Settings,
-        links: Callable[[], Mapping[str, Link]],
+        links: Callable[[], Mapping[str, Neighbour]],
         on_change: Callable[[], None],
     ) -> None:
         self._rejections = logs.Throttle(logs.LINE_INTERVAL)  # a member can send bad records by the thousand
@@ -79,13 +90,13 @@ class Gossip:
         """Our links or services changed: a new version of our record, pushed to every neighbour."""
         self._send(self._engine.publish(trio.current_time(), links=links, services=services))
 
-    def link_up(self, link: Link) -> None:
+    def link_up(self, link: Neighbour) -> None:
         self._send(self._engine.link_up(link.peer_id, trio.current_time()))
 
-    def link_down(self, link: Link) -> None:
+    def link_down(self, link: Neighbour) -> None:
         self._send(self._engine.link_down(link.peer_id, trio.current_time()))
 
-    def receive(self, link: Link, payload: bytes) -> None:
+    def receive(self, link: Neighbour, payload: bytes) -> None:
         """A GOSSIP frame; raises ProtocolError (ending that link) if it does not decode."""
         message = decode_message_untrusted(payload)
         self._send(self._engine.receive(link.peer_id, message, trio.current_time()))

@@ -264,7 +264,7 @@ class RedeemOk:
 
 
 _converter = make_converter(forbid_extra_keys=False)  # unknown keys: newer peers may add fields
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=attrs.AttrsInstance)
 
 
 def encode_message(message: Any) -> bytes:

@@ -310,39 +310,38 @@ class Link(trio.abc.AsyncResource):
         """Feed the protocol; act on its events (synchronously: the reader never blocks)."""
         flows = self._flows
         for event in self._protocol.receive_data(data):
-            kind = type(event)
-            if kind is Data:
+            if type(event) is Data:  # (type(...) is: cheaper than isinstance, and mypy narrows it)
                 if (flow := flows.get(event.flow_id)) is not None:
                     flow._on_data(event.payload)
-            elif kind is WindowUpdate:
+            elif type(event) is WindowUpdate:
                 if (flow := flows.get(event.flow_id)) is not None:
                     flow._wake()
-            elif kind is FlowAccepted:
+            elif type(event) is FlowAccepted:
                 if (flow := flows.get(event.flow_id)) is not None:
                     flow._opened.set()
-            elif kind is FlowClosed:
+            elif type(event) is FlowClosed:
                 if (flow := flows.get(event.flow_id)) is not None:
                     flow._on_close()
-            elif kind is FlowResetByPeer:
+            elif type(event) is FlowResetByPeer:
                 if (flow := flows.get(event.flow_id)) is not None:
                     flow._fail(FlowReset(event.code, event.text))
-            elif kind is FlowRefusedByPeer:
+            elif type(event) is FlowRefusedByPeer:
                 if (flow := flows.get(event.flow_id)) is not None:
                     flow._fail(FlowRefused(event.code, event.text))
-            elif kind is FlowOpened:
+            elif type(event) is FlowOpened:
                 flow = FlowEnd(self, event.flow_id, event.request.flow_uid, opener=False)
                 flows[event.flow_id] = flow
                 self._handler.on_open(self, flow, event.request)
-            elif kind is FlowOverLimit:
+            elif type(event) is FlowOverLimit:
                 self._send(self._protocol.refuse_flow(event.flow_id, Reason.FLOW_LIMIT, event.text))
-            elif kind is Ping:
+            elif type(event) is Ping:
                 self._send(self._protocol.pong(event.payload))
-            elif kind is Pong:
+            elif type(event) is Pong:
                 if self.round_trips.on_pong(event, trio.current_time()):
                     self._handler.on_rtt(self)
-            elif kind is Gossip:
+            elif type(event) is Gossip:
                 self._handler.on_gossip(self, event.payload)
-            elif kind is GoAway:
+            elif type(event) is GoAway:
                 raise _LinkEnded(f"peer went away: {event.text}")
 
     async def _writer(self) -> None:

@@ -17,9 +17,9 @@ import collections
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
@@ -27,8 +27,7 @@ import trio
 from .. import logs
 from ..config import Settings
 from ..errors import FlowError, FlowRefused, NoProviderError
-from ..gossip.gossip import Gossip
-from ..gossip.records import EDGE, LinkInfo, ServiceInfo, SiteRecord
+from ..gossip.records import EDGE, LinkInfo, RecordTable, ServiceInfo, SiteRecord
 from .frames import Open, Reason
 from .link import FlowEnd, Link
 from .policy import OPEN, by_name, site_label, sites_admitted
@@ -44,6 +43,9 @@ from .routes import (
     hold_rtt,
     latency_units,
 )
+
+if TYPE_CHECKING:
+    from ..gossip.engine import SiteStatus
 
 log = logging.getLogger("fabric.router")
 # Changes of one kind in one recompute logged a line each; past this many they
@@ -123,6 +125,38 @@ class Outstanding:
             counts[self.provider] -= 1
 
 
+class Catalog(Protocol):
+    """What the router needs of the gossip catalog (gossip.gossip.Gossip): the records, and the link events."""
+
+    @property
+    def table(self) -> RecordTable: ...
+
+    @property
+    def record(self) -> SiteRecord:
+        """This site's own record, as last published."""
+        ...
+
+    def status(self) -> list[SiteStatus]: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+    def publish(self, links: Iterable[LinkInfo], services: Iterable[ServiceInfo]) -> None: ...
+
+    def link_up(self, link: Link) -> None: ...
+
+    def link_down(self, link: Link) -> None: ...
+
+    def receive(self, link: Link, payload: bytes) -> None:
+        """A GOSSIP frame from the link's peer; raises ProtocolError (ending the link) if it does not decode."""
+        ...
+
+
+class CatalogFactory(Protocol):
+    """Makes the catalog once the router can give it its links and be told of changes (the site wires it)."""
+
+    def __call__(self, *, links: Callable[[], Mapping[str, Link]], on_change: Callable[[], None]) -> Catalog: ...
+
+
 class Connector(Protocol):
     """What the router needs of a connector (see proxy/tcp.py)."""
 
@@ -171,9 +205,8 @@ class Router:
         site_id: str,
         name: str,
         mode: str,
-        incarnation: int,
         settings: Settings,
-        sign: Callable[[SiteRecord], SiteRecord],
+        catalog: CatalogFactory,
         # Why flows from a site (by the origin they claim) may not reach connectors here; None: they may.
         refuse_origin: Callable[[str], str | None] = lambda origin: None,
     ) -> None:
@@ -200,16 +233,7 @@ class Router:
         self._name_index: dict[str, tuple[str, ...]] = {}
         self._offer_limits: dict[str, frozenset[str]] = {}  # linked site -> the only routing keys taken from it
         self._choices = itertools.count(1)
-        self.gossip = Gossip(
-            site_id=site_id,
-            name=name,
-            mode=mode,
-            incarnation=incarnation,
-            sign=sign,
-            settings=settings,
-            links=lambda: self.links,
-            on_change=self._recompute,
-        )
+        self.gossip = catalog(links=lambda: self.links, on_change=self._recompute)
         self._changed = trio.Event()
         self._offered: dict[str, set[str]] = {}  # the catalog as last logged
         self._flow_serial = itertools.count(1)

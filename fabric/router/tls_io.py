@@ -67,10 +67,11 @@ def _read_records(ssl_object: ssl.SSLObject, max_bytes: int) -> tuple[list[bytes
 
 def _tls_state(stream: trio.SSLStream) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None:
     """An established SSLStream's TLS object and its two BIOs; None if trio still holds something back."""
-    parts = [getattr(stream, name, None) for name in ("_ssl_object", "_incoming", "_outgoing")]
-    if any(p is None for p in parts):
+    ssl_object = getattr(stream, "_ssl_object", None)
+    incoming = getattr(stream, "_incoming", None)
+    outgoing = getattr(stream, "_outgoing", None)
+    if ssl_object is None or incoming is None or outgoing is None:
         return None  # a trio that keeps them elsewhere
-    ssl_object, incoming, outgoing = parts
     # A TLS 1.3 server's SSLStream holds back what its handshake left (session
     # tickets) until its first send: b"" with none (fabric sends none), None once sent.
     if outgoing.pending or getattr(stream, "_delayed_outgoing", None):

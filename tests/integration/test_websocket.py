@@ -11,8 +11,6 @@ import random
 import pytest
 import trio
 
-from fabric.router.tls_io import DirectTLS
-
 MiB = 1024 * 1024
 SETUP_DEADLINE = 20  # seconds to open sites and link them; ~0.1 s on loopback
 
@@ -34,7 +32,7 @@ async def test_links_are_websockets_and_status_says_so(ws_chain):
 async def test_websocket_links_are_driven_directly_on_their_sockets(ws_chain):
     """tls_io.DirectTLS at both ends of each ws:// link: not trio's SSLStream over a WebSocketStream."""
     for site, peer in ((ws_chain.a, ws_chain.b), (ws_chain.b, ws_chain.a), (ws_chain.b, ws_chain.c)):
-        assert isinstance(site.router.links[peer.site_id]._tls, DirectTLS), (site.name, peer.name)
+        assert site.router.links[peer.site_id].direct, (site.name, peer.name)
 
 
 @pytest.mark.parametrize(

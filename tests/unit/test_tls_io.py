@@ -306,7 +306,7 @@ async def test_a_bad_frame_ends_the_link_saying_what_was_wrong(contexts, frame, 
     with trio.fail_after(5):
         server, client = await link_streams(contexts, "ws")
         link = Link(server, FrameDecoder(), local=HELLO, peer=HELLO, dialer=False, handler=None, cost=1, settings=SETTINGS)
-        assert link._tls is not None  # the direct path, not trio's streams
+        assert link.direct  # the direct path, not trio's streams
         await client.transport_stream.transport.send_all(frame)
         assert await link.run() == f"connection lost: {why}"
 
@@ -347,7 +347,7 @@ async def test_a_long_burst_of_frames_reaches_the_peer_while_it_is_still_being_m
         server, client = await link_streams(contexts, "tls")
         link = Link(server, FrameDecoder(), local=HELLO, peer=HELLO, dialer=False, handler=None, cost=1, settings=SETTINGS)
         for i in range(count):
-            link.send_frame(FrameType.PING, 0, encode_u64(i))
+            link.send_gossip(encode_u64(i))
             pause = time.perf_counter() + COALESCE_WINDOW / 4  # work between two frames, without a checkpoint
             while time.perf_counter() < pause:
                 pass
@@ -360,7 +360,7 @@ async def test_a_long_burst_of_frames_reaches_the_peer_while_it_is_still_being_m
             decoder = FrameDecoder()
             while len(received) < count:
                 decoder.receive_data(await client.receive_some())
-                received += [decode_u64_untrusted(f.payload) for f in decoder if f.type is FrameType.PING and len(f.payload) == 8]
+                received += [decode_u64_untrusted(f.payload) for f in decoder if f.type is FrameType.GOSSIP]
             nursery.cancel_scope.cancel()
     assert received[:count] == list(range(count))
     assert during > everything / 2, (during, everything)  # all but the last window's frames; at once: the first alone

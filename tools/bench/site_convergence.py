@@ -95,7 +95,7 @@ class GossipMeter:
         meter = self
 
         def send_gossip(link: Link, payload: bytes) -> None:
-            if not link.closed:  # send_frame drops frames for a closed link
+            if not link.closed:  # a closed link drops what it is given to send
                 sender = link.local.site_id
                 meter.bytes[sender] += len(payload) + HEADER_SIZE
                 meter.frames[sender] += 1

@@ -15,7 +15,7 @@ tools.fuzz`) and under Hypothesis in the test suite (tests/unit/test_fuzz.py).
 | token    | Token.loads_untrusted                                        | TokenFormatError     |
 | csr      | sign_csr (what the issuer does with a REDEEM's CSR)          | TokenError           |
 | cert     | cert_site_id, cert_serial, check_issued_cert_untrusted, verify_signature_untrusted | ProtocolError / TokenError / none |
-| link     | Link._dispatch of any frame sequence on an established link  | ProtocolError (or the link's own end) |
+| link     | LinkProtocol.receive_data: what a peer sends on an established link | ProtocolError |
 | http     | http1.Reader of requests, fed in chunks                      | HttpError (400, 431, 501, 505) |
 | http-listener | an HTTP listener's client connection (a socket pair), a target answering 200 | none: it answers (200, or 400, 405, 431, 501, 505 with `connection: close`) or closes |
 | http-fast | http1.Reader of requests or answers, its fast path (_head.c) on and off | none: both give the same events, and the same HttpError status |
@@ -53,6 +53,7 @@ from fabric.router.frames import (
     FrameType,
     Hello,
     Open,
+    Reason,
     Redeem,
     RedeemOk,
     decode_message_untrusted,
@@ -62,6 +63,7 @@ from fabric.router.frames import (
     encode_message,
     encode_u64,
 )
+from fabric.router.protocol import FlowOpened, FlowOverLimit, LinkProtocol
 
 Target = Callable[[bytes], None]
 
@@ -195,48 +197,25 @@ def cert(data: bytes) -> None:
     assert result is None or isinstance(result, str)
 
 
-class _Handler:
-    """The router's part, as small as can be: accept every flow, ignore gossip."""
-
-    def on_open(self, link, flow, request) -> None:
-        flow.accept()
-
-    def on_gossip(self, link, payload) -> None:
-        pass
-
-    def on_rtt(self, link) -> None:
-        pass
-
-
 def link(data: bytes) -> None:
-    """The first byte picks the role (dialer or not); the rest is decoded as frames and
-    dispatched on an established link. Only a protocol error (or the peer's GOAWAY) may end it."""
+    """The first byte picks the role (dialer or not); the rest is what the peer sends on an established
+    link, fed to the link protocol and answered as the router would. Only a protocol error may end it."""
     if not data:
         return
-    decoder = FrameDecoder()
-    decoder.receive_data(data[1:])
-    try:
-        sequence = list(decoder)
-    except FrameError:
-        return
-    if not sequence:
-        return
-    trio.run(_dispatch_all, bool(data[0] & 1), sequence)
-
-
-async def _dispatch_all(dialer: bool, sequence: list[Frame]) -> None:
     settings = Settings(flow_window=4096, max_flows_per_link=8)
-    ours, _theirs = trio.testing.memory_stream_pair()
-    peer = link_module.make_hello("b" * 32, "peer", "interior", 1, settings, 1)
-    link = link_module.Link(
-        ours, FrameDecoder(), local=_local_hello(), peer=peer, dialer=dialer, cost=1, settings=settings, handler=_Handler()
+    protocol = LinkProtocol(
+        dialer=bool(data[0] & 1), window=settings.flow_window, peer_window=settings.flow_window,
+        max_flows=settings.max_flows_per_link, peer_name="peer",
     )
     try:
-        for frame in sequence:
-            link._dispatch(frame)
-    except (ProtocolError, link_module._LinkEnded):
+        for event in protocol.receive_data(data[1:]):
+            if isinstance(event, FlowOpened):
+                protocol.accept_flow(event.flow_id)
+            elif isinstance(event, FlowOverLimit):
+                protocol.refuse_flow(event.flow_id, Reason.FLOW_LIMIT, event.text)
+    except ProtocolError:
         pass
-    assert link.flow_count <= settings.max_flows_per_link
+    assert protocol.flow_count <= settings.max_flows_per_link
 
 
 # -- the HTTP front -------------------------------------------------------------------------------
