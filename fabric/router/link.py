@@ -41,6 +41,7 @@ from .protocol import (
     Data,
     FlowAccepted,
     FlowClosed,
+    FlowCredit,
     FlowOpened,
     FlowOverLimit,
     FlowRefusedByPeer,
@@ -466,9 +467,8 @@ class FlowEnd(trio.abc.HalfCloseableStream):
         self.link = link
         self.flow_id = flow_id
         self.uid = uid
-        credit = link._protocol.flow_credit(flow_id)
-        assert credit is not None, "a FlowEnd is made for a flow the protocol has just opened"
-        self.credit = credit
+        # None: the flow ended in the same read that opened it (its RESET follows in the events).
+        self.credit = link._protocol.flow_credit(flow_id) or FlowCredit(0, 0)
         self._protocol = link._protocol
         self.settings_write_buffer = link.settings.link_write_buffer
         self._inbound: collections.deque[bytes] = collections.deque()

@@ -18,7 +18,16 @@ from fabric.config import Settings
 from fabric.gossip.engine import GossipEngine
 from fabric.gossip.gossip import Gossip
 from fabric.gossip.records import sign_record
-from fabric.router.frames import FrameDecoder, FrameType, Open, encode_frame, encode_u64
+from fabric.router.frames import (
+    FrameDecoder,
+    FrameType,
+    Open,
+    Reason,
+    encode_frame,
+    encode_message,
+    encode_reason,
+    encode_u64,
+)
 from fabric.router.link import CONTROL_ALLOWANCE, FlowEnd, Link, make_hello
 from fabric.router.protocol import Pong
 from fabric.router.router import Router
@@ -237,6 +246,27 @@ async def test_a_reader_that_consumes_grants_the_writer_more_credit():
             while len(received) < len(payload):
                 received += await acceptor.flows[0].receive_some()
             assert received == payload
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_flow_reset_in_the_read_that_opened_it_is_opened_then_failed():
+    """OPEN and RESET of one flow in one read: the router sees the flow, then its reset, as frame by frame."""
+    seen = []
+
+    class Watching(_Quiet):
+        def on_open(self, link, flow, request):
+            seen.append("open")
+            flow.on_failure(lambda error: seen.append(f"failed: {error}"))
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    link = Link(ours, FrameDecoder(), local=hello("A"), peer=hello("B"), dialer=True, cost=1, settings=SETTINGS, handler=Watching())
+    open_ = encode_frame(FrameType.OPEN, 2, encode_message(Open("A", "key", "B", "flow", 3)))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            await theirs.send_all(open_ + encode_frame(FrameType.RESET, 2, encode_reason(Reason.ENDPOINT_RESET, "gone")))
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == ["open", "failed: gone"] and link.flow_count == 0 and not link.closed
             nursery.cancel_scope.cancel()
 
 
