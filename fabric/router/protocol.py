@@ -2,8 +2,10 @@
 
 `LinkProtocol` is one end of an established link (after the HELLOs), as
 h11 is one end of an HTTP connection: `receive_data(bytes)` returns the
-events those bytes complete, and each `*` method that sends returns the
-bytes to write. It owns what both ends must agree on:
+events those bytes complete, and each method that sends a frame returns
+the bytes to write (`send_data` the header only: the payload follows it
+as it is, uncopied, as h11's data passthrough). It owns what both ends
+must agree on:
 
 - flow ids: the dialer opens odd ids, the acceptor even ones, each larger
   than the last and never reused on the link;
