@@ -31,6 +31,8 @@ import attrs
 
 from ..errors import FlowRefused, ProtocolError
 from .frames import (
+    FRAME_VERSION,
+    HEADER,
     MAX_FLOW_ID,
     FrameDecoder,
     FrameType,
@@ -40,7 +42,6 @@ from .frames import (
     decode_reason_untrusted,
     decode_u64_untrusted,
     encode_frame,
-    encode_header,
     encode_message,
     encode_reason,
     encode_u64,
@@ -146,8 +147,9 @@ Event: TypeAlias = (
     | FlowResetByPeer | Ping | Pong | Gossip | GoAway
 )
 
-# Plain ints: compared once per frame on the hot path.
+# Plain ints: compared (and packed) once per frame on the hot path.
 _DATA = int(FrameType.DATA)
+_pack_header = HEADER.pack
 _CREDIT = int(FrameType.CREDIT)
 _NAMES = {int(t): t.name for t in FrameType}
 
@@ -369,16 +371,17 @@ class LinkProtocol:
         On a flow that has ended (reset or refused) the frame is a late one,
         which the peer drops.
         """
+        n = len(data)
         flow = self._flows.get(flow_id)
         if flow is None:
             self._check_opened_once(flow_id)
         elif flow.send_closed:
             raise ValueError(f"flow {flow_id} was closed for sending")
-        elif len(data) > flow.send_limit - flow.sent:
-            raise ValueError(f"{len(data)} bytes are past the credit of flow {flow_id} ({flow.send_room} bytes)")
+        elif n > flow.send_limit - flow.sent:
+            raise ValueError(f"{n} bytes are past the credit of flow {flow_id} ({flow.send_room} bytes)")
         else:
-            flow.sent += len(data)
-        return encode_header(FrameType.DATA, flow_id, len(data))
+            flow.sent += n
+        return _pack_header(FRAME_VERSION, _DATA, 0, flow_id, n)
 
     def consumed(self, flow_id: int, n: int) -> bytes:
         """This end's reader took `n` more bytes of a flow: a CREDIT frame once half the window is used, or b""."""
