@@ -75,6 +75,7 @@ class ProxyManager:
         self.sync_refused: dict[str, tuple[int, str]] = {}  # routing key -> (port, why service sync does not listen)
         self._listener_errors: dict[str, str] = {}  # configured listener name -> why it did not start
         self._connectors: dict[str, TcpConnector] = {}
+        self._claimed: set[str] = set()  # routing keys of configured listeners being made
         self._sync_holds: dict[str, SyncHold] = {}  # routing key -> what it is charged to, listening or not
         self._sync_unlogged: dict[str, tuple[int, str, str]] = {}  # cause -> (keys, one of them, why) not yet said
         self._sync_logged_at: dict[str, float] = {}  # cause -> when a line last said it
@@ -192,11 +193,15 @@ class ProxyManager:
             providers=providers,
         )
         self._check_policy(config.providers)
-        if self._nursery is not None:
-            if (synced := self.synced.pop(config.routing_key, None)) is not None:
-                await synced.aclose()  # a configured listener takes over from service sync (maybe its very port)
-            await self._start_listener(config)
-        await self.store.update(lambda c: attrs.evolve(c, listeners=(*c.listeners, config)))
+        self._claimed.add(config.routing_key)  # service sync leaves the key alone while this one is made
+        try:
+            if self._nursery is not None:
+                if (synced := self.synced.pop(config.routing_key, None)) is not None:
+                    await synced.aclose()  # a configured listener takes over from service sync (maybe its very port)
+                await self._start_listener(config)
+            await self.store.update(lambda c: attrs.evolve(c, listeners=(*c.listeners, config)))
+        finally:
+            self._claimed.discard(config.routing_key)
         self._resync()
         return listener_status(self._state(config), network_view(self.router))
 
@@ -283,7 +288,7 @@ class ProxyManager:
     def _sync_wanted(self) -> SyncPlan:
         """What service sync holds now, for the keys other reachable sites offer and nothing here listens for."""
         router = self.router
-        configured = {l.routing_key for l in self.store.config.listeners}
+        configured = {l.routing_key for l in self.store.config.listeners} | self._claimed
         offers: dict[str, dict[str, tuple[int, str]]] = {}
         for record in router.gossip.table.values():
             if record.site_id == router.site_id or record.site_id not in router.routes:

@@ -84,7 +84,7 @@ class Dialer:
         if token.issuer_id in router.links:
             raise TokenError(f"site {token.issuer_name} already links to site {router.name}; one link carries traffic both ways")
         name = name or token.issuer_name
-        certs = link_dir(self.store.site_dir, name)  # before anything is sent or written
+        certs = await trio.to_thread.run_sync(link_dir, self.store.site_dir, name)  # before anything is sent or written
         if any(l.name == name for l in config.links):
             raise TokenError(f"a link named {name!r} exists already: choose another name")
         csr = await trio.to_thread.run_sync(pki.make_csr, self.identity)
@@ -128,7 +128,7 @@ class Dialer:
             live.close(Reason.SHUTDOWN, f"site {router.name} deleted its link")
         if self._nursery is not None:
             router.limit_offers(link.peer_id, None)
-        await trio.to_thread.run_sync(shutil.rmtree, link_dir(self.store.site_dir, name), True)
+        await trio.to_thread.run_sync(_forget_certs, self.store.site_dir, name)
 
     async def wait_links_changed(self) -> None:
         """Return at the next change of an outgoing link's state: up, down, or why it failed."""
@@ -178,8 +178,7 @@ class Dialer:
                 backoff = min(backoff * 2, self.settings.reconnect_max)
 
     async def _dial_link(self, config: LinkConfig) -> Link:
-        certs = link_dir(self.store.site_dir, config.name)
-        context = await trio.to_thread.run_sync(_client_context, certs, self.identity.key_path)
+        context = await trio.to_thread.run_sync(_client_context, self.store.site_dir, config.name, self.identity.key_path)
         errors = []
         for index, text in enumerate(config.addresses):
             try:
@@ -237,6 +236,11 @@ def _write_certs(certs: Path, ca_pem: str, cert_pem: str) -> None:
     (certs / "cert.pem").write_text(cert_pem)
 
 
-def _client_context(certs: Path, key_path: Path) -> ssl.SSLContext:
-    """The TLS context a link dials with, from its certificates in the links/ directory. Blocking."""
+def _forget_certs(site_dir: Path, name: str) -> None:
+    shutil.rmtree(link_dir(site_dir, name), ignore_errors=True)
+
+
+def _client_context(site_dir: Path, name: str, key_path: Path) -> ssl.SSLContext:
+    """The TLS context link `name` dials with, from its certificates in the links/ directory. Blocking."""
+    certs = link_dir(site_dir, name)
     return pki.client_context((certs / "ca.pem").read_bytes(), certs / "cert.pem", key_path)

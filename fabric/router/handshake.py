@@ -114,7 +114,8 @@ class Handshakes:
         self.tokens = tokens
         self.settings = setup.settings
         self.pending: collections.Counter[str] = collections.Counter()  # source -> handshakes under way
-        self._server_context: ssl.SSLContext = pki.server_context(identity)
+        self.identity = identity
+        self._server_context: ssl.SSLContext | None = None  # made off the loop when a port first opens
         self._refusals_log = logs.Throttle(logs.LINE_INTERVAL)  # what strangers can make fail at will, by cause
 
     def __repr__(self) -> str:
@@ -124,6 +125,8 @@ class Handshakes:
         self, host: str, port: int, *, websocket: bool, what: str, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept links on host:port (TLS, or TLS in WebSocket); hands back the bound port."""
+        if self._server_context is None:
+            self._server_context = await trio.to_thread.run_sync(pki.server_context, self.identity)
         listener = await listen_tcp(host, port, what=what)
         task_status.started(listener.socket.getsockname()[1])
         await trio.serve_listeners(functools.partial(self.accept, websocket=websocket), [listener])
@@ -148,6 +151,7 @@ class Handshakes:
                             tcp, path=WS_PATH, keepalive=self.settings.ws_keepalive_interval, peer=where
                         )
                         where = stream.peer
+                    assert self._server_context is not None  # (made before the port opened)
                     stream = tls = await accept_tls(stream, self._server_context)
                     decoder = FrameDecoder()
                     first = await read_frame(tls, decoder)
