@@ -16,11 +16,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import attrs
 import trio
 
 from . import logs, pki
-from .addresses import NO_PROXY, WS_PATH, Address, parse_proxy
 from .config import DEFAULT_CONNECTOR_HOST, DEFAULT_LISTENER_HOST, ConnectorConfig, Settings, SiteConfig
 from .errors import ConfigError, FabricError, TokenError
 from .gossip.records import sign_record
@@ -36,7 +34,6 @@ from .store import ConfigStore
 from .tokens import Tokens
 
 _UNSET = object()
-_PORTS = {"link_port": "link port", "ws_port": "WebSocket link port"}  # where links are accepted: TLS, TLS in WebSocket
 
 
 class Site:
@@ -54,15 +51,23 @@ class Site:
             refuse_origin=self.tokens.refused_origin,
         )
         setup = LinkSetup(self.router, mode=self.config.mode, incarnation=self.incarnation, settings=self.settings)
-        self.handshakes = Handshakes(setup, self.tokens, identity)
-        self.dialer = Dialer(setup, self.store, identity)
+        self.handshakes = Handshakes(self.router, setup, self.tokens, self.store, identity)
+        self.dialer = Dialer(self.router, setup, self.store, identity)
         self.proxies = ProxyManager(self.router, self.store)
-        self.link_port: int | None = None
-        self.ws_port: int | None = None
         self.running = False  # False for a site loaded with `load_site`: changes take effect at its next start
 
     def __repr__(self) -> str:
         return f"<Site {self.name} {self.site_id[:8]} links={len(self.router.links)}>"
+
+    @property
+    def link_port(self) -> int | None:
+        """The port this running site accepts links on (TLS), if it does."""
+        return self.handshakes.ports.get("link_port")
+
+    @property
+    def ws_port(self) -> int | None:
+        """The port this running site accepts links on as WebSockets, if it does."""
+        return self.handshakes.ports.get("ws_port")
 
     @property
     def config(self) -> SiteConfig:
@@ -85,13 +90,8 @@ class Site:
         self.running = True
         async with trio.open_nursery() as nursery:
             await nursery.start(self.router.run)
-            for field, what in _PORTS.items():
-                if (port := getattr(self.config, field)) is not None:
-                    serve = functools.partial(self.handshakes.run, websocket=field == "ws_port", what=f"site {self.name}'s {what}")
-                    bound = await nursery.start(serve, self.config.link_host, port)
-                    setattr(self, field, bound)
-                    if port == 0:  # keep the port picked: tokens and peers' links point at it
-                        await self.store.update(lambda c: attrs.evolve(c, **{field: bound}))  # noqa: B023 (called at once)
+            await nursery.start(self.handshakes.run)
+            # What linked sites may offer here: as their tokens allowed, or as this site's own links say.
             for site_id in self.tokens.redeemers():
                 self.router.limit_offers(site_id, self.tokens.granted_offers(site_id))
             for link in self.config.links:
@@ -125,29 +125,18 @@ class Site:
         may offer through their links here (None: any); this site ignores
         their other services.
         """
-        fields = [f for f in _PORTS if getattr(self.config, f) is not None]
-        if not fields:
+        if not (ports := self.handshakes.known_ports()):
             raise FabricError(
                 f"site {self.name} accepts no links: create it with link access (or a WebSocket port) to issue tokens"
             )
         if link_urls and isinstance(link_urls, str):
             raise TokenError("link_urls must be a list of link addresses, not one string")
-        if not link_urls and any(self._known_port(f) == 0 for f in fields):
+        if not link_urls and 0 in ports.values():
             raise FabricError(f"site {self.name} picks its link ports at its first start: start it once, then issue tokens")
         return await self.tokens.issue(
-            list(link_urls or self._access_addresses()),
+            list(link_urls or self.handshakes.addresses()),
             redemptions_allowed=redemptions_allowed, expiration_window=expiration_window, cost=cost, offers=offers,
         )
-
-    def _known_port(self, field: str) -> int | None:
-        """The bound "link_port" or "ws_port"; for a stopped site, the configured one (0: not picked yet)."""
-        return getattr(self, field) if self.running else getattr(self.config, field)
-
-    def _access_addresses(self) -> tuple[str, ...]:
-        """Where this site accepts links, as tokens and status give them: TLS first, then WebSocket."""
-        tls, ws = self._known_port("link_port"), self._known_port("ws_port")
-        host = self.config.link_host
-        return (*([str(Address("tls", host, tls))] if tls else []), *([str(Address("ws", host, ws, WS_PATH))] if ws else []))
 
     async def redeem_token(
         self, token: pki.Token | str | os.PathLike, *, name: str | None = None, cost: int | None = None, proxy: str | None = None
@@ -158,13 +147,6 @@ class Site:
         NO_PROXY); "none", directly; or "http://[user:password@]host:port".
         Kept with the link, which dials the same way.
         """
-        if proxy is not None and proxy != NO_PROXY:
-            try:
-                parse_proxy(proxy)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        if not isinstance(token, pki.Token):
-            token = await trio.to_thread.run_sync(pki.Token.load, Path(token))
         return await self.dialer.redeem(token, name=name, cost=cost, proxy=proxy)
 
     async def update_link(
@@ -255,7 +237,7 @@ class Site:
     def _view(self) -> SiteView:
         config = self.config
         return SiteView(
-            site_id=self.site_id, name=self.name, mode=config.mode, running=self.running, access=self._access_addresses(),
+            site_id=self.site_id, name=self.name, mode=config.mode, running=self.running, access=self.handshakes.addresses(),
             outgoing=config.links, link_errors=dict(self.dialer.errors), listeners=self.proxies.states(),
             sync_refused=dict(self.proxies.sync_refused), service_host=config.service_host, connectors=config.connectors,
         )

@@ -210,15 +210,18 @@ class NetworkView:
     records: tuple[SiteRecord, ...]  # every site known from gossip, this one included
     routes: Mapping[str, Route]  # site id -> its route, for the reachable ones
     links: Mapping[str, LiveLink]  # peer id -> the link with it
-    ages: Mapping[str, float] = attrs.field(factory=dict)  # site id -> seconds since its record arrived (or it became unreachable)
+    # Site id -> seconds since its record arrived (or since it became unreachable).
+    ages: Mapping[str, float] = attrs.field(factory=dict)
     active: Mapping[str, int] = attrs.field(factory=dict)  # next-hop site id -> flows through it now
-    route_changes: Mapping[str, int] = attrs.field(factory=dict)  # site id -> changes of its route while it stayed reachable
-    providers: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)  # routing key -> reachable sites whose offer of it is taken
-    candidates: Mapping[str, tuple[Candidate, ...]] = attrs.field(factory=dict)  # routing key -> its providers as an ingress weighs them
-    ignored: Mapping[str, frozenset[str]] = attrs.field(factory=dict)  # routing key -> reachable sites whose offer of it is not taken
-    offer_limits: Mapping[str, frozenset[str]] = attrs.field(factory=dict)  # linked site -> the only routing keys taken from it
-    refusals: Mapping[str, tuple[int, str | None]] = attrs.field(factory=dict)  # routing key -> (flows refused by its connectors, latest origin)
-
+    # Site id -> changes of its route while it stayed reachable.
+    route_changes: Mapping[str, int] = attrs.field(factory=dict)
+    # Routing key -> the reachable sites whose offer of it is taken here, and the ones whose offer is not.
+    providers: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    ignored: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
+    candidates: Mapping[str, tuple[Candidate, ...]] = attrs.field(factory=dict)  # routing key -> providers, weighed
+    offer_limits: Mapping[str, frozenset[str]] = attrs.field(factory=dict)  # linked site -> the only keys taken from it
+    # Routing key -> (flows its connectors refused, the latest origin refused).
+    refusals: Mapping[str, tuple[int, str | None]] = attrs.field(factory=dict)
     # Derived from the records: site id -> name, and name -> the ids that carry it.
     names: Mapping[str, str] = attrs.field(init=False)
     name_index: Mapping[str, tuple[str, ...]] = attrs.field(init=False)

@@ -10,6 +10,7 @@ got through is remembered first in the link's config.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import ssl
@@ -20,7 +21,7 @@ import attrs
 import trio
 
 from .. import logs, pki
-from ..addresses import parse_address, proxy_for
+from ..addresses import NO_PROXY, parse_address, parse_proxy, proxy_for
 from ..config import LinkConfig, link_dir
 from ..errors import ConfigError, FabricError, LinkError, TokenError
 from ..store import ConfigStore
@@ -28,6 +29,7 @@ from ..tokens import redeem
 from .frames import FrameDecoder, FrameType, Reason, Redeem, encode_frame, encode_message
 from .handshake import LinkSetup
 from .link import Link, read_frame, read_hello_untrusted
+from .router import Router
 from .transports import dial
 
 log = logging.getLogger("fabric.site")
@@ -40,9 +42,10 @@ FINAL_REFUSALS = {
 
 
 class Dialer:
-    """The outgoing links of the site whose config `store` keeps, dialled with `setup`."""
+    """The outgoing links of the site whose config `store` keeps, dialled with `setup`, run by `router`."""
 
-    def __init__(self, setup: LinkSetup, store: ConfigStore, identity: pki.Identity) -> None:
+    def __init__(self, router: Router, setup: LinkSetup, store: ConfigStore, identity: pki.Identity) -> None:
+        self.router = router
         self.setup = setup
         self.store = store
         self.identity = identity
@@ -74,9 +77,18 @@ class Dialer:
 
     # -- outgoing links: made, changed, deleted ----------------------------------------------------
 
-    async def redeem(self, token: pki.Token, *, name: str | None, cost: int | None, proxy: str | None) -> str:
-        """Link to the token's issuer, keep the link in the config and dial it; returns its name."""
-        router, config = self.setup.router, self.store.config
+    async def redeem(
+        self, token: pki.Token | str | os.PathLike, *, name: str | None, cost: int | None, proxy: str | None
+    ) -> str:
+        """Link to the token's issuer (a token, or its file), keep the link in the config and dial it; returns its name."""
+        if proxy is not None and proxy != NO_PROXY:
+            try:
+                parse_proxy(proxy)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if not isinstance(token, pki.Token):
+            token = await trio.to_thread.run_sync(pki.Token.load, Path(token))
+        router, config = self.router, self.store.config
         if token.issuer_id == router.site_id:
             raise TokenError("this token was issued by this site; redeem it at the site that should link here")
         if any(l.peer_id == token.issuer_id for l in config.links):
@@ -88,7 +100,9 @@ class Dialer:
         if any(l.name == name for l in config.links):
             raise TokenError(f"a link named {name!r} exists already: choose another name")
         csr = await trio.to_thread.run_sync(pki.make_csr, self.identity)
-        request = Redeem(token_id=token.token_id, secret=token.secret, name=router.name, csr_pem=csr.decode(), mode=self.setup.mode)
+        request = Redeem(
+            token_id=token.token_id, secret=token.secret, name=router.name, csr_pem=csr.decode(), mode=self.setup.mode
+        )
         answer, used = await redeem(token, request, self.identity, lambda text, context: self.dial(text, context, proxy))
         await trio.to_thread.run_sync(_write_certs, certs, token.ca_pem, answer.cert_pem)
         addresses = (used, *(a for a in token.addresses if a != used))  # the one that worked first
@@ -103,7 +117,7 @@ class Dialer:
             if link.name == name:
                 return link
         raise FabricError(
-            f"no link named {name!r} at site {self.setup.router.name} (links made with another site's token are changed there)"
+            f"no link named {name!r} at site {self.router.name} (links made with another site's token are changed there)"
         )
 
     async def update(self, name: str, **changes: Any) -> None:
@@ -113,13 +127,13 @@ class Dialer:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"link {name}: {exc}") from None
         await self.store.update(lambda c: attrs.evolve(c, links=tuple(link if l.name == name else l for l in c.links)))
-        self.setup.router.set_link_cost(link.peer_id, link.cost)
+        self.router.set_link_cost(link.peer_id, link.cost)
         if self._nursery is not None:
-            self.setup.router.limit_offers(link.peer_id, link.offers)
+            self.router.limit_offers(link.peer_id, link.offers)
 
     async def delete(self, name: str) -> None:
         """Stop dialling the link, drop it if up, forget its certificate."""
-        link, router = self.outgoing(name), self.setup.router
+        link, router = self.outgoing(name), self.router
         await self.store.update(lambda c: attrs.evolve(c, links=tuple(l for l in c.links if l.name != name)))
         if (scope := self._scopes.pop(name, None)) is not None:
             scope.cancel()
@@ -150,7 +164,7 @@ class Dialer:
 
     async def _keep_up(self, config: LinkConfig, scope: trio.CancelScope) -> None:
         """Dial, serve, and redial with capped exponential backoff and jitter."""
-        logs.SITE.set(self.setup.router.name)  # started by redeem_token too, from a task outside the site
+        logs.SITE.set(self.router.name)  # started by redeem_token too, from a task outside the site
         backoff = self.settings.reconnect_min
         with scope:
             while True:

@@ -17,14 +17,17 @@ import functools
 import ipaddress
 import logging
 import ssl
+from typing import Any
 
+import attrs
 import trio
 
 from .. import logs, pki
-from ..addresses import WS_PATH
+from ..addresses import WS_PATH, Address
 from ..config import Settings
 from ..errors import FabricError, LinkError, TokenError
 from ..gossip.records import EDGE
+from ..store import ConfigStore
 from ..tokens import Tokens, refusal_code
 from .frames import FrameDecoder, FrameType, Hello, Reason, Redeem, decode_message_untrusted, encode_frame, encode_message
 from .link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
@@ -33,6 +36,7 @@ from .transports import WebSocketStream, accept_tls, listen_tcp, peer_address, t
 
 log = logging.getLogger("fabric.site")
 
+PORTS = {"link_port": "link port", "ws_port": "WebSocket link port"}  # config field -> what: TLS, TLS in WebSocket
 MAX_PENDING_HANDSHAKES = 128  # concurrent unauthenticated connections on the link ports, in all
 # Of those, from one IP address (IPv6: one /64), so that one host flooding the
 # link port cannot take every slot: the other sites still link meanwhile.
@@ -107,31 +111,58 @@ class LinkSetup:
 
 
 class Handshakes:
-    """The accepting side of links and token redemptions, on the link port and the WebSocket link port."""
+    """The accepting side of links and token redemptions, on the ports the config in `store` names."""
 
-    def __init__(self, setup: LinkSetup, tokens: Tokens, identity: pki.Identity) -> None:
+    def __init__(self, router: Router, setup: LinkSetup, tokens: Tokens, store: ConfigStore, identity: pki.Identity) -> None:
+        self.router = router
         self.setup = setup
         self.tokens = tokens
-        self.settings = setup.settings
-        self.pending: collections.Counter[str] = collections.Counter()  # source -> handshakes under way
+        self.store = store
         self.identity = identity
-        self._server_context: ssl.SSLContext | None = None  # made off the loop when a port first opens
+        self.settings = setup.settings
+        self.ports: dict[str, int] = {}  # config field ("link_port", "ws_port") -> the port bound, while running
+        self.pending: collections.Counter[str] = collections.Counter()  # source -> handshakes under way
+        self._running = False
         self._refusals_log = logs.Throttle(logs.LINE_INTERVAL)  # what strangers can make fail at will, by cause
 
     def __repr__(self) -> str:
-        return f"<Handshakes pending={self.pending.total()}>"
+        return f"<Handshakes ports={self.ports} pending={self.pending.total()}>"
 
-    async def run(
-        self, host: str, port: int, *, websocket: bool, what: str, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Accept links on host:port (TLS, or TLS in WebSocket); hands back the bound port."""
-        if self._server_context is None:
-            self._server_context = await trio.to_thread.run_sync(pki.server_context, self.identity)
-        listener = await listen_tcp(host, port, what=what)
-        task_status.started(listener.socket.getsockname()[1])
-        await trio.serve_listeners(functools.partial(self.accept, websocket=websocket), [listener])
+    async def run(self, *, task_status: trio.TaskStatus[Handshakes] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept links on the ports the config names until cancelled; started once they are bound."""
+        self._running = True
+        config = self.store.config
+        context = await trio.to_thread.run_sync(pki.server_context, self.identity)
+        async with trio.open_nursery() as nursery:
+            for field, what in PORTS.items():
+                if (port := getattr(config, field)) is not None:
+                    listener = await listen_tcp(config.link_host, port, what=f"site {config.name}'s {what}")
+                    await self._bound(field, port, listener.socket.getsockname()[1])
+                    accept = functools.partial(self._accept, context=context, websocket=field == "ws_port")
+                    nursery.start_soon(trio.serve_listeners, accept, [listener])
+            task_status.started(self)
 
-    async def accept(self, tcp: trio.SocketStream, *, websocket: bool = False) -> None:
+    async def _bound(self, field: str, port: int, bound: int) -> None:
+        self.ports[field] = bound
+        if port == 0:
+            # Keep the port that was picked: tokens and peers' links point at it,
+            # so the next start must listen there again.
+            change: dict[str, Any] = {field: bound}
+            await self.store.update(lambda c: attrs.evolve(c, **change))
+
+    def known_ports(self) -> dict[str, int]:
+        """Config field -> the port links are accepted on: the bound one while running, else the
+        configured one (0: picked at the first start, not known yet); fields with no port left out."""
+        configured = {f: p for f in PORTS if (p := getattr(self.store.config, f)) is not None}
+        return {f: self.ports.get(f, 0) for f in configured} if self._running else configured
+
+    def addresses(self) -> tuple[str, ...]:
+        """Where this site accepts links, as tokens and status give them: TLS first, then WebSocket."""
+        ports, host = self.known_ports(), self.store.config.link_host
+        tls = (str(Address("tls", host, port)),) if (port := ports.get("link_port")) else ()
+        return (*tls, *((str(Address("ws", host, port, WS_PATH)),) if (port := ports.get("ws_port")) else ()))
+
+    async def _accept(self, tcp: trio.SocketStream, *, context: ssl.SSLContext, websocket: bool) -> None:
         """One connection to a link port, from its first byte to the link's end. Whatever goes
         wrong with it ends it alone: an exception out of here would end the site (serve_listeners)."""
         where = peer_address(tcp)  # (never raises: the one line outside the try)
@@ -151,8 +182,7 @@ class Handshakes:
                             tcp, path=WS_PATH, keepalive=self.settings.ws_keepalive_interval, peer=where
                         )
                         where = stream.peer
-                    assert self._server_context is not None  # (made before the port opened)
-                    stream = tls = await accept_tls(stream, self._server_context)
+                    stream = tls = await accept_tls(stream, context)
                     decoder = FrameDecoder()
                     first = await read_frame(tls, decoder)
                     if first.type is FrameType.REDEEM:
@@ -236,7 +266,7 @@ class Handshakes:
         peer = read_hello_untrusted(first, local)
         # Its certificate says the name it redeemed the token with: it cannot call itself anything else.
         self.setup.check_peer(peer, der, code=Reason.NOT_AUTHORIZED)
-        self.setup.router.limit_offers(peer_id, self.tokens.granted_offers(peer_id))  # (the first link after a redemption)
+        self.router.limit_offers(peer_id, self.tokens.granted_offers(peer_id))  # (the first link after a redemption)
         await stream.send_all(encode_frame(FrameType.HELLO, 0, encode_message(local)))
         return self.setup.link(stream, decoder, local=local, peer=peer, dialer=False, cost=max(1, peer.cost))
 
