@@ -159,8 +159,12 @@ class Handshakes:
     def addresses(self) -> tuple[str, ...]:
         """Where this site accepts links, as tokens and status give them: TLS first, then WebSocket."""
         ports, host = self.known_ports(), self.store.config.link_host
-        tls = (str(Address("tls", host, port)),) if (port := ports.get("link_port")) else ()
-        return (*tls, *((str(Address("ws", host, port, WS_PATH)),) if (port := ports.get("ws_port")) else ()))
+        addresses = []
+        if port := ports.get("link_port"):
+            addresses.append(str(Address("tls", host, port)))
+        if port := ports.get("ws_port"):
+            addresses.append(str(Address("ws", host, port, WS_PATH)))
+        return tuple(addresses)
 
     async def _accept(self, tcp: trio.SocketStream, *, context: ssl.SSLContext, websocket: bool) -> None:
         """One connection to a link port, from its first byte to the link's end. Whatever goes
