@@ -18,7 +18,9 @@ from .errors import (
     TokenSpentError,
 )
 from .pki import Token
-from .site import NetworkStatus, Site, SiteStatus, create_site, load_site, open_site
+from .site import Site, load_site, open_site
+from .sitedir import create_site
+from .status import NetworkStatus, SiteStatus
 
 __version__ = "0.1.0"
 

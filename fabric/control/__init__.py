@@ -1,6 +1,6 @@
 """The local control API: what the CLI uses to drive a site, running or stopped."""
 
-from ..site import create_site
+from ..sitedir import create_site
 from .client import RunningSite, SiteHandle, StoppedSite, delete_site, open_handle
 from .ops import OPS, perform
 from .server import ControlServer, RecentLog, serve, site_answers

@@ -46,9 +46,9 @@ from fabric.router.frames import (
 from fabric.router.frames import (
     HEADER as FRAME_HEADER,
 )
+from fabric.router.handshake import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, source_of
 from fabric.router.link import make_hello, read_frame
 from fabric.router.transports import dial
-from fabric.site import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, _source_of
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 2.0  # seconds; short, so held connections are freed within the test
@@ -382,7 +382,7 @@ def test_handshake_slots_are_counted_per_ipv4_address_or_ipv6_64(peer, source):
         def getpeername(self):
             return peer
 
-    assert _source_of(attrs.make_class("Tcp", ["socket"])(Socket())) == source
+    assert source_of(attrs.make_class("Tcp", ["socket"])(Socket())) == source
 
 
 async def test_thousands_of_silent_connections_from_one_host_take_its_share_of_slots_and_other_sites_still_link(
@@ -404,7 +404,7 @@ async def test_thousands_of_silent_connections_from_one_host_take_its_share_of_s
             flood_done.set()
 
         async def link_meanwhile() -> None:
-            while arena.hub._pending_handshakes["127.0.0.2"] < MAX_PENDING_PER_SOURCE:
+            while arena.hub.handshakes.pending["127.0.0.2"] < MAX_PENDING_PER_SOURCE:
                 await trio.sleep(0.01)
             async with arena.network.site("late") as late:
                 await arena.network.link(late, arena.hub)
@@ -425,7 +425,7 @@ async def test_thousands_of_silent_connections_from_one_host_take_its_share_of_s
     refusals = [r.getMessage() for r in caplog.records if "link port: refused" in r.getMessage()]
     assert refusals and len(refusals) < count / 10, refusals  # now and then, not per connection
     assert f"16 handshakes from 127.0.0.2 already pending (at most {MAX_PENDING_PER_SOURCE} per source)" in refusals[0]
-    assert not arena.hub._pending_handshakes  # every slot was given back
+    assert not arena.hub.handshakes.pending  # every slot was given back
 
 
 async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_handshake_slots(arena, caplog):
@@ -442,7 +442,7 @@ async def test_thousands_of_silent_connections_from_many_hosts_hold_at_most_the_
     warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "handshake did not finish" in r.getMessage()]
     assert 1 <= len(warned) <= (timed_out[-1] - timed_out[0]) / LINE_INTERVAL + 1  # the rest at debug
     assert any(f"already pending (at most {MAX_PENDING_HANDSHAKES})" in r.getMessage() for r in caplog.records)
-    assert not arena.hub._pending_handshakes  # every slot was given back
+    assert not arena.hub.handshakes.pending  # every slot was given back
 
     with trio.fail_after(ATTACK_DEADLINE):
         async with arena.network.site("late") as late:
@@ -458,9 +458,9 @@ async def test_a_bug_in_accepting_one_connection_drops_it_alone_and_the_hub_goes
         if not failed:
             failed.append(tcp)
             raise RuntimeError("a bug")
-        return _source_of(tcp)
+        return source_of(tcp)
 
-    monkeypatch.setattr(fabric.site, "_source_of", buggy)
+    monkeypatch.setattr(fabric.router.handshake, "source_of", buggy)
 
     async def one_bad_connection() -> float:
         return (await hold_open(arena.hub.link_port, "127.0.0.1"))[1]
@@ -915,7 +915,7 @@ async def test_a_revoked_site_cannot_redeem_again_with_a_spare_use_or_a_new_toke
     async with arena.network.site("newcomer") as newcomer:  # a new key, with the old token's secret
         with trio.fail_after(ATTACK_DEADLINE), pytest.raises(fabric.TokenSpentError, match="token withdrawn"):
             await newcomer.redeem_token(spare)
-    grants = pki.load_grants(hub._grants_path)
+    grants = pki.load_grants(hub.tokens.path)
     assert pki.revoked_sites(grants) == {turncoat.site_id: "turncoat"}
     assert grants[spare.token_id].withdrawn and grants[spare.token_id].redemptions_used == 1
 

@@ -114,7 +114,7 @@ def test_the_longest_site_name_makes_a_site_and_a_failed_create_can_be_retried(t
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(fabric.site, "save_config", refuse)
+        patch.setattr(fabric.sitedir, "save_config", refuse)
         with pytest.raises(OSError):
             fabric.create_site(site_dir, "retry")
     assert list(site_dir.iterdir()) == []
