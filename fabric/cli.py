@@ -36,11 +36,20 @@ import yaml
 
 from . import __version__
 from .addresses import hide_password
-from .config import PROTOCOLS
+from .config import (
+    DEFAULT_CONNECTOR_HOST,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_LINK_HOST,
+    DEFAULT_LINK_PORT,
+    DEFAULT_LISTENER_HOST,
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+)
 from .errors import FabricError
 from .files import write_private_atomic
-from .pki import Token
-from .router.routes import BALANCED, DISTRIBUTIONS
+from .pki import DEFAULT_EXPIRATION_WINDOW, DEFAULT_REDEMPTIONS, Token
+from .router.frames import EDGE, INTERIOR, MAX_COST
+from .router.routes import DISTRIBUTIONS
 from .site import Site, open_site
 
 DEMO_KEY = "echo"
@@ -51,17 +60,11 @@ DEFAULT_TIMEOUT = "60s"  # how long --wait waits, as Skupper's --timeout
 # Seconds between status polls where no control operation waits for the
 # condition itself (a routing key becoming reachable, a site starting).
 POLL_INTERVAL = 0.2
-# Port a site with link access accepts links on unless told otherwise: fixed, so
-# tokens can be issued before the first start and firewalls can be opened for
-# it; outside the ephemeral range (32768-60999), so an outgoing connection
-# never holds it. `--link-port 0` picks a free port at the first start instead.
-DEFAULT_LINK_PORT = 7443
 PROXY_HELP = (
     "HTTP proxy to tunnel the link through (CONNECT): http://[user:password@]host:port, or `none` to go "
     "direct.  [default: HTTPS_PROXY (tls://, wss://) or HTTP_PROXY (ws://) from the environment, unless NO_PROXY "
     "names the host]"
 )
-MAX_COST = 2**31 - 1  # as pki.MAX_COST: costs are summed along paths
 NOT_RUNNING = "site is not running: saved; takes effect when it starts"
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -378,7 +381,8 @@ def _listeners_table(listeners: list[dict]) -> str:
             item["name"],
             item["routing_key"],
             _address(item["host"], item.get("port")),
-            item.get("protocol", "tcp") + ("" if item.get("distribution", BALANCED) == BALANCED else f", {item['distribution']}"),
+            item.get("protocol", DEFAULT_PROTOCOL)
+            + ("" if item.get("distribution", DEFAULT_DISTRIBUTION) == DEFAULT_DISTRIBUTION else f", {item['distribution']}"),
             item.get("connections", 0),
             _listener_state(item),
         )
@@ -647,7 +651,7 @@ def site() -> None:
 )
 @click.option(
     "--link-host",
-    default="127.0.0.1",
+    default=DEFAULT_LINK_HOST,
     show_default=True,
     help="Address to accept links on, which tokens tell other sites to dial: a name or IP they can reach.",
 )
@@ -675,7 +679,7 @@ def site() -> None:
 )
 @click.option(
     "--service-host",
-    default="127.0.0.1",
+    default=DEFAULT_LISTENER_HOST,
     show_default=True,
     help="Address the service-sync listeners bind to (give each site on one host its own, e.g. 127.0.0.2).",
 )
@@ -703,7 +707,7 @@ def site_create(
         raise click.UsageError("--link-port makes the site accept links: drop --no-link-access or --link-port")
     if link_access and link_port is None:
         link_port = DEFAULT_LINK_PORT
-    mode = "edge" if edge else "interior"
+    mode = EDGE if edge else INTERIOR
     _control().create_site(
         cli.site_dir,
         name,
@@ -860,14 +864,14 @@ def token() -> None:
 @click.option(
     "--redemptions-allowed",
     type=click.IntRange(1),
-    default=1,
+    default=DEFAULT_REDEMPTIONS,
     show_default=True,
     help="How many sites may redeem this token.",
 )
 @click.option(
     "--expiration-window",
     type=DURATION,
-    default="15m",
+    default=format_duration(DEFAULT_EXPIRATION_WINDOW),
     show_default=True,
     help="How long the token can be redeemed: 90s, 15m, 2h, 1d.",
 )
@@ -1137,14 +1141,14 @@ def listener() -> None:
 @click.option("--routing-key", default=None, help="Routing key of the service to reach.  [default: NAME]")
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=DEFAULT_LISTENER_HOST,
     show_default=True,
     help="Address to listen on (0.0.0.0: every interface; beware, it exposes the service).",
 )
 @click.option(
     "--protocol",
     type=click.Choice(PROTOCOLS),
-    default="tcp",
+    default=DEFAULT_PROTOCOL,
     show_default=True,
     help="tcp: each connection goes to one site, byte for byte. http: each request of a connection picks its own "
     "site; failures become HTTP answers (502, 503); requests are counted in `listener status`.",
@@ -1152,7 +1156,7 @@ def listener() -> None:
 @click.option(
     "--distribution",
     type=click.Choice(DISTRIBUTIONS),
-    default=BALANCED,
+    default=DEFAULT_DISTRIBUTION,
     show_default=True,
     help="How each connection picks a site that offers the key: balanced (nearer sites first, farther ones as "
     "the nearer carry more connections) or closest (only the nearest).",
@@ -1266,11 +1270,11 @@ def connector() -> None:
 @click.argument("name")
 @click.argument("port", type=click.IntRange(1, 65535))
 @click.option("--routing-key", default=None, help="Routing key the service is offered under.  [default: NAME]")
-@click.option("--host", default="localhost", show_default=True, help="Host of the service, as this site reaches it.")
+@click.option("--host", default=DEFAULT_CONNECTOR_HOST, show_default=True, help="Host of the service, as this site reaches it.")
 @click.option(
     "--protocol",
     type=click.Choice(PROTOCOLS),
-    default="tcp",
+    default=DEFAULT_PROTOCOL,
     show_default=True,
     help="What the service speaks: tcp, or http (then other sites' service sync listens for it with HTTP).",
 )

@@ -53,7 +53,7 @@ from .errors import (
     TokenSpentError,
 )
 from .files import write_private_atomic
-from .gossip.records import EDGE, sign_record
+from .gossip.records import sign_record
 from .proxy.http import HttpListener, HttpStats
 from .proxy.sync import (
     SYNC_BIND,
@@ -67,6 +67,7 @@ from .proxy.sync import (
 )
 from .proxy.tcp import TcpConnector, TcpListener
 from .router.frames import (
+    EDGE,
     FrameDecoder,
     FrameType,
     Reason,

@@ -14,9 +14,6 @@ from hypothesis import strategies as st
 from fabric import names, pki
 from fabric.errors import ProtocolError
 from fabric.gossip.records import (
-    EDGE,
-    INTERIOR,
-    MAX_COST,
     MAX_COUNTER,
     MAX_LINKS,
     MAX_RECORD_BYTES,
@@ -38,6 +35,7 @@ from fabric.gossip.records import (
     verify_record,
     why_unverified,
 )
+from fabric.router.frames import EDGE, INTERIOR, MAX_COST
 
 
 def record(site_id: str = "a", incarnation: int = 1, version: int = 1, **kwargs: Any) -> SiteRecord:
