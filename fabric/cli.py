@@ -45,7 +45,7 @@ from .config import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
 )
-from .errors import FabricError
+from .errors import FabricError, sole_exception
 from .files import write_private_atomic
 from .pki import DEFAULT_EXPIRATION_WINDOW, DEFAULT_REDEMPTIONS, Token
 from .router.frames import EDGE, INTERIOR, MAX_COST
@@ -94,21 +94,6 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception inside (nested) groups, or None when there are several."""
-    leaves = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None
-
-
 class FabricGroup(click.Group):
     """A click group that turns FabricError and OSError into `error: ...` and exit code 1."""
 
@@ -118,7 +103,7 @@ class FabricGroup(click.Group):
         except (FabricError, OSError) as error:
             raise Failure(describe(error)) from None
         except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
-            leaf = _single_leaf(group)
+            leaf = sole_exception(group)
             if isinstance(leaf, (click.ClickException, click.exceptions.Exit, click.Abort)):
                 raise leaf from None
             if isinstance(leaf, (FabricError, OSError)):

@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import trio
 import yaml
-from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok
+from cli_support import SiteProcess, as_json, fabric, free_port, ok
+
+from fabric.testing import echo
 
 pytestmark = pytest.mark.system
 
