@@ -11,24 +11,16 @@ on stderr, `error: ...`, and exit code 1; usage errors exit 2 (click).
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 import json
 import logging
 import math
-import os
-import platform
 import re
 import ssl
-import statistics
 import sys
-import tarfile
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import click
 import trio
@@ -36,6 +28,15 @@ import yaml
 
 from . import __version__
 from .addresses import hide_password
+from .cli_tables import (
+    address,
+    connectors_table,
+    links_table,
+    listeners_table,
+    network_status_table,
+    site_line,
+    site_status_table,
+)
 from .config import (
     DEFAULT_CONNECTOR_HOST,
     DEFAULT_DISTRIBUTION,
@@ -45,17 +46,14 @@ from .config import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
 )
-from .errors import FabricError, sole_exception
-from .files import write_private_atomic
+from .debug import write_dump
+from .demo import run as demo_run
+from .errors import FabricError, describe, sole_exception
 from .pki import DEFAULT_EXPIRATION_WINDOW, DEFAULT_REDEMPTIONS, Token
 from .router.frames import EDGE, INTERIOR, MAX_COST
 from .router.routes import DISTRIBUTIONS
-from .site import Site, open_site
-
-DEMO_KEY = "echo"
 
 DEFAULT_SITE_DIR = "~/.local/share/fabric/default"
-TABLE_WIDTH = 80  # columns: a table must read well in a default terminal
 DEFAULT_TIMEOUT = "60s"  # how long --wait waits, as Skupper's --timeout
 # Seconds between status polls where no control operation waits for the
 # condition itself (a routing key becoming reachable, a site starting).
@@ -84,14 +82,6 @@ class Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.message}", err=True, file=file)
-
-
-def describe(error: BaseException) -> str:
-    """The one line a user sees for an error fabric or the OS raised."""
-    if isinstance(error, OSError) and error.strerror:
-        where = error.filename
-        return f"{error.strerror}: {where}" if where else error.strerror
-    return str(error) or type(error).__name__
 
 
 class FabricGroup(click.Group):
@@ -145,14 +135,6 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
-
-
-def _age(seconds: float) -> str:
-    """How long ago, to the largest whole unit: 4s, 12m, 3h, 2d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 def output_option(command: Callable) -> Callable:
@@ -235,343 +217,6 @@ def _emit(data: Any, output: str, table: Callable[[Any], str]) -> None:
         click.echo(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), nl=False)
     else:
         click.echo(table(data).rstrip("\n"))
-
-
-# -- tables ------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value) or "-"
-    return str(value)
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = TABLE_WIDTH) -> str:
-    """Left-aligned columns two spaces apart; the widest columns shrink (ending in …) to fit `width`."""
-    cells = [[_cell(value) for value in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    gap = 2
-    while sum(widths) + gap * (len(widths) - 1) > width:
-        widest = max(range(len(widths)), key=lambda i: widths[i])
-        if widths[widest] <= 6:  # nothing sensible left to shrink
-            break
-        widths[widest] -= 1
-    lines = []
-    for row in [list(headers), *cells]:
-        lines.append((" " * gap).join(_clip(text, w).ljust(w) for text, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _section(title: str, headers: Sequence[str], rows: list[Sequence[Any]], *, empty: str) -> str:
-    if not rows:
-        return f"{title}: {empty}"
-    return f"{title} ({len(rows)}):\n" + table(headers, rows)
-
-
-def _short_id(site_id: str | None) -> str:
-    return site_id[:8] if site_id else "-"
-
-
-def _rtt(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.1f} ms"
-
-
-def _address(host: str, port: int | None) -> str:
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{'-' if port is None else port}"
-
-
-def _notes(items: Iterable[tuple[str, str | None]]) -> str:
-    lines = [f"  {name}: {error}" for name, error in items if error]
-    return ("\n" + "\n".join(lines)) if lines else ""
-
-
-def _transport(link: dict) -> str:
-    """`tls`, `ws`, `wss`, with `+proxy` when it goes through a forward proxy."""
-    return (link.get("transport") or "-") + ("+proxy" if link.get("proxy") else "")
-
-
-def _route_note(link: dict) -> str | None:
-    """Where an outgoing link dials, and through which proxy; where an incoming one comes from."""
-    if not link.get("address"):
-        return None
-    if link.get("direction") == "incoming":
-        return f"from {link['address']}"
-    return f"dials {link['address']}" + (f" through proxy {link['proxy']}" if link.get("proxy") else "")
-
-
-def _links_table(links: list[dict]) -> str:
-    rows = [
-        (
-            link["name"],
-            link["direction"],
-            _short_id(link.get("peer_id")),
-            link["cost"],
-            "up" if link["up"] else "down",
-            _rtt(link.get("rtt_ms")),
-            link.get("flows", 0),
-            _transport(link),
-        )
-        for link in links
-    ]
-    text = _section(
-        "Links",
-        ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS", "TRANSPORT"),
-        rows,
-        empty="none (see `fabric token --help`)",
-    )
-    notes = [(link["name"], _route_note(link)) for link in links] + [(link["name"], link.get("error")) for link in links]
-    notes += [(link["name"], _offers_note(link)) for link in links]
-    return text + _notes(notes)
-
-
-def _offers_note(link: dict) -> str | None:
-    """The routing keys a linked site may offer through its link, and those of its offers ignored for that."""
-    if link.get("offers") is None:
-        return None
-    note = f"may offer only {', '.join(link['offers'])}" if link["offers"] else "may offer nothing"
-    if link.get("ignored"):
-        note += f"; ignored: {', '.join(link['ignored'])}"
-    return note
-
-
-def _policy_note(what: str, entries: list[str], notes: list[str]) -> str | None:
-    """A listener's or connector's access policy, and its entries that admit no site now."""
-    if not entries:
-        return None
-    return f"{what}: {', '.join(entries)}" + "".join(f"; {note}" for note in notes)
-
-
-def _listener_state(item: dict) -> str:
-    if item.get("accepting"):
-        return "accepting"
-    if (item.get("error") or "").startswith("no reachable site"):
-        return "no provider"
-    return "error" if item.get("error") else "stopped"
-
-
-def _listeners_table(listeners: list[dict]) -> str:
-    rows = [
-        (
-            item["name"],
-            item["routing_key"],
-            _address(item["host"], item.get("port")),
-            item.get("protocol", DEFAULT_PROTOCOL)
-            + ("" if item.get("distribution", DEFAULT_DISTRIBUTION) == DEFAULT_DISTRIBUTION else f", {item['distribution']}"),
-            item.get("connections", 0),
-            _listener_state(item),
-        )
-        for item in listeners
-    ]
-    headers = ("NAME", "ROUTING KEY", "ADDRESS", "PROTOCOL", "CONNECTIONS", "STATE")
-    text = _section("Listeners", headers, rows, empty="none")
-    text += _notes(
-        [(item["name"], item.get("error")) for item in listeners]
-        + [
-            (item["name"], _policy_note("providers", item.get("providers", []), item.get("policy_notes", [])))
-            for item in listeners
-        ]
-    )
-    http = [item for item in listeners if item.get("http")]
-    if http:
-        text += "\n\n" + _http_table(http)
-    return text
-
-
-def _bytes(count: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
-
-
-def _latency(ms: float | None) -> str:
-    return "-" if ms is None else (f"{ms:g} ms" if ms != math.inf else "> 10 s")
-
-
-def _http_table(listeners: list[dict]) -> str:
-    """Requests of the HTTP listeners: by status class, broken off, latency; methods and bytes below."""
-    rows = [
-        (
-            item["name"],
-            stats["requests"],
-            stats["active"],
-            stats["errors"],
-            *(stats.get("statuses", {}).get(f"{n}xx", 0) for n in (2, 3, 4, 5)),
-            _latency(stats.get("p50_ms")),
-            _latency(stats.get("p99_ms")),
-        )
-        for item in listeners
-        for stats in (item["http"],)
-    ]
-    headers = ("NAME", "REQUESTS", "ACTIVE", "BROKEN", "2XX", "3XX", "4XX", "5XX", "P50", "P99")
-    text = _section("HTTP requests", headers, rows, empty="none")
-    notes = []
-    for item in listeners:
-        stats = item["http"]
-        methods = ", ".join(f"{m} {n}" for m, n in sorted(stats.get("methods", {}).items())) or "none yet"
-        cuts = ", ".join(
-            f"{stats[key]} {what}"
-            for key, what in (
-                ("header_timeouts", "cut at the header timeout"),
-                ("idle_closed", "closed idle"),
-                ("evicted", "evicted at the connection cap"),
-                ("refused", "refused at the cap"),
-            )
-            if stats.get(key)
-        )
-        notes.append(
-            (
-                item["name"],
-                f"{methods}; bodies {_bytes(stats['bytes_in'])} in, {_bytes(stats['bytes_out'])} out"
-                + (f"; connections {cuts}" if cuts else ""),
-            )
-        )
-    return text + _notes(notes)
-
-
-def _connectors_table(connectors: list[dict]) -> str:
-    rows = [(item["name"], item["routing_key"], _address(item["host"], item.get("port"))) for item in connectors]
-    text = _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
-    notes = [
-        (item["name"], _policy_note("allowed sites", item.get("allow", []), item.get("policy_notes", [])))
-        for item in connectors
-    ]
-    notes += [
-        (item["name"], f"refused {item['refused']} flow(s) from sites not allowed, the latest from {item.get('refused_from')}")
-        for item in connectors
-        if item.get("refused")
-    ]
-    return text + _notes(notes)
-
-
-def _site_name(site: dict) -> str:
-    """A site's name, marked * when another known site carries it too (the ID column tells them apart)."""
-    return site["name"] + ("*" if site.get("name_shared") else "")
-
-
-def _lines(title: str, lines: list[str]) -> str:
-    """Notes under a table, with a title; nothing when there are none."""
-    return f"\n{title}:\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
-
-
-def _routes_table(sites: list[dict]) -> str:
-    """One row per destination and next hop, best hop first: how new flows leave this site."""
-    rows = [
-        (s["name"] if i == 0 else "", h["name"], h["cost"], _rtt(h.get("rtt_ms")), h.get("flows", 0))
-        for s in sites
-        for i, h in enumerate(s.get("next_hops", []))
-    ]
-    return _section("Routes", ("TO", "VIA", "COST", "RTT", "FLOWS"), rows, empty="none")
-
-
-def _providers(providers: list[dict]) -> list[str]:
-    """Providers as `hub (cost 2, 3 open)`, with a penalty when its target refused lately."""
-    shown = []
-    for p in providers:
-        notes = [f"cost {p['cost']:g}", f"{p['outstanding']} open"]
-        if p.get("penalty"):
-            notes.append(f"penalty {p['penalty']:g}: its target refused")
-        shown.append(f"{p['name']} ({', '.join(notes)})")
-    return shown
-
-
-def _site_line(status: dict) -> str:
-    state = "running" if status.get("running") else "not running (start it with `fabric site run`)"
-    return f"Site {status['name']} ({status['mode']}), id {_short_id(status.get('site_id'))}: {state}"
-
-
-def _access_line(status: dict, config: dict | None) -> str:
-    addresses = [a for a in (status.get("link_address"), status.get("ws_address")) if a]
-    if addresses:
-        return f"Link access: {', '.join(addresses)}" + ("" if status.get("running") else " (when running)")
-    if 0 in ((config or {}).get("link_port"), (config or {}).get("ws_port")):
-        return f"Link access: on {config['link_host']}, port picked at the first start"
-    return "Link access: none (this site links out but accepts no links)"
-
-
-def site_status_table(status: dict, config: dict | None = None) -> str:
-    parts = [
-        _site_line(status),
-        _access_line(status, config),
-        "",
-        _links_table(status.get("links", [])),
-        "",
-        _section(
-            "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "ROUTE CHANGES", "SERVICES"),
-            [
-                (
-                    _site_name(s),
-                    _short_id(s.get("site_id")),
-                    s["mode"],
-                    s["reachable"],
-                    _age(s.get("age_s") or 0),
-                    s.get("cost"),
-                    s.get("route_changes", 0),
-                    s.get("services"),
-                )
-                for s in status.get("sites", [])
-            ],
-            empty="no other site known yet",
-        )
-        + _lines("Names", status.get("notes", [])),
-        "",
-        _routes_table(status.get("sites", [])),
-        "",
-        _section(
-            "Services",
-            ("ROUTING KEY", "PROVIDERS"),
-            [(s["routing_key"], _providers(s.get("providers", []))) for s in status.get("services", [])],
-            empty="none",
-        ),
-        "",
-        _listeners_table(status.get("listeners", [])),
-        "",
-        _connectors_table(status.get("connectors", [])),
-    ]
-    return "\n".join(parts)
-
-
-def network_status_table(network: dict) -> str:
-    sites = network.get("sites", [])
-    links = [
-        (site["name"], link.get("peer_name") or _short_id(link.get("peer")), link.get("cost"), _rtt(link.get("rtt_ms")))
-        for site in sites
-        for link in site.get("links", [])
-    ]
-    parts = [
-        _section(
-            "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "COST", "SERVICES"),
-            [
-                (_site_name(s), _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("services"))
-                for s in sites
-            ],
-            empty="none known",
-        ),
-        "",
-        _section("Links", ("SITE", "PEER", "COST", "RTT"), links, empty="none"),
-        "",
-        _section(
-            "Routing keys",
-            ("ROUTING KEY", "PROVIDERS", "LISTENERS HERE"),
-            [(s["routing_key"], s.get("providers"), s.get("listeners")) for s in network.get("services", [])],
-            empty="none (create a connector: `fabric connector create --help`)",
-        )
-        + _lines("Notes", network.get("notes", [])),
-    ]
-    return "\n".join(parts)
 
 
 # -- the command tree --------------------------------------------------------------------
@@ -708,7 +353,7 @@ def site_create(
         if port == 0:
             access.append(f"accepts {what} on {link_host}, port picked at its first start")
         elif port is not None:
-            access.append(f"accepts {what} on {_address(link_host, port)}")
+            access.append(f"accepts {what} on {address(link_host, port)}")
     access_text = "; ".join(access) or "accepts no links; it links out by redeeming tokens"
     _say(f"site {name} created in {cli.site_dir} ({mode}; {access_text})")
     _say("next: fabric site run")
@@ -1003,7 +648,7 @@ def _emit_part(cli: Cli, output: str, field: str, render: Callable[[list[dict]],
     """One part of the site's status (its links, listeners or connectors), and whether it runs."""
     running, status = cli.call("status")
     data = {"running": running, field: status.get(field, [])}
-    _emit(data, output, lambda d: render(d[field]) + ("" if running else "\n" + _site_line(status)))
+    _emit(data, output, lambda d: render(d[field]) + ("" if running else "\n" + site_line(status)))
 
 
 @link.command("status")
@@ -1011,7 +656,7 @@ def _emit_part(cli: Cli, output: str, field: str, render: Callable[[list[dict]],
 @pass_cli
 def link_status(cli: Cli, output: str) -> None:
     """Show this site's links: direction, peer, cost, state, RTT, flows."""
-    _emit_part(cli, output, "links", _links_table)
+    _emit_part(cli, output, "links", links_table)
 
 
 @link.command("update")
@@ -1192,7 +837,7 @@ def listener_create(
         )
         key = made.get("routing_key") or routing_key or name
         only = f" (providers: {', '.join(providers)})" if providers else ""
-        _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
+        _say(f"listener {name} created: {address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
         if not site.running:
             _say(NOT_RUNNING)
         elif wait:
@@ -1229,7 +874,7 @@ def listener_status(cli: Cli, output: str) -> None:
     99th percentile latency (upper bounds of histogram buckets), and below,
     requests by method and body bytes in and out.
     """
-    _emit_part(cli, output, "listeners", _listeners_table)
+    _emit_part(cli, output, "listeners", listeners_table)
 
 
 @listener.command("delete")
@@ -1287,7 +932,7 @@ def connector_create(
     )
     key = made.get("routing_key") or routing_key or name
     only = f" (allowed sites: {', '.join(allow)})" if allow else ""
-    _say(f"connector {name} created: routing key {key} -> {_address(made.get('host', host), made.get('port', port))}{only}")
+    _say(f"connector {name} created: routing key {key} -> {address(made.get('host', host), made.get('port', port))}{only}")
     _not_running_note(running)
 
 
@@ -1296,7 +941,7 @@ def connector_create(
 @pass_cli
 def connector_status(cli: Cli, output: str) -> None:
     """Show this site's connectors: routing key and target."""
-    _emit_part(cli, output, "connectors", _connectors_table)
+    _emit_part(cli, output, "connectors", connectors_table)
 
 
 @connector.command("delete")
@@ -1355,161 +1000,12 @@ def debug_dump(cli: Cli, file: Path) -> None:
     tokens (state/) never leave it, and proxy passwords are shown as ***, so
     the file can go with a bug report.
     """
-    if not (cli.site_dir / "site.yaml").is_file():
-        raise Failure(f"no site directory at {cli.site_dir}: create one with `fabric site create NAME`")
-    members: dict[str, bytes] = {}
-    problems: list[str] = []
-    proxies: set[str] = {os.environ[name] for name in _PROXY_VARIABLES if os.environ.get(name)}
-
-    raw = _read_quietly(cli.site_dir / "site.yaml", problems)
-    if raw is not None:
-        try:
-            document = yaml.safe_load(raw)
-        except yaml.YAMLError as error:  # its message quotes the file: say only where
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            why = getattr(error, "problem", None) or "unreadable"
-            problems.append(f"site.yaml: not YAML{where} ({why}); left out, as it may hold a proxy password")
-        else:
-            hidden = _hide_proxies(document, proxies)
-            members["site.yaml"] = raw if hidden == document else (
-                "# site.yaml as read, with proxy passwords hidden (comments and layout are not the file's)\n"
-                + yaml.safe_dump(hidden, sort_keys=False, allow_unicode=True)
-            ).encode()
-
-    async def gather(site: Any) -> bool:
-        for op, member in (("status", "status.json"), ("network_status", "network-status.json"), ("config", "config.json")):
-            try:
-                result = _hide_proxies(await site.call(op), proxies)
-                members[member] = json.dumps(result, indent=2).encode()
-            except FabricError as error:
-                problems.append(f"{op}: {describe(error)}")
-        try:
-            lines = (await site.call("logs")).get("lines", [])
-            members["logs.txt"] = "".join(line.rstrip("\n") + "\n" for line in lines).encode()
-        except FabricError as error:
-            problems.append(f"logs: {describe(error)}")
-        return site.running
-
-    try:
-        running = cli.run(gather)
-    except (FabricError, OSError) as error:  # a broken config is what a dump is often for: keep going
-        problems.append(f"control: {describe(error)}")
-        running = False
-    members["versions.txt"] = _versions().encode()
-    members["files.txt"] = _site_files(cli.site_dir).encode()
-    # Belt and braces: a password that shows anywhere else (a log line, an error) is hidden too.
-    secrets = _password_spellings(proxies)
-    for member in list(members):
-        members[member] = _scrub(members[member], secrets)
-        if b"PRIVATE KEY" in members[member]:  # keys never leave the site directory
-            members[member] = b"(left out: it contained a private key)\n"
-            problems.append(f"{member}: it contained a private key")
-    if problems:
-        members["errors.txt"] = _scrub("".join(f"{p}\n" for p in problems).encode(), secrets)
-    _write_tar(file, f"fabric-debug-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}", members)
-    _say(f"debug dump written to {file}: {', '.join(sorted(members))}")
+    running, members, problems = write_dump(cli.site_dir, file, cli.run)
+    _say(f"debug dump written to {file}: {', '.join(members)}")
     if not running:
         _say("the site is not running: no live status, no log lines")
     for problem in problems:
         _say(f"  could not collect {problem}")
-
-
-# The environment's proxy settings: a link without its own dials through them (addresses.proxy_for).
-_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
-
-
-def _hide_proxies(data: Any, seen: set[str]) -> Any:
-    """`data` (plain JSON or YAML data) with every `proxy` setting's password hidden; the settings go to `seen`."""
-    if isinstance(data, dict):
-        hidden = {}
-        for key, value in data.items():
-            if key == "proxy" and isinstance(value, str):
-                seen.add(value)
-                hidden[key] = hide_password(value)
-            else:
-                hidden[key] = _hide_proxies(value, seen)
-        return hidden
-    if isinstance(data, list):
-        return [_hide_proxies(value, seen) for value in data]
-    return data
-
-
-def _password_spellings(proxies: Iterable[str]) -> set[bytes]:
-    """The passwords of these proxy settings, as they may show in text: as given, %-decoded, and JSON-escaped."""
-    spellings = set()
-    for setting in proxies:
-        hidden = hide_password(setting)
-        if hidden == setting:
-            continue  # no password
-        before, _, after = hidden.partition(":***@")
-        given = setting[len(before) + 1 : len(setting) - len(after) - 1]
-        for password in filter(None, {given, unquote(given)}):
-            for text in (password, json.dumps(password)[1:-1], json.dumps(password, ensure_ascii=False)[1:-1]):
-                spellings.add(text.encode())
-    return spellings
-
-
-def _scrub(data: bytes, secrets: Iterable[bytes]) -> bytes:
-    for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
-        data = data.replace(secret, b"***")
-    return data
-
-
-def _read_quietly(path: Path, problems: list[str]) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        problems.append(f"{path.name}: {describe(error)}")
-        return None
-
-
-def _versions() -> str:
-    from importlib import metadata
-
-    def installed(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    lines = [
-        ("fabric", __version__),
-        ("python", sys.version.replace("\n", " ")),
-        ("openssl", ssl.OPENSSL_VERSION),
-        ("platform", platform.platform()),
-        *((package, installed(package)) for package in ("trio", "cryptography", "attrs", "cattrs", "click", "pyyaml")),
-    ]
-    return "".join(f"{name}: {value}\n" for name, value in lines)
-
-
-def _site_files(site_dir: Path) -> str:
-    """The site directory's files (names, sizes, modes; no contents): what is there, and its permissions."""
-    lines = []
-    for path in sorted(site_dir.rglob("*")):
-        try:
-            info = path.lstat()
-        except OSError:
-            continue
-        kind = "d" if path.is_dir() else "-"
-        lines.append(f"{kind}{info.st_mode & 0o777:04o} {info.st_size:>8} {path.relative_to(site_dir)}")
-    return "\n".join(lines) + "\n"
-
-
-def _write_tar(file: Path, top: str, members: dict[str, bytes]) -> None:
-    now = time.time()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in sorted(members.items()):
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(data)
-            info.mtime = int(now)
-            info.mode = 0o600
-            tar.addfile(info, io.BytesIO(data))
-    try:
-        write_private_atomic(file, buffer.getvalue())  # 0600 from the first byte: it tells a lot about the site
-    except OSError as error:
-        raise Failure(f"cannot write {file}: {describe(error)}") from None
 
 
 # -- demo --------------------------------------------------------------------------------
@@ -1535,119 +1031,10 @@ def demo(connections: int, size: int, round_trips: int, verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  [%(name)s] %(message)s")
     try:
-        ok = trio.run(_demo, connections, size, round_trips)
+        ok = trio.run(demo_run, connections, size, round_trips)
     except FabricError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if ok else 1)
-
-
-async def _echo(stream: trio.SocketStream) -> None:
-    try:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-        await stream.send_eof()
-    except trio.BrokenResourceError:
-        pass
-
-
-async def _exchange(port: int, payload: bytes) -> bool:
-    """Send payload, half-close, read the echo; True when it came back intact."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = hashlib.sha256()
-    async with stream:
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                await stream.send_all(payload)
-                await stream.send_eof()
-
-            nursery.start_soon(send)
-            while data := await stream.receive_some(65536):
-                received.update(data)
-    return received.digest() == hashlib.sha256(payload).digest()
-
-
-async def _round_trips(port: int, count: int) -> list[float]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    times = []
-    async with stream:
-        for i in range(count):
-            message = b"ping %d\n" % i
-            start = trio.current_time()
-            await stream.send_all(message)
-            got = b""
-            while len(got) < len(message):
-                got += await stream.receive_some(65536)
-            times.append(trio.current_time() - start)
-    return times
-
-
-def _show_routes(site: Site) -> None:
-    for info in site.status().sites:
-        hops = ", ".join(h.name for h in info.next_hops) or "-"
-        state = f"cost {info.cost:g} via {hops}" if info.reachable else "unreachable"
-        click.echo(f"    {site.name} -> {info.name} ({info.mode}): {state}")
-
-
-async def _demo(connections: int, size: int, round_trips: int) -> bool:
-    say = click.echo
-    say("fabric demo: three sites in one process, linked by mutual TLS on 127.0.0.1\n")
-    say("    edge (edge) --WebSocket link--> transit (interior) --TLS link--> hub (interior)")
-    say("    client                                                           echo service\n")
-    with tempfile.TemporaryDirectory(prefix="fabric-demo-") as root:
-        async with trio.open_nursery() as nursery:
-            servers = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
-            echo_port = servers[0].socket.getsockname()[1]
-            with trio.fail_after(60):
-                async with (
-                    # One host for three sites: service sync would have each of them listen on
-                    # the echo server's own port; the edge's listener is made explicitly instead.
-                    open_site("hub", os.path.join(root, "hub"), link_port=0, service_sync=False) as hub,
-                    open_site(
-                        "transit", os.path.join(root, "transit"), link_port=0, ws_port=0, service_sync=False
-                    ) as transit,
-                    open_site("edge", os.path.join(root, "edge"), mode="edge", service_sync=False) as edge,
-                ):
-                    say(f"[1/4] sites created: hub {hub.site_id[:8]}, transit {transit.site_id[:8]}, edge {edge.site_id[:8]}")
-                    await transit.redeem_token(await hub.issue_token())
-                    ws_url = transit.status().ws_address
-                    await edge.redeem_token(await transit.issue_token(link_urls=[ws_url]))
-                    say(
-                        "[2/4] linked: transit redeemed a token of hub (TLS), "
-                        f"edge redeemed a token of transit naming {ws_url} (TLS inside a WebSocket)"
-                    )
-                    await hub.create_connector(DEMO_KEY, echo_port, host="127.0.0.1")
-                    listener = await edge.create_listener(DEMO_KEY, 0)
-                    await edge.wait_reachable(DEMO_KEY)
-                    say(
-                        f"[3/4] hub offers routing key {DEMO_KEY!r} (echo server on 127.0.0.1:{echo_port}); "
-                        f"edge listens on 127.0.0.1:{listener.port}"
-                    )
-                    _show_routes(edge)
-                    say(f"[4/4] sending {connections} connections x {size:,} bytes each way, then {round_trips} round trips")
-                    results: list[bool] = []
-                    start = trio.current_time()
-                    async with trio.open_nursery() as clients:
-                        for _ in range(connections):
-
-                            async def one() -> None:
-                                results.append(await _exchange(listener.port, os.urandom(size)))
-
-                            clients.start_soon(one)
-                    elapsed = trio.current_time() - start
-                    times = sorted(await _round_trips(listener.port, round_trips))
-            nursery.cancel_scope.cancel()
-    intact = sum(results)
-    moved = 2 * connections * size
-    say("\nresults:")
-    say(f"    bytes intact:  {intact}/{connections} connections (SHA-256 of every byte, both ways)")
-    say(f"    throughput:    {moved / elapsed / 2**20:,.1f} MiB/s through two links ({moved:,} bytes in {elapsed:.2f} s)")
-    if times:
-        p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
-        say(f"    round trip:    median {statistics.median(times) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
-    ok = intact == connections
-    say("\n" + ("demo passed: every byte arrived intact." if ok else "demo FAILED: some connections lost data."))
-    return ok
 
 
 if __name__ == "__main__":

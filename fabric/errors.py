@@ -105,3 +105,11 @@ def sole_exception(
         else:
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 and not pending else None
+
+
+def describe(error: BaseException) -> str:
+    """The one line a user sees for an error fabric or the OS raised."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename
+        return f"{error.strerror}: {where}" if where else error.strerror
+    return str(error) or type(error).__name__
