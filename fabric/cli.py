@@ -11,30 +11,43 @@ on stderr, `error: ...`, and exit code 1; usage errors exit 2 (click).
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
-import re
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import trio
-import yaml
 
 from . import __version__
 from .addresses import hide_password
+from .cli_session import (
+    DEFAULT_TIMEOUT,
+    DURATION,
+    NOT_RUNNING,
+    Cli,
+    FabricGroup,
+    control,
+    emit,
+    emit_part,
+    format_duration,
+    not_running_note,
+    output_option,
+    pass_cli,
+    say,
+    wait_link,
+    wait_options,
+    wait_routing_key,
+    wait_running,
+)
 from .cli_tables import (
     address,
     connectors_table,
     links_table,
     listeners_table,
     network_status_table,
-    site_line,
     site_status_table,
 )
 from .config import (
@@ -48,177 +61,17 @@ from .config import (
 )
 from .debug import write_dump
 from .demo import run as demo_run
-from .errors import FabricError, describe, sole_exception
+from .errors import FabricError
 from .pki import DEFAULT_EXPIRATION_WINDOW, DEFAULT_REDEMPTIONS, Token
 from .router.frames import EDGE, INTERIOR, MAX_COST
 from .router.routes import DISTRIBUTIONS
 
 DEFAULT_SITE_DIR = "~/.local/share/fabric/default"
-DEFAULT_TIMEOUT = "60s"  # how long --wait waits, as Skupper's --timeout
-# Seconds between status polls where no control operation waits for the
-# condition itself (a routing key becoming reachable, a site starting).
-POLL_INTERVAL = 0.2
 PROXY_HELP = (
     "HTTP proxy to tunnel the link through (CONNECT): http://[user:password@]host:port, or `none` to go "
     "direct.  [default: HTTPS_PROXY (tls://, wss://) or HTTP_PROXY (ws://) from the environment, unless NO_PROXY "
     "names the host]"
 )
-NOT_RUNNING = "site is not running: saved; takes effect when it starts"
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-
-
-# -- errors ------------------------------------------------------------------------------
-
-
-class Failure(click.ClickException):
-    """An expected failure: one line on stderr, `error: ...`, exit code 1."""
-
-    exit_code = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()) or "failed")  # one line, whatever the source said
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True, file=file)
-
-
-class FabricGroup(click.Group):
-    """A click group that turns FabricError and OSError into `error: ...` and exit code 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (FabricError, OSError) as error:
-            raise Failure(describe(error)) from None
-        except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
-            leaf = sole_exception(group)
-            if isinstance(leaf, (click.ClickException, click.exceptions.Exit, click.Abort)):
-                raise leaf from None
-            if isinstance(leaf, (FabricError, OSError)):
-                raise Failure(describe(leaf)) from None
-            raise
-
-
-FabricGroup.group_class = FabricGroup
-
-
-# -- option types ------------------------------------------------------------------------
-
-
-class Duration(click.ParamType):
-    """A duration: 90s, 15m, 2h, 1d, 1h30m, or plain seconds; converted to seconds (float)."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        text = str(value).strip().lower()
-        parts = _DURATION.findall(text)
-        bare = len(parts) > 1 and any(not unit for _, unit in parts)  # "1m2": 2 what?
-        if not text or "".join(a + u for a, u in parts) != text or bare:
-            self.fail(f"{value!r} is not a duration: use a number with s, m, h or d, e.g. 90s, 15m, 2h", param, ctx)
-        seconds = sum(float(amount) * _DURATION_UNITS[unit or "s"] for amount, unit in parts)
-        if seconds <= 0 or not math.isfinite(seconds):
-            self.fail(f"{value!r}: a duration must be more than 0", param, ctx)
-        return seconds
-
-
-DURATION = Duration()
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as people write them: 15m, 2h, 1d, 90s."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def output_option(command: Callable) -> Callable:
-    return click.option(
-        "-o",
-        "--output",
-        type=click.Choice(["table", "json", "yaml"]),
-        default="table",
-        show_default=True,
-        help="Output format: a table for people, json or yaml for programs.",
-    )(command)
-
-
-def wait_options(what: str, *, default: bool) -> Callable[[Callable], Callable]:
-    def decorate(command: Callable) -> Callable:
-        command = click.option(
-            "--timeout",
-            type=DURATION,
-            default=DEFAULT_TIMEOUT,
-            show_default=True,
-            help="How long --wait waits before giving up (exit code 1): 90s, 5m, ...",
-        )(command)
-        return click.option(
-            "--wait/--no-wait",
-            default=default,
-            show_default=True,
-            help=f"Wait until {what} (running site only), showing progress.",
-        )(command)
-
-    return decorate
-
-
-# -- the control API ---------------------------------------------------------------------
-
-
-def _control() -> Any:
-    """fabric.control, imported when a verb needs it (so `--help`, `version`, `demo` never do)."""
-    from . import control
-
-    return control
-
-
-class Cli:
-    """What every verb gets from the top-level options."""
-
-    def __init__(self, site_dir: Path) -> None:
-        self.site_dir = site_dir
-
-    def call(self, op: str, **args: Any) -> tuple[bool, Any]:
-        """Run one control operation; (whether the site runs, the result)."""
-
-        async def one() -> tuple[bool, Any]:
-            async with _control().open_handle(self.site_dir) as site:
-                return site.running, await site.call(op, **args)
-
-        return trio.run(one)
-
-    def run(self, body: Callable[[Any], Awaitable[Any]]) -> Any:
-        """Run `await body(site)` with a handle on the site: for verbs that make several calls."""
-
-        async def session() -> Any:
-            async with _control().open_handle(self.site_dir) as site:
-                return await body(site)
-
-        return trio.run(session)
-
-
-pass_cli = click.make_pass_decorator(Cli)
-
-
-def _say(text: str = "") -> None:
-    click.echo(text)
-
-
-def _emit(data: Any, output: str, table: Callable[[Any], str]) -> None:
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
-    elif output == "yaml":
-        plain = json.loads(json.dumps(data))  # tuples and the like as JSON has them, which safe_dump takes
-        click.echo(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), nl=False)
-    else:
-        click.echo(table(data).rstrip("\n"))
-
-
 # -- the command tree --------------------------------------------------------------------
 
 
@@ -338,7 +191,7 @@ def site_create(
     if link_access and link_port is None:
         link_port = DEFAULT_LINK_PORT
     mode = EDGE if edge else INTERIOR
-    _control().create_site(
+    control().create_site(
         cli.site_dir,
         name,
         link_host=link_host,
@@ -355,8 +208,8 @@ def site_create(
         elif port is not None:
             access.append(f"accepts {what} on {address(link_host, port)}")
     access_text = "; ".join(access) or "accepts no links; it links out by redeeming tokens"
-    _say(f"site {name} created in {cli.site_dir} ({mode}; {access_text})")
-    _say("next: fabric site run")
+    say(f"site {name} created in {cli.site_dir} ({mode}; {access_text})")
+    say("next: fabric site run")
 
 
 @site.command("run")
@@ -391,7 +244,7 @@ def site_run(cli: Cli, log_level: str, log_format: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(log_level.upper())
     logger.propagate = False
-    trio.run(_control().serve, cli.site_dir)
+    trio.run(control().serve, cli.site_dir)
 
 
 @site.command("status")
@@ -425,7 +278,7 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
     cost plus 1 per 10 ms of round trip (unless latency_cost is off).
     """
     if wait:
-        _wait_running(cli, timeout, quiet=output != "table")
+        wait_running(cli, timeout, quiet=output != "table")
 
     async def body(site: Any) -> tuple[dict, dict | None]:
         status = await site.call("status")
@@ -434,29 +287,7 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
         return status, config
 
     status, config = cli.run(body)
-    _emit(status, output, functools.partial(site_status_table, config=config))
-
-
-def _wait_running(cli: Cli, timeout: float, *, quiet: bool) -> None:
-    async def body() -> None:
-        told = False
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    async with _control().open_handle(cli.site_dir) as handle:
-                        if handle.running:
-                            return
-                    if not told and not quiet:
-                        _say(f"waiting for the site in {cli.site_dir} to run...")
-                        told = True
-                    await trio.sleep(POLL_INTERVAL)
-        except trio.TooSlowError:
-            raise Failure(
-                f"the site in {cli.site_dir} is not running after {format_duration(timeout)}: "
-                "start it with `fabric site run`"
-            ) from None
-
-    trio.run(body)
+    emit(status, output, functools.partial(site_status_table, config=config))
 
 
 @site.command("delete")
@@ -469,8 +300,8 @@ def site_delete(cli: Cli, yes: bool) -> None:
     """
     if not yes and (cli.site_dir / "site.yaml").exists():  # no question about a site that is not there
         click.confirm(f"Delete the site in {cli.site_dir}, with its identity and links? This cannot be undone", abort=True)
-    _control().delete_site(cli.site_dir)
-    _say(f"site in {cli.site_dir} deleted")
+    control().delete_site(cli.site_dir)
+    say(f"site in {cli.site_dir} deleted")
 
 
 # -- tokens ------------------------------------------------------------------------------
@@ -559,13 +390,13 @@ def token_issue(
     Token.loads_untrusted(answer["token"]).save(file)
     allowed = answer.get("redemptions_allowed", redemptions_allowed)
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(answer["expires_at"]))
-    _say(
+    say(
         f"token written to {file}: {allowed} redemption{'s' if allowed != 1 else ''}, "
         f"valid for {format_duration(expiration_window)} (until {expires})"
     )
     if offers:
-        _say(f"the sites that redeem it may offer only {', '.join(offers)} through their links here")
-    _say(f"redeem it at the other site: fabric token redeem {file}")
+        say(f"the sites that redeem it may offer only {', '.join(offers)} through their links here")
+    say(f"redeem it at the other site: fabric token redeem {file}")
 
 
 @token.command("redeem")
@@ -593,7 +424,7 @@ def token_redeem(
     token = Token.load(file)
 
     async def body(site: Any) -> None:
-        _say(f"redeeming the token at site {token.issuer_name} ({', '.join(token.addresses)})...")
+        say(f"redeeming the token at site {token.issuer_name} ({', '.join(token.addresses)})...")
         args: dict[str, Any] = {"token": token.dumps()}
         if name is not None:
             args["name"] = name
@@ -603,37 +434,13 @@ def token_redeem(
             args["proxy"] = proxy
         answer = await site.call("redeem_token", **args)
         link = answer["link"]
-        _say(f"token redeemed: link {link} created")
+        say(f"token redeemed: link {link} created")
         if not site.running:
-            _say("site is not running: the link comes up when it starts")
+            say("site is not running: the link comes up when it starts")
         elif wait:
-            await _wait_link(site, link, timeout)
+            await wait_link(site, link, timeout)
 
     cli.run(body)
-
-
-async def _wait_for(
-    site: Any, op: str, args: dict, *, timeout: float, waiting: str, too_slow: Callable[[str], str]
-) -> Any:
-    """A waiting operation with a progress line; past `timeout`, fails with too_slow("<timeout as 90s>")."""
-    _say(waiting)
-    try:
-        with trio.fail_after(timeout):
-            return await site.call(op, **args)
-    except trio.TooSlowError:
-        raise Failure(too_slow(format_duration(timeout))) from None
-
-
-async def _wait_link(site: Any, link: str, timeout: float) -> None:
-    await _wait_for(
-        site,
-        "wait_link",
-        {"name": link},
-        timeout=timeout,
-        waiting=f"waiting for link {link} to come up...",
-        too_slow=lambda after: f"link {link} is not up after {after} (it keeps trying: see `fabric link status`)",
-    )
-    _say(f"link {link} is up")
 
 
 # -- links -------------------------------------------------------------------------------
@@ -644,19 +451,12 @@ def link() -> None:
     """Inspect and change links (made by redeeming tokens)."""
 
 
-def _emit_part(cli: Cli, output: str, field: str, render: Callable[[list[dict]], str]) -> None:
-    """One part of the site's status (its links, listeners or connectors), and whether it runs."""
-    running, status = cli.call("status")
-    data = {"running": running, field: status.get(field, [])}
-    _emit(data, output, lambda d: render(d[field]) + ("" if running else "\n" + site_line(status)))
-
-
 @link.command("status")
 @output_option
 @pass_cli
 def link_status(cli: Cli, output: str) -> None:
     """Show this site's links: direction, peer, cost, state, RTT, flows."""
-    _emit_part(cli, output, "links", links_table)
+    emit_part(cli, output, "links", links_table)
 
 
 @link.command("update")
@@ -697,8 +497,8 @@ def link_update(
     changes = ([f"cost {cost}"] if cost is not None else []) + ([f"proxy {hide_password(proxy)}"] if proxy is not None else [])
     if offers or any_offer:
         changes.append(f"offers {', '.join(offers)}" if offers else "offers any routing key")
-    _say(f"link {name}: {', '.join(changes)}")
-    _not_running_note(running)
+    say(f"link {name}: {', '.join(changes)}")
+    not_running_note(running)
 
 
 @link.command("delete")
@@ -711,8 +511,8 @@ def link_delete(cli: Cli, name: str) -> None:
     status`); at the issuer, use `fabric link revoke`.
     """
     running, _ = cli.call("delete_link", name=name)
-    _say(f"link {name} deleted")
-    _not_running_note(running)
+    say(f"link {name} deleted")
+    not_running_note(running)
 
 
 @link.command("revoke")
@@ -741,16 +541,11 @@ def link_revoke(cli: Cli, name: str) -> None:
     its token).
     """
     running, result = cli.call("revoke_link", name=name)
-    _say(
+    say(
         f"site {name} revoked ({result['revoked']} certificate(s)): it cannot link or redeem a token here any more, "
         "and the tokens it redeemed are withdrawn; other sites still link with it (see `fabric link revoke --help`)"
     )
-    _not_running_note(running)
-
-
-def _not_running_note(running: bool) -> None:
-    if not running:
-        _say(NOT_RUNNING)
+    not_running_note(running)
 
 
 # -- listeners and connectors ------------------------------------------------------------
@@ -837,27 +632,13 @@ def listener_create(
         )
         key = made.get("routing_key") or routing_key or name
         only = f" (providers: {', '.join(providers)})" if providers else ""
-        _say(f"listener {name} created: {address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
+        say(f"listener {name} created: {address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
         if not site.running:
-            _say(NOT_RUNNING)
+            say(NOT_RUNNING)
         elif wait:
-            await _wait_routing_key(site, key, timeout, listener=name)
+            await wait_routing_key(site, key, timeout, listener=name)
 
     cli.run(body)
-
-
-async def _wait_routing_key(site: Any, key: str, timeout: float, *, listener: str) -> None:
-    """Wait until a reachable site offers `key` (one that `listener`'s provider policy admits, if it has one)."""
-    answer = await _wait_for(
-        site,
-        "wait_reachable",
-        {"routing_key": key, "listener": listener},
-        timeout=timeout,
-        waiting=f"waiting for a site to offer routing key {key}...",
-        too_slow=lambda after: f"no site offers routing key {key} after {after} "
-        "(the listener stays; create a connector for the key at a linked site)",
-    )
-    _say(f"routing key {key} is reachable at {', '.join(answer['providers'])}")
 
 
 @listener.command("status")
@@ -874,7 +655,7 @@ def listener_status(cli: Cli, output: str) -> None:
     99th percentile latency (upper bounds of histogram buckets), and below,
     requests by method and body bytes in and out.
     """
-    _emit_part(cli, output, "listeners", listeners_table)
+    emit_part(cli, output, "listeners", listeners_table)
 
 
 @listener.command("delete")
@@ -883,8 +664,8 @@ def listener_status(cli: Cli, output: str) -> None:
 def listener_delete(cli: Cli, name: str) -> None:
     """Delete listener NAME; its open connections are reset."""
     running, _ = cli.call("delete_listener", name=name)
-    _say(f"listener {name} deleted")
-    _not_running_note(running)
+    say(f"listener {name} deleted")
+    not_running_note(running)
 
 
 @main.group()
@@ -932,8 +713,8 @@ def connector_create(
     )
     key = made.get("routing_key") or routing_key or name
     only = f" (allowed sites: {', '.join(allow)})" if allow else ""
-    _say(f"connector {name} created: routing key {key} -> {address(made.get('host', host), made.get('port', port))}{only}")
-    _not_running_note(running)
+    say(f"connector {name} created: routing key {key} -> {address(made.get('host', host), made.get('port', port))}{only}")
+    not_running_note(running)
 
 
 @connector.command("status")
@@ -941,7 +722,7 @@ def connector_create(
 @pass_cli
 def connector_status(cli: Cli, output: str) -> None:
     """Show this site's connectors: routing key and target."""
-    _emit_part(cli, output, "connectors", connectors_table)
+    emit_part(cli, output, "connectors", connectors_table)
 
 
 @connector.command("delete")
@@ -954,8 +735,8 @@ def connector_delete(cli: Cli, name: str) -> None:
     are not affected).
     """
     running, _ = cli.call("delete_connector", name=name)
-    _say(f"connector {name} deleted")
-    _not_running_note(running)
+    say(f"connector {name} deleted")
+    not_running_note(running)
 
 
 # -- network -----------------------------------------------------------------------------
@@ -977,7 +758,7 @@ def network_status(cli: Cli, output: str) -> None:
     """
     running, data = cli.call("network_status")
     note = "" if running else "\nthis site is not running: it knows only itself (start it with `fabric site run`)"
-    _emit(data, output, lambda d: network_status_table(d) + note)
+    emit(data, output, lambda d: network_status_table(d) + note)
 
 
 # -- debug -------------------------------------------------------------------------------
@@ -1001,11 +782,11 @@ def debug_dump(cli: Cli, file: Path) -> None:
     the file can go with a bug report.
     """
     running, members, problems = write_dump(cli.site_dir, file, cli.run)
-    _say(f"debug dump written to {file}: {', '.join(members)}")
+    say(f"debug dump written to {file}: {', '.join(members)}")
     if not running:
-        _say("the site is not running: no live status, no log lines")
+        say("the site is not running: no live status, no log lines")
     for problem in problems:
-        _say(f"  could not collect {problem}")
+        say(f"  could not collect {problem}")
 
 
 # -- demo --------------------------------------------------------------------------------
