@@ -54,7 +54,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int =
     return "\n".join(lines)
 
 
-def _section(title: str, headers: Sequence[str], rows: list[Sequence[Any]], *, empty: str) -> str:
+def _section(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> str:
     if not rows:
         return f"{title}: {empty}"
     return f"{title} ({len(rows)}):\n" + table(headers, rows)
@@ -277,7 +277,7 @@ def _access_line(status: dict, config: dict | None) -> str:
     addresses = [a for a in (status.get("link_address"), status.get("ws_address")) if a]
     if addresses:
         return f"Link access: {', '.join(addresses)}" + ("" if status.get("running") else " (when running)")
-    if 0 in ((config or {}).get("link_port"), (config or {}).get("ws_port")):
+    if config is not None and 0 in (config.get("link_port"), config.get("ws_port")):
         return f"Link access: on {config['link_host']}, port picked at the first start"
     return "Link access: none (this site links out but accepts no links)"
 

@@ -56,6 +56,7 @@ async def run(connections: int, size: int, round_trips: int) -> bool:
                     say(f"[1/4] sites created: hub {hub.site_id[:8]}, transit {transit.site_id[:8]}, edge {edge.site_id[:8]}")
                     await transit.redeem_token(await hub.issue_token())
                     ws_url = transit.status().ws_address
+                    assert ws_url is not None  # transit runs with a ws port
                     await edge.redeem_token(await transit.issue_token(link_urls=[ws_url]))
                     say(
                         "[2/4] linked: transit redeemed a token of hub (TLS), "
@@ -63,10 +64,12 @@ async def run(connections: int, size: int, round_trips: int) -> bool:
                     )
                     await hub.create_connector(DEMO_KEY, echo_port, host="127.0.0.1")
                     listener = await edge.create_listener(DEMO_KEY, 0)
+                    port = listener.port
+                    assert port is not None  # bound: the edge runs
                     await edge.wait_reachable(DEMO_KEY)
                     say(
                         f"[3/4] hub offers routing key {DEMO_KEY!r} (echo server on 127.0.0.1:{echo_port}); "
-                        f"edge listens on 127.0.0.1:{listener.port}"
+                        f"edge listens on 127.0.0.1:{port}"
                     )
                     _show_routes(edge)
                     say(f"[4/4] sending {connections} connections x {size:,} bytes each way, then {round_trips} round trips")
@@ -76,11 +79,11 @@ async def run(connections: int, size: int, round_trips: int) -> bool:
                         for _ in range(connections):
 
                             async def one() -> None:
-                                results.append(await echo_exchange(listener.port, os.urandom(size)))
+                                results.append(await echo_exchange(port, os.urandom(size)))
 
                             clients.start_soon(one)
                     elapsed = trio.current_time() - start
-                    times = sorted(await round_trips_of(listener.port, round_trips))
+                    times = sorted(await round_trips_of(port, round_trips))
             nursery.cancel_scope.cancel()
     intact = sum(results)
     moved = 2 * connections * size

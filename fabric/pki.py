@@ -474,7 +474,7 @@ def _why_key_refused(public_key: CertificatePublicKeyTypes) -> str | None:
     return f"{type(public_key).__name__} keys are not accepted (use EC P-256)"
 
 
-def _hash_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+def _hash_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     # Ed25519 hashes internally and refuses an external hash.
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
@@ -1096,12 +1096,15 @@ def _load_verify_key(der: bytes) -> tuple[CertificatePublicKeyTypes, str] | None
     """A parsed, acceptable public key and its site id, or None. Cached: the same keys come back in every push."""
     try:
         key = serialization.load_der_public_key(der)
-        if _why_key_refused(key) is not None:  # type: ignore[arg-type]
+        # Only the kinds _why_key_refused can accept (DH, X25519... keys never sign).
+        if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, rsa.RSAPublicKey)):
             return None
-        if _spki(key) != der:  # type: ignore[arg-type]
+        if _why_key_refused(key) is not None:
+            return None
+        if _spki(key) != der:
             # A non-canonical encoding of a good key: the site id is the digest
             # of the canonical one, so accepting this would only confuse.
             return None
-        return key, site_id_of(key)  # type: ignore[arg-type]
+        return key, site_id_of(key)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return None

@@ -173,7 +173,7 @@ def _base64_text(limit: int) -> _Validator:
 
 def _int_to_float(value: object) -> object:
     """Let JSON's `0` stand for `0.0`; anything else is left for the validator to judge."""
-    return float(value) if _is_int(value) else value
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _tuple_of(item_type: type, limit: int) -> _Validator:
