@@ -170,10 +170,6 @@ class Identity:
         """The site's certificate signed by its own CA (PEM), for `load_cert_chain`."""
         return self.identity_dir / SITE_CERT_FILE
 
-    @property
-    def ca_cert_path(self) -> Path:
-        return self.identity_dir / CA_CERT_FILE
-
 
 def create_identity(site_dir: Path, name: str, *, now: dt.datetime | None = None) -> Identity:
     """Make a new CA and site key pair under `site_dir / "identity"`.

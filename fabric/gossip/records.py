@@ -304,17 +304,6 @@ class RecordTable:
         """Site id -> stamp of what is held: the summary neighbours swap in anti-entropy."""
         return {site_id: record.stamp for site_id, record in self._records.items()}
 
-    def newer_than(self, digest: Mapping[str, Stamp]) -> list[SiteRecord]:
-        """The records a peer with this `digest` lacks: newer than its stamp, or absent from it.
-
-        Sorted by site id so a reply is deterministic.
-        """
-        return [
-            record
-            for site_id, record in sorted(self._records.items())
-            if site_id not in digest or record.stamp > tuple(digest[site_id])
-        ]
-
     def __repr__(self) -> str:
         held = ", ".join(f"{r.site_id}@{r.incarnation}.{r.version}" for _, r in sorted(self._records.items()))
         return f"<RecordTable {len(self)} sites: {held}>"
