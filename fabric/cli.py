@@ -11,580 +11,67 @@ on stderr, `error: ...`, and exit code 1; usage errors exit 2 (click).
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
-import json
 import logging
-import math
-import os
-import platform
-import re
 import ssl
-import statistics
 import sys
-import tarfile
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import click
 import trio
-import yaml
 
 from . import __version__
 from .addresses import hide_password
-from .config import PROTOCOLS
+from .cli_session import (
+    DEFAULT_TIMEOUT,
+    DURATION,
+    NOT_RUNNING,
+    Cli,
+    FabricGroup,
+    control,
+    emit,
+    emit_part,
+    format_duration,
+    not_running_note,
+    output_option,
+    pass_cli,
+    say,
+    wait_link,
+    wait_options,
+    wait_routing_key,
+    wait_running,
+)
+from .cli_tables import (
+    address,
+    connectors_table,
+    links_table,
+    listeners_table,
+    network_status_table,
+    site_status_table,
+)
+from .config import (
+    DEFAULT_CONNECTOR_HOST,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_LINK_HOST,
+    DEFAULT_LINK_PORT,
+    DEFAULT_LISTENER_HOST,
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+)
+from .debug import write_dump
+from .demo import run as demo_run
 from .errors import FabricError
-from .files import write_private_atomic
-from .pki import Token
-from .router.routes import BALANCED, DISTRIBUTIONS
-from .site import Site, open_site
-
-DEMO_KEY = "echo"
+from .pki import DEFAULT_EXPIRATION_WINDOW, DEFAULT_REDEMPTIONS, Token
+from .router.frames import EDGE, INTERIOR, MAX_COST
+from .router.routes import DISTRIBUTIONS
 
 DEFAULT_SITE_DIR = "~/.local/share/fabric/default"
-TABLE_WIDTH = 80  # columns: a table must read well in a default terminal
-DEFAULT_TIMEOUT = "60s"  # how long --wait waits, as Skupper's --timeout
-# Seconds between status polls where no control operation waits for the
-# condition itself (a routing key becoming reachable, a site starting).
-POLL_INTERVAL = 0.2
-# Port a site with link access accepts links on unless told otherwise: fixed, so
-# tokens can be issued before the first start and firewalls can be opened for
-# it; outside the ephemeral range (32768-60999), so an outgoing connection
-# never holds it. `--link-port 0` picks a free port at the first start instead.
-DEFAULT_LINK_PORT = 7443
 PROXY_HELP = (
     "HTTP proxy to tunnel the link through (CONNECT): http://[user:password@]host:port, or `none` to go "
     "direct.  [default: HTTPS_PROXY (tls://, wss://) or HTTP_PROXY (ws://) from the environment, unless NO_PROXY "
     "names the host]"
 )
-MAX_COST = 2**31 - 1  # as pki.MAX_COST: costs are summed along paths
-NOT_RUNNING = "site is not running: saved; takes effect when it starts"
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-
-
-# -- errors ------------------------------------------------------------------------------
-
-
-class Failure(click.ClickException):
-    """An expected failure: one line on stderr, `error: ...`, exit code 1."""
-
-    exit_code = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()) or "failed")  # one line, whatever the source said
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True, file=file)
-
-
-def describe(error: BaseException) -> str:
-    """The one line a user sees for an error fabric or the OS raised."""
-    if isinstance(error, OSError) and error.strerror:
-        where = error.filename
-        return f"{error.strerror}: {where}" if where else error.strerror
-    return str(error) or type(error).__name__
-
-
-def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
-    """The one exception inside (nested) groups, or None when there are several."""
-    leaves = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None
-
-
-class FabricGroup(click.Group):
-    """A click group that turns FabricError and OSError into `error: ...` and exit code 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (FabricError, OSError) as error:
-            raise Failure(describe(error)) from None
-        except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
-            leaf = _single_leaf(group)
-            if isinstance(leaf, (click.ClickException, click.exceptions.Exit, click.Abort)):
-                raise leaf from None
-            if isinstance(leaf, (FabricError, OSError)):
-                raise Failure(describe(leaf)) from None
-            raise
-
-
-FabricGroup.group_class = FabricGroup
-
-
-# -- option types ------------------------------------------------------------------------
-
-
-class Duration(click.ParamType):
-    """A duration: 90s, 15m, 2h, 1d, 1h30m, or plain seconds; converted to seconds (float)."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        text = str(value).strip().lower()
-        parts = _DURATION.findall(text)
-        bare = len(parts) > 1 and any(not unit for _, unit in parts)  # "1m2": 2 what?
-        if not text or "".join(a + u for a, u in parts) != text or bare:
-            self.fail(f"{value!r} is not a duration: use a number with s, m, h or d, e.g. 90s, 15m, 2h", param, ctx)
-        seconds = sum(float(amount) * _DURATION_UNITS[unit or "s"] for amount, unit in parts)
-        if seconds <= 0 or not math.isfinite(seconds):
-            self.fail(f"{value!r}: a duration must be more than 0", param, ctx)
-        return seconds
-
-
-DURATION = Duration()
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as people write them: 15m, 2h, 1d, 90s."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def _age(seconds: float) -> str:
-    """How long ago, to the largest whole unit: 4s, 12m, 3h, 2d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def output_option(command: Callable) -> Callable:
-    return click.option(
-        "-o",
-        "--output",
-        type=click.Choice(["table", "json", "yaml"]),
-        default="table",
-        show_default=True,
-        help="Output format: a table for people, json or yaml for programs.",
-    )(command)
-
-
-def wait_options(what: str, *, default: bool) -> Callable[[Callable], Callable]:
-    def decorate(command: Callable) -> Callable:
-        command = click.option(
-            "--timeout",
-            type=DURATION,
-            default=DEFAULT_TIMEOUT,
-            show_default=True,
-            help="How long --wait waits before giving up (exit code 1): 90s, 5m, ...",
-        )(command)
-        return click.option(
-            "--wait/--no-wait",
-            default=default,
-            show_default=True,
-            help=f"Wait until {what} (running site only), showing progress.",
-        )(command)
-
-    return decorate
-
-
-# -- the control API ---------------------------------------------------------------------
-
-
-def _control() -> Any:
-    """fabric.control, imported when a verb needs it (so `--help`, `version`, `demo` never do)."""
-    from . import control
-
-    return control
-
-
-class Cli:
-    """What every verb gets from the top-level options."""
-
-    def __init__(self, site_dir: Path) -> None:
-        self.site_dir = site_dir
-
-    def call(self, op: str, **args: Any) -> tuple[bool, Any]:
-        """Run one control operation; (whether the site runs, the result)."""
-
-        async def one() -> tuple[bool, Any]:
-            async with _control().open_handle(self.site_dir) as site:
-                return site.running, await site.call(op, **args)
-
-        return trio.run(one)
-
-    def run(self, body: Callable[[Any], Awaitable[Any]]) -> Any:
-        """Run `await body(site)` with a handle on the site: for verbs that make several calls."""
-
-        async def session() -> Any:
-            async with _control().open_handle(self.site_dir) as site:
-                return await body(site)
-
-        return trio.run(session)
-
-
-pass_cli = click.make_pass_decorator(Cli)
-
-
-def _say(text: str = "") -> None:
-    click.echo(text)
-
-
-def _emit(data: Any, output: str, table: Callable[[Any], str]) -> None:
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
-    elif output == "yaml":
-        plain = json.loads(json.dumps(data))  # tuples and the like as JSON has them, which safe_dump takes
-        click.echo(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), nl=False)
-    else:
-        click.echo(table(data).rstrip("\n"))
-
-
-# -- tables ------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value) or "-"
-    return str(value)
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, width: int = TABLE_WIDTH) -> str:
-    """Left-aligned columns two spaces apart; the widest columns shrink (ending in …) to fit `width`."""
-    cells = [[_cell(value) for value in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    gap = 2
-    while sum(widths) + gap * (len(widths) - 1) > width:
-        widest = max(range(len(widths)), key=lambda i: widths[i])
-        if widths[widest] <= 6:  # nothing sensible left to shrink
-            break
-        widths[widest] -= 1
-    lines = []
-    for row in [list(headers), *cells]:
-        lines.append((" " * gap).join(_clip(text, w).ljust(w) for text, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _section(title: str, headers: Sequence[str], rows: list[Sequence[Any]], *, empty: str) -> str:
-    if not rows:
-        return f"{title}: {empty}"
-    return f"{title} ({len(rows)}):\n" + table(headers, rows)
-
-
-def _short_id(site_id: str | None) -> str:
-    return site_id[:8] if site_id else "-"
-
-
-def _rtt(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.1f} ms"
-
-
-def _address(host: str, port: int | None) -> str:
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{'-' if port is None else port}"
-
-
-def _notes(items: Iterable[tuple[str, str | None]]) -> str:
-    lines = [f"  {name}: {error}" for name, error in items if error]
-    return ("\n" + "\n".join(lines)) if lines else ""
-
-
-def _transport(link: dict) -> str:
-    """`tls`, `ws`, `wss`, with `+proxy` when it goes through a forward proxy."""
-    return (link.get("transport") or "-") + ("+proxy" if link.get("proxy") else "")
-
-
-def _route_note(link: dict) -> str | None:
-    """Where an outgoing link dials, and through which proxy; where an incoming one comes from."""
-    if not link.get("address"):
-        return None
-    if link.get("direction") == "incoming":
-        return f"from {link['address']}"
-    return f"dials {link['address']}" + (f" through proxy {link['proxy']}" if link.get("proxy") else "")
-
-
-def _links_table(links: list[dict]) -> str:
-    rows = [
-        (
-            link["name"],
-            link["direction"],
-            _short_id(link.get("peer_id")),
-            link["cost"],
-            "up" if link["up"] else "down",
-            _rtt(link.get("rtt_ms")),
-            link.get("flows", 0),
-            _transport(link),
-        )
-        for link in links
-    ]
-    text = _section(
-        "Links",
-        ("NAME", "DIRECTION", "PEER", "COST", "STATE", "RTT", "FLOWS", "TRANSPORT"),
-        rows,
-        empty="none (see `fabric token --help`)",
-    )
-    notes = [(link["name"], _route_note(link)) for link in links] + [(link["name"], link.get("error")) for link in links]
-    notes += [(link["name"], _offers_note(link)) for link in links]
-    return text + _notes(notes)
-
-
-def _offers_note(link: dict) -> str | None:
-    """The routing keys a linked site may offer through its link, and those of its offers ignored for that."""
-    if link.get("offers") is None:
-        return None
-    note = f"may offer only {', '.join(link['offers'])}" if link["offers"] else "may offer nothing"
-    if link.get("ignored"):
-        note += f"; ignored: {', '.join(link['ignored'])}"
-    return note
-
-
-def _policy_note(what: str, entries: list[str], notes: list[str]) -> str | None:
-    """A listener's or connector's access policy, and its entries that admit no site now."""
-    if not entries:
-        return None
-    return f"{what}: {', '.join(entries)}" + "".join(f"; {note}" for note in notes)
-
-
-def _listener_state(item: dict) -> str:
-    if item.get("accepting"):
-        return "accepting"
-    if (item.get("error") or "").startswith("no reachable site"):
-        return "no provider"
-    return "error" if item.get("error") else "stopped"
-
-
-def _listeners_table(listeners: list[dict]) -> str:
-    rows = [
-        (
-            item["name"],
-            item["routing_key"],
-            _address(item["host"], item.get("port")),
-            item.get("protocol", "tcp") + ("" if item.get("distribution", BALANCED) == BALANCED else f", {item['distribution']}"),
-            item.get("connections", 0),
-            _listener_state(item),
-        )
-        for item in listeners
-    ]
-    headers = ("NAME", "ROUTING KEY", "ADDRESS", "PROTOCOL", "CONNECTIONS", "STATE")
-    text = _section("Listeners", headers, rows, empty="none")
-    text += _notes(
-        [(item["name"], item.get("error")) for item in listeners]
-        + [
-            (item["name"], _policy_note("providers", item.get("providers", []), item.get("policy_notes", [])))
-            for item in listeners
-        ]
-    )
-    http = [item for item in listeners if item.get("http")]
-    if http:
-        text += "\n\n" + _http_table(http)
-    return text
-
-
-def _bytes(count: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
-
-
-def _latency(ms: float | None) -> str:
-    return "-" if ms is None else (f"{ms:g} ms" if ms != math.inf else "> 10 s")
-
-
-def _http_table(listeners: list[dict]) -> str:
-    """Requests of the HTTP listeners: by status class, broken off, latency; methods and bytes below."""
-    rows = [
-        (
-            item["name"],
-            stats["requests"],
-            stats["active"],
-            stats["errors"],
-            *(stats.get("statuses", {}).get(f"{n}xx", 0) for n in (2, 3, 4, 5)),
-            _latency(stats.get("p50_ms")),
-            _latency(stats.get("p99_ms")),
-        )
-        for item in listeners
-        for stats in (item["http"],)
-    ]
-    headers = ("NAME", "REQUESTS", "ACTIVE", "BROKEN", "2XX", "3XX", "4XX", "5XX", "P50", "P99")
-    text = _section("HTTP requests", headers, rows, empty="none")
-    notes = []
-    for item in listeners:
-        stats = item["http"]
-        methods = ", ".join(f"{m} {n}" for m, n in sorted(stats.get("methods", {}).items())) or "none yet"
-        cuts = ", ".join(
-            f"{stats[key]} {what}"
-            for key, what in (
-                ("header_timeouts", "cut at the header timeout"),
-                ("idle_closed", "closed idle"),
-                ("evicted", "evicted at the connection cap"),
-                ("refused", "refused at the cap"),
-            )
-            if stats.get(key)
-        )
-        notes.append(
-            (
-                item["name"],
-                f"{methods}; bodies {_bytes(stats['bytes_in'])} in, {_bytes(stats['bytes_out'])} out"
-                + (f"; connections {cuts}" if cuts else ""),
-            )
-        )
-    return text + _notes(notes)
-
-
-def _connectors_table(connectors: list[dict]) -> str:
-    rows = [(item["name"], item["routing_key"], _address(item["host"], item.get("port"))) for item in connectors]
-    text = _section("Connectors", ("NAME", "ROUTING KEY", "TARGET"), rows, empty="none")
-    notes = [
-        (item["name"], _policy_note("allowed sites", item.get("allow", []), item.get("policy_notes", [])))
-        for item in connectors
-    ]
-    notes += [
-        (item["name"], f"refused {item['refused']} flow(s) from sites not allowed, the latest from {item.get('refused_from')}")
-        for item in connectors
-        if item.get("refused")
-    ]
-    return text + _notes(notes)
-
-
-def _site_name(site: dict) -> str:
-    """A site's name, marked * when another known site carries it too (the ID column tells them apart)."""
-    return site["name"] + ("*" if site.get("name_shared") else "")
-
-
-def _lines(title: str, lines: list[str]) -> str:
-    """Notes under a table, with a title; nothing when there are none."""
-    return f"\n{title}:\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
-
-
-def _routes_table(sites: list[dict]) -> str:
-    """One row per destination and next hop, best hop first: how new flows leave this site."""
-    rows = [
-        (s["name"] if i == 0 else "", h["name"], h["cost"], _rtt(h.get("rtt_ms")), h.get("flows", 0))
-        for s in sites
-        for i, h in enumerate(s.get("next_hops", []))
-    ]
-    return _section("Routes", ("TO", "VIA", "COST", "RTT", "FLOWS"), rows, empty="none")
-
-
-def _providers(providers: list[dict]) -> list[str]:
-    """Providers as `hub (cost 2, 3 open)`, with a penalty when its target refused lately."""
-    shown = []
-    for p in providers:
-        notes = [f"cost {p['cost']:g}", f"{p['outstanding']} open"]
-        if p.get("penalty"):
-            notes.append(f"penalty {p['penalty']:g}: its target refused")
-        shown.append(f"{p['name']} ({', '.join(notes)})")
-    return shown
-
-
-def _site_line(status: dict) -> str:
-    state = "running" if status.get("running") else "not running (start it with `fabric site run`)"
-    return f"Site {status['name']} ({status['mode']}), id {_short_id(status.get('site_id'))}: {state}"
-
-
-def _access_line(status: dict, config: dict | None) -> str:
-    addresses = [a for a in (status.get("link_address"), status.get("ws_address")) if a]
-    if addresses:
-        return f"Link access: {', '.join(addresses)}" + ("" if status.get("running") else " (when running)")
-    if 0 in ((config or {}).get("link_port"), (config or {}).get("ws_port")):
-        return f"Link access: on {config['link_host']}, port picked at the first start"
-    return "Link access: none (this site links out but accepts no links)"
-
-
-def site_status_table(status: dict, config: dict | None = None) -> str:
-    parts = [
-        _site_line(status),
-        _access_line(status, config),
-        "",
-        _links_table(status.get("links", [])),
-        "",
-        _section(
-            "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "AGE", "COST", "ROUTE CHANGES", "SERVICES"),
-            [
-                (
-                    _site_name(s),
-                    _short_id(s.get("site_id")),
-                    s["mode"],
-                    s["reachable"],
-                    _age(s.get("age_s") or 0),
-                    s.get("cost"),
-                    s.get("route_changes", 0),
-                    s.get("services"),
-                )
-                for s in status.get("sites", [])
-            ],
-            empty="no other site known yet",
-        )
-        + _lines("Names", status.get("notes", [])),
-        "",
-        _routes_table(status.get("sites", [])),
-        "",
-        _section(
-            "Services",
-            ("ROUTING KEY", "PROVIDERS"),
-            [(s["routing_key"], _providers(s.get("providers", []))) for s in status.get("services", [])],
-            empty="none",
-        ),
-        "",
-        _listeners_table(status.get("listeners", [])),
-        "",
-        _connectors_table(status.get("connectors", [])),
-    ]
-    return "\n".join(parts)
-
-
-def network_status_table(network: dict) -> str:
-    sites = network.get("sites", [])
-    links = [
-        (site["name"], link.get("peer_name") or _short_id(link.get("peer")), link.get("cost"), _rtt(link.get("rtt_ms")))
-        for site in sites
-        for link in site.get("links", [])
-    ]
-    parts = [
-        _section(
-            "Sites",
-            ("NAME", "ID", "MODE", "REACHABLE", "COST", "SERVICES"),
-            [
-                (_site_name(s), _short_id(s.get("site_id")), s["mode"], s["reachable"], s.get("cost"), s.get("services"))
-                for s in sites
-            ],
-            empty="none known",
-        ),
-        "",
-        _section("Links", ("SITE", "PEER", "COST", "RTT"), links, empty="none"),
-        "",
-        _section(
-            "Routing keys",
-            ("ROUTING KEY", "PROVIDERS", "LISTENERS HERE"),
-            [(s["routing_key"], s.get("providers"), s.get("listeners")) for s in network.get("services", [])],
-            empty="none (create a connector: `fabric connector create --help`)",
-        )
-        + _lines("Notes", network.get("notes", [])),
-    ]
-    return "\n".join(parts)
-
-
 # -- the command tree --------------------------------------------------------------------
 
 
@@ -647,7 +134,7 @@ def site() -> None:
 )
 @click.option(
     "--link-host",
-    default="127.0.0.1",
+    default=DEFAULT_LINK_HOST,
     show_default=True,
     help="Address to accept links on, which tokens tell other sites to dial: a name or IP they can reach.",
 )
@@ -675,7 +162,7 @@ def site() -> None:
 )
 @click.option(
     "--service-host",
-    default="127.0.0.1",
+    default=DEFAULT_LISTENER_HOST,
     show_default=True,
     help="Address the service-sync listeners bind to (give each site on one host its own, e.g. 127.0.0.2).",
 )
@@ -703,8 +190,8 @@ def site_create(
         raise click.UsageError("--link-port makes the site accept links: drop --no-link-access or --link-port")
     if link_access and link_port is None:
         link_port = DEFAULT_LINK_PORT
-    mode = "edge" if edge else "interior"
-    _control().create_site(
+    mode = EDGE if edge else INTERIOR
+    control().create_site(
         cli.site_dir,
         name,
         link_host=link_host,
@@ -719,10 +206,10 @@ def site_create(
         if port == 0:
             access.append(f"accepts {what} on {link_host}, port picked at its first start")
         elif port is not None:
-            access.append(f"accepts {what} on {_address(link_host, port)}")
+            access.append(f"accepts {what} on {address(link_host, port)}")
     access_text = "; ".join(access) or "accepts no links; it links out by redeeming tokens"
-    _say(f"site {name} created in {cli.site_dir} ({mode}; {access_text})")
-    _say("next: fabric site run")
+    say(f"site {name} created in {cli.site_dir} ({mode}; {access_text})")
+    say("next: fabric site run")
 
 
 @site.command("run")
@@ -757,7 +244,7 @@ def site_run(cli: Cli, log_level: str, log_format: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(log_level.upper())
     logger.propagate = False
-    trio.run(_control().serve, cli.site_dir)
+    trio.run(control().serve, cli.site_dir)
 
 
 @site.command("status")
@@ -791,7 +278,7 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
     cost plus 1 per 10 ms of round trip (unless latency_cost is off).
     """
     if wait:
-        _wait_running(cli, timeout, quiet=output != "table")
+        wait_running(cli, timeout, quiet=output != "table")
 
     async def body(site: Any) -> tuple[dict, dict | None]:
         status = await site.call("status")
@@ -800,29 +287,7 @@ def site_status(cli: Cli, output: str, wait: bool, timeout: float) -> None:
         return status, config
 
     status, config = cli.run(body)
-    _emit(status, output, functools.partial(site_status_table, config=config))
-
-
-def _wait_running(cli: Cli, timeout: float, *, quiet: bool) -> None:
-    async def body() -> None:
-        told = False
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    async with _control().open_handle(cli.site_dir) as handle:
-                        if handle.running:
-                            return
-                    if not told and not quiet:
-                        _say(f"waiting for the site in {cli.site_dir} to run...")
-                        told = True
-                    await trio.sleep(POLL_INTERVAL)
-        except trio.TooSlowError:
-            raise Failure(
-                f"the site in {cli.site_dir} is not running after {format_duration(timeout)}: "
-                "start it with `fabric site run`"
-            ) from None
-
-    trio.run(body)
+    emit(status, output, functools.partial(site_status_table, config=config))
 
 
 @site.command("delete")
@@ -835,8 +300,8 @@ def site_delete(cli: Cli, yes: bool) -> None:
     """
     if not yes and (cli.site_dir / "site.yaml").exists():  # no question about a site that is not there
         click.confirm(f"Delete the site in {cli.site_dir}, with its identity and links? This cannot be undone", abort=True)
-    _control().delete_site(cli.site_dir)
-    _say(f"site in {cli.site_dir} deleted")
+    control().delete_site(cli.site_dir)
+    say(f"site in {cli.site_dir} deleted")
 
 
 # -- tokens ------------------------------------------------------------------------------
@@ -860,14 +325,14 @@ def token() -> None:
 @click.option(
     "--redemptions-allowed",
     type=click.IntRange(1),
-    default=1,
+    default=DEFAULT_REDEMPTIONS,
     show_default=True,
     help="How many sites may redeem this token.",
 )
 @click.option(
     "--expiration-window",
     type=DURATION,
-    default="15m",
+    default=format_duration(DEFAULT_EXPIRATION_WINDOW),
     show_default=True,
     help="How long the token can be redeemed: 90s, 15m, 2h, 1d.",
 )
@@ -925,13 +390,13 @@ def token_issue(
     Token.loads_untrusted(answer["token"]).save(file)
     allowed = answer.get("redemptions_allowed", redemptions_allowed)
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(answer["expires_at"]))
-    _say(
+    say(
         f"token written to {file}: {allowed} redemption{'s' if allowed != 1 else ''}, "
         f"valid for {format_duration(expiration_window)} (until {expires})"
     )
     if offers:
-        _say(f"the sites that redeem it may offer only {', '.join(offers)} through their links here")
-    _say(f"redeem it at the other site: fabric token redeem {file}")
+        say(f"the sites that redeem it may offer only {', '.join(offers)} through their links here")
+    say(f"redeem it at the other site: fabric token redeem {file}")
 
 
 @token.command("redeem")
@@ -959,7 +424,7 @@ def token_redeem(
     token = Token.load(file)
 
     async def body(site: Any) -> None:
-        _say(f"redeeming the token at site {token.issuer_name} ({', '.join(token.addresses)})...")
+        say(f"redeeming the token at site {token.issuer_name} ({', '.join(token.addresses)})...")
         args: dict[str, Any] = {"token": token.dumps()}
         if name is not None:
             args["name"] = name
@@ -969,37 +434,13 @@ def token_redeem(
             args["proxy"] = proxy
         answer = await site.call("redeem_token", **args)
         link = answer["link"]
-        _say(f"token redeemed: link {link} created")
+        say(f"token redeemed: link {link} created")
         if not site.running:
-            _say("site is not running: the link comes up when it starts")
+            say("site is not running: the link comes up when it starts")
         elif wait:
-            await _wait_link(site, link, timeout)
+            await wait_link(site, link, timeout)
 
     cli.run(body)
-
-
-async def _wait_for(
-    site: Any, op: str, args: dict, *, timeout: float, waiting: str, too_slow: Callable[[str], str]
-) -> Any:
-    """A waiting operation with a progress line; past `timeout`, fails with too_slow("<timeout as 90s>")."""
-    _say(waiting)
-    try:
-        with trio.fail_after(timeout):
-            return await site.call(op, **args)
-    except trio.TooSlowError:
-        raise Failure(too_slow(format_duration(timeout))) from None
-
-
-async def _wait_link(site: Any, link: str, timeout: float) -> None:
-    await _wait_for(
-        site,
-        "wait_link",
-        {"name": link},
-        timeout=timeout,
-        waiting=f"waiting for link {link} to come up...",
-        too_slow=lambda after: f"link {link} is not up after {after} (it keeps trying: see `fabric link status`)",
-    )
-    _say(f"link {link} is up")
 
 
 # -- links -------------------------------------------------------------------------------
@@ -1010,19 +451,12 @@ def link() -> None:
     """Inspect and change links (made by redeeming tokens)."""
 
 
-def _emit_part(cli: Cli, output: str, field: str, render: Callable[[list[dict]], str]) -> None:
-    """One part of the site's status (its links, listeners or connectors), and whether it runs."""
-    running, status = cli.call("status")
-    data = {"running": running, field: status.get(field, [])}
-    _emit(data, output, lambda d: render(d[field]) + ("" if running else "\n" + _site_line(status)))
-
-
 @link.command("status")
 @output_option
 @pass_cli
 def link_status(cli: Cli, output: str) -> None:
     """Show this site's links: direction, peer, cost, state, RTT, flows."""
-    _emit_part(cli, output, "links", _links_table)
+    emit_part(cli, output, "links", links_table)
 
 
 @link.command("update")
@@ -1063,8 +497,8 @@ def link_update(
     changes = ([f"cost {cost}"] if cost is not None else []) + ([f"proxy {hide_password(proxy)}"] if proxy is not None else [])
     if offers or any_offer:
         changes.append(f"offers {', '.join(offers)}" if offers else "offers any routing key")
-    _say(f"link {name}: {', '.join(changes)}")
-    _not_running_note(running)
+    say(f"link {name}: {', '.join(changes)}")
+    not_running_note(running)
 
 
 @link.command("delete")
@@ -1077,8 +511,8 @@ def link_delete(cli: Cli, name: str) -> None:
     status`); at the issuer, use `fabric link revoke`.
     """
     running, _ = cli.call("delete_link", name=name)
-    _say(f"link {name} deleted")
-    _not_running_note(running)
+    say(f"link {name} deleted")
+    not_running_note(running)
 
 
 @link.command("revoke")
@@ -1107,16 +541,11 @@ def link_revoke(cli: Cli, name: str) -> None:
     its token).
     """
     running, result = cli.call("revoke_link", name=name)
-    _say(
+    say(
         f"site {name} revoked ({result['revoked']} certificate(s)): it cannot link or redeem a token here any more, "
         "and the tokens it redeemed are withdrawn; other sites still link with it (see `fabric link revoke --help`)"
     )
-    _not_running_note(running)
-
-
-def _not_running_note(running: bool) -> None:
-    if not running:
-        _say(NOT_RUNNING)
+    not_running_note(running)
 
 
 # -- listeners and connectors ------------------------------------------------------------
@@ -1137,14 +566,14 @@ def listener() -> None:
 @click.option("--routing-key", default=None, help="Routing key of the service to reach.  [default: NAME]")
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=DEFAULT_LISTENER_HOST,
     show_default=True,
     help="Address to listen on (0.0.0.0: every interface; beware, it exposes the service).",
 )
 @click.option(
     "--protocol",
     type=click.Choice(PROTOCOLS),
-    default="tcp",
+    default=DEFAULT_PROTOCOL,
     show_default=True,
     help="tcp: each connection goes to one site, byte for byte. http: each request of a connection picks its own "
     "site; failures become HTTP answers (502, 503); requests are counted in `listener status`.",
@@ -1152,7 +581,7 @@ def listener() -> None:
 @click.option(
     "--distribution",
     type=click.Choice(DISTRIBUTIONS),
-    default=BALANCED,
+    default=DEFAULT_DISTRIBUTION,
     show_default=True,
     help="How each connection picks a site that offers the key: balanced (nearer sites first, farther ones as "
     "the nearer carry more connections) or closest (only the nearest).",
@@ -1203,27 +632,13 @@ def listener_create(
         )
         key = made.get("routing_key") or routing_key or name
         only = f" (providers: {', '.join(providers)})" if providers else ""
-        _say(f"listener {name} created: {_address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
+        say(f"listener {name} created: {address(made.get('host', host), made.get('port', port))} -> routing key {key}{only}")
         if not site.running:
-            _say(NOT_RUNNING)
+            say(NOT_RUNNING)
         elif wait:
-            await _wait_routing_key(site, key, timeout, listener=name)
+            await wait_routing_key(site, key, timeout, listener=name)
 
     cli.run(body)
-
-
-async def _wait_routing_key(site: Any, key: str, timeout: float, *, listener: str) -> None:
-    """Wait until a reachable site offers `key` (one that `listener`'s provider policy admits, if it has one)."""
-    answer = await _wait_for(
-        site,
-        "wait_reachable",
-        {"routing_key": key, "listener": listener},
-        timeout=timeout,
-        waiting=f"waiting for a site to offer routing key {key}...",
-        too_slow=lambda after: f"no site offers routing key {key} after {after} "
-        "(the listener stays; create a connector for the key at a linked site)",
-    )
-    _say(f"routing key {key} is reachable at {', '.join(answer['providers'])}")
 
 
 @listener.command("status")
@@ -1240,7 +655,7 @@ def listener_status(cli: Cli, output: str) -> None:
     99th percentile latency (upper bounds of histogram buckets), and below,
     requests by method and body bytes in and out.
     """
-    _emit_part(cli, output, "listeners", _listeners_table)
+    emit_part(cli, output, "listeners", listeners_table)
 
 
 @listener.command("delete")
@@ -1249,8 +664,8 @@ def listener_status(cli: Cli, output: str) -> None:
 def listener_delete(cli: Cli, name: str) -> None:
     """Delete listener NAME; its open connections are reset."""
     running, _ = cli.call("delete_listener", name=name)
-    _say(f"listener {name} deleted")
-    _not_running_note(running)
+    say(f"listener {name} deleted")
+    not_running_note(running)
 
 
 @main.group()
@@ -1266,11 +681,11 @@ def connector() -> None:
 @click.argument("name")
 @click.argument("port", type=click.IntRange(1, 65535))
 @click.option("--routing-key", default=None, help="Routing key the service is offered under.  [default: NAME]")
-@click.option("--host", default="localhost", show_default=True, help="Host of the service, as this site reaches it.")
+@click.option("--host", default=DEFAULT_CONNECTOR_HOST, show_default=True, help="Host of the service, as this site reaches it.")
 @click.option(
     "--protocol",
     type=click.Choice(PROTOCOLS),
-    default="tcp",
+    default=DEFAULT_PROTOCOL,
     show_default=True,
     help="What the service speaks: tcp, or http (then other sites' service sync listens for it with HTTP).",
 )
@@ -1298,8 +713,8 @@ def connector_create(
     )
     key = made.get("routing_key") or routing_key or name
     only = f" (allowed sites: {', '.join(allow)})" if allow else ""
-    _say(f"connector {name} created: routing key {key} -> {_address(made.get('host', host), made.get('port', port))}{only}")
-    _not_running_note(running)
+    say(f"connector {name} created: routing key {key} -> {address(made.get('host', host), made.get('port', port))}{only}")
+    not_running_note(running)
 
 
 @connector.command("status")
@@ -1307,7 +722,7 @@ def connector_create(
 @pass_cli
 def connector_status(cli: Cli, output: str) -> None:
     """Show this site's connectors: routing key and target."""
-    _emit_part(cli, output, "connectors", _connectors_table)
+    emit_part(cli, output, "connectors", connectors_table)
 
 
 @connector.command("delete")
@@ -1320,8 +735,8 @@ def connector_delete(cli: Cli, name: str) -> None:
     are not affected).
     """
     running, _ = cli.call("delete_connector", name=name)
-    _say(f"connector {name} deleted")
-    _not_running_note(running)
+    say(f"connector {name} deleted")
+    not_running_note(running)
 
 
 # -- network -----------------------------------------------------------------------------
@@ -1343,7 +758,7 @@ def network_status(cli: Cli, output: str) -> None:
     """
     running, data = cli.call("network_status")
     note = "" if running else "\nthis site is not running: it knows only itself (start it with `fabric site run`)"
-    _emit(data, output, lambda d: network_status_table(d) + note)
+    emit(data, output, lambda d: network_status_table(d) + note)
 
 
 # -- debug -------------------------------------------------------------------------------
@@ -1366,161 +781,12 @@ def debug_dump(cli: Cli, file: Path) -> None:
     tokens (state/) never leave it, and proxy passwords are shown as ***, so
     the file can go with a bug report.
     """
-    if not (cli.site_dir / "site.yaml").is_file():
-        raise Failure(f"no site directory at {cli.site_dir}: create one with `fabric site create NAME`")
-    members: dict[str, bytes] = {}
-    problems: list[str] = []
-    proxies: set[str] = {os.environ[name] for name in _PROXY_VARIABLES if os.environ.get(name)}
-
-    raw = _read_quietly(cli.site_dir / "site.yaml", problems)
-    if raw is not None:
-        try:
-            document = yaml.safe_load(raw)
-        except yaml.YAMLError as error:  # its message quotes the file: say only where
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            why = getattr(error, "problem", None) or "unreadable"
-            problems.append(f"site.yaml: not YAML{where} ({why}); left out, as it may hold a proxy password")
-        else:
-            hidden = _hide_proxies(document, proxies)
-            members["site.yaml"] = raw if hidden == document else (
-                "# site.yaml as read, with proxy passwords hidden (comments and layout are not the file's)\n"
-                + yaml.safe_dump(hidden, sort_keys=False, allow_unicode=True)
-            ).encode()
-
-    async def gather(site: Any) -> bool:
-        for op, member in (("status", "status.json"), ("network_status", "network-status.json"), ("config", "config.json")):
-            try:
-                result = _hide_proxies(await site.call(op), proxies)
-                members[member] = json.dumps(result, indent=2).encode()
-            except FabricError as error:
-                problems.append(f"{op}: {describe(error)}")
-        try:
-            lines = (await site.call("logs")).get("lines", [])
-            members["logs.txt"] = "".join(line.rstrip("\n") + "\n" for line in lines).encode()
-        except FabricError as error:
-            problems.append(f"logs: {describe(error)}")
-        return site.running
-
-    try:
-        running = cli.run(gather)
-    except (FabricError, OSError) as error:  # a broken config is what a dump is often for: keep going
-        problems.append(f"control: {describe(error)}")
-        running = False
-    members["versions.txt"] = _versions().encode()
-    members["files.txt"] = _site_files(cli.site_dir).encode()
-    # Belt and braces: a password that shows anywhere else (a log line, an error) is hidden too.
-    secrets = _password_spellings(proxies)
-    for member in list(members):
-        members[member] = _scrub(members[member], secrets)
-        if b"PRIVATE KEY" in members[member]:  # keys never leave the site directory
-            members[member] = b"(left out: it contained a private key)\n"
-            problems.append(f"{member}: it contained a private key")
-    if problems:
-        members["errors.txt"] = _scrub("".join(f"{p}\n" for p in problems).encode(), secrets)
-    _write_tar(file, f"fabric-debug-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}", members)
-    _say(f"debug dump written to {file}: {', '.join(sorted(members))}")
+    running, members, problems = write_dump(cli.site_dir, file, cli.run)
+    say(f"debug dump written to {file}: {', '.join(members)}")
     if not running:
-        _say("the site is not running: no live status, no log lines")
+        say("the site is not running: no live status, no log lines")
     for problem in problems:
-        _say(f"  could not collect {problem}")
-
-
-# The environment's proxy settings: a link without its own dials through them (addresses.proxy_for).
-_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
-
-
-def _hide_proxies(data: Any, seen: set[str]) -> Any:
-    """`data` (plain JSON or YAML data) with every `proxy` setting's password hidden; the settings go to `seen`."""
-    if isinstance(data, dict):
-        hidden = {}
-        for key, value in data.items():
-            if key == "proxy" and isinstance(value, str):
-                seen.add(value)
-                hidden[key] = hide_password(value)
-            else:
-                hidden[key] = _hide_proxies(value, seen)
-        return hidden
-    if isinstance(data, list):
-        return [_hide_proxies(value, seen) for value in data]
-    return data
-
-
-def _password_spellings(proxies: Iterable[str]) -> set[bytes]:
-    """The passwords of these proxy settings, as they may show in text: as given, %-decoded, and JSON-escaped."""
-    spellings = set()
-    for setting in proxies:
-        hidden = hide_password(setting)
-        if hidden == setting:
-            continue  # no password
-        before, _, after = hidden.partition(":***@")
-        given = setting[len(before) + 1 : len(setting) - len(after) - 1]
-        for password in filter(None, {given, unquote(given)}):
-            for text in (password, json.dumps(password)[1:-1], json.dumps(password, ensure_ascii=False)[1:-1]):
-                spellings.add(text.encode())
-    return spellings
-
-
-def _scrub(data: bytes, secrets: Iterable[bytes]) -> bytes:
-    for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
-        data = data.replace(secret, b"***")
-    return data
-
-
-def _read_quietly(path: Path, problems: list[str]) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        problems.append(f"{path.name}: {describe(error)}")
-        return None
-
-
-def _versions() -> str:
-    from importlib import metadata
-
-    def installed(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    lines = [
-        ("fabric", __version__),
-        ("python", sys.version.replace("\n", " ")),
-        ("openssl", ssl.OPENSSL_VERSION),
-        ("platform", platform.platform()),
-        *((package, installed(package)) for package in ("trio", "cryptography", "attrs", "cattrs", "click", "pyyaml")),
-    ]
-    return "".join(f"{name}: {value}\n" for name, value in lines)
-
-
-def _site_files(site_dir: Path) -> str:
-    """The site directory's files (names, sizes, modes; no contents): what is there, and its permissions."""
-    lines = []
-    for path in sorted(site_dir.rglob("*")):
-        try:
-            info = path.lstat()
-        except OSError:
-            continue
-        kind = "d" if path.is_dir() else "-"
-        lines.append(f"{kind}{info.st_mode & 0o777:04o} {info.st_size:>8} {path.relative_to(site_dir)}")
-    return "\n".join(lines) + "\n"
-
-
-def _write_tar(file: Path, top: str, members: dict[str, bytes]) -> None:
-    now = time.time()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in sorted(members.items()):
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(data)
-            info.mtime = int(now)
-            info.mode = 0o600
-            tar.addfile(info, io.BytesIO(data))
-    try:
-        write_private_atomic(file, buffer.getvalue())  # 0600 from the first byte: it tells a lot about the site
-    except OSError as error:
-        raise Failure(f"cannot write {file}: {describe(error)}") from None
+        say(f"  could not collect {problem}")
 
 
 # -- demo --------------------------------------------------------------------------------
@@ -1546,119 +812,10 @@ def demo(connections: int, size: int, round_trips: int, verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="  [%(name)s] %(message)s")
     try:
-        ok = trio.run(_demo, connections, size, round_trips)
+        ok = trio.run(demo_run, connections, size, round_trips)
     except FabricError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0 if ok else 1)
-
-
-async def _echo(stream: trio.SocketStream) -> None:
-    try:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-        await stream.send_eof()
-    except trio.BrokenResourceError:
-        pass
-
-
-async def _exchange(port: int, payload: bytes) -> bool:
-    """Send payload, half-close, read the echo; True when it came back intact."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    received = hashlib.sha256()
-    async with stream:
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                await stream.send_all(payload)
-                await stream.send_eof()
-
-            nursery.start_soon(send)
-            while data := await stream.receive_some(65536):
-                received.update(data)
-    return received.digest() == hashlib.sha256(payload).digest()
-
-
-async def _round_trips(port: int, count: int) -> list[float]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    times = []
-    async with stream:
-        for i in range(count):
-            message = b"ping %d\n" % i
-            start = trio.current_time()
-            await stream.send_all(message)
-            got = b""
-            while len(got) < len(message):
-                got += await stream.receive_some(65536)
-            times.append(trio.current_time() - start)
-    return times
-
-
-def _show_routes(site: Site) -> None:
-    for info in site.status().sites:
-        hops = ", ".join(h.name for h in info.next_hops) or "-"
-        state = f"cost {info.cost:g} via {hops}" if info.reachable else "unreachable"
-        click.echo(f"    {site.name} -> {info.name} ({info.mode}): {state}")
-
-
-async def _demo(connections: int, size: int, round_trips: int) -> bool:
-    say = click.echo
-    say("fabric demo: three sites in one process, linked by mutual TLS on 127.0.0.1\n")
-    say("    edge (edge) --WebSocket link--> transit (interior) --TLS link--> hub (interior)")
-    say("    client                                                           echo service\n")
-    with tempfile.TemporaryDirectory(prefix="fabric-demo-") as root:
-        async with trio.open_nursery() as nursery:
-            servers = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
-            echo_port = servers[0].socket.getsockname()[1]
-            with trio.fail_after(60):
-                async with (
-                    # One host for three sites: service sync would have each of them listen on
-                    # the echo server's own port; the edge's listener is made explicitly instead.
-                    open_site("hub", os.path.join(root, "hub"), link_port=0, service_sync=False) as hub,
-                    open_site(
-                        "transit", os.path.join(root, "transit"), link_port=0, ws_port=0, service_sync=False
-                    ) as transit,
-                    open_site("edge", os.path.join(root, "edge"), mode="edge", service_sync=False) as edge,
-                ):
-                    say(f"[1/4] sites created: hub {hub.site_id[:8]}, transit {transit.site_id[:8]}, edge {edge.site_id[:8]}")
-                    await transit.redeem_token(await hub.issue_token())
-                    ws_url = transit.status().ws_address
-                    await edge.redeem_token(await transit.issue_token(link_urls=[ws_url]))
-                    say(
-                        "[2/4] linked: transit redeemed a token of hub (TLS), "
-                        f"edge redeemed a token of transit naming {ws_url} (TLS inside a WebSocket)"
-                    )
-                    await hub.create_connector(DEMO_KEY, echo_port, host="127.0.0.1")
-                    listener = await edge.create_listener(DEMO_KEY, 0)
-                    await edge.wait_reachable(DEMO_KEY)
-                    say(
-                        f"[3/4] hub offers routing key {DEMO_KEY!r} (echo server on 127.0.0.1:{echo_port}); "
-                        f"edge listens on 127.0.0.1:{listener.port}"
-                    )
-                    _show_routes(edge)
-                    say(f"[4/4] sending {connections} connections x {size:,} bytes each way, then {round_trips} round trips")
-                    results: list[bool] = []
-                    start = trio.current_time()
-                    async with trio.open_nursery() as clients:
-                        for _ in range(connections):
-
-                            async def one() -> None:
-                                results.append(await _exchange(listener.port, os.urandom(size)))
-
-                            clients.start_soon(one)
-                    elapsed = trio.current_time() - start
-                    times = sorted(await _round_trips(listener.port, round_trips))
-            nursery.cancel_scope.cancel()
-    intact = sum(results)
-    moved = 2 * connections * size
-    say("\nresults:")
-    say(f"    bytes intact:  {intact}/{connections} connections (SHA-256 of every byte, both ways)")
-    say(f"    throughput:    {moved / elapsed / 2**20:,.1f} MiB/s through two links ({moved:,} bytes in {elapsed:.2f} s)")
-    if times:
-        p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
-        say(f"    round trip:    median {statistics.median(times) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
-    ok = intact == connections
-    say("\n" + ("demo passed: every byte arrived intact." if ok else "demo FAILED: some connections lost data."))
-    return ok
 
 
 if __name__ == "__main__":

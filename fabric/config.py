@@ -23,6 +23,7 @@ from .addresses import NO_PROXY, parse_address, parse_proxy
 from .errors import ConfigError
 from .files import write_private_atomic
 from .names import brief, check_name, check_names
+from .router.frames import INTERIOR, check_cost, check_mode
 from .router.routes import BALANCED, DISTRIBUTIONS
 from .strict import strict
 
@@ -33,6 +34,11 @@ LINKS_DIR = "links"
 DEFAULT_LINK_HOST = "127.0.0.1"
 DEFAULT_LISTENER_HOST = "127.0.0.1"  # nothing is exposed beyond the host unless asked
 DEFAULT_CONNECTOR_HOST = "localhost"
+# Port a site with link access accepts links on unless told otherwise: fixed, so
+# tokens can be issued before the first start and firewalls can be opened for
+# it; outside the ephemeral range (32768-60999), so an outgoing connection
+# never holds it. Port 0 picks a free port at the first start instead.
+DEFAULT_LINK_PORT = 7443
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -47,11 +53,6 @@ def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 def _port(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and (type(value) is not int or not 0 <= value <= 65535):
         raise ValueError(f"{attribute.name} must be a port number 0-65535, not {value!r}")
-
-
-def _mode(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in ("interior", "edge"):
-        raise ValueError(f"{attribute.name} must be 'interior' or 'edge', not {value!r}")
 
 
 @attrs.frozen
@@ -112,6 +113,8 @@ class Settings:
 # How a listener or connector carries connections: "tcp", byte for byte, one
 # provider per connection; "http", one provider per request (proxy/http.py).
 PROTOCOLS = ("tcp", "http")
+DEFAULT_PROTOCOL = "tcp"
+DEFAULT_DISTRIBUTION = BALANCED  # see ListenerConfig.distribution
 
 
 def _addresses(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -144,7 +147,7 @@ class LinkConfig:
     peer_id: str
     # Tried in order; the one that worked last is moved first.
     addresses: tuple[str, ...] = attrs.field(validator=_addresses)
-    cost: int = attrs.field(default=1, validator=_positive)
+    cost: int = attrs.field(default=1, validator=check_cost)
     # How to get out: None, through the proxy the environment names (HTTPS_PROXY,
     # HTTP_PROXY, NO_PROXY); "none", directly; or "http://[user:password@]host:port".
     proxy: str | None = attrs.field(default=None, validator=_proxy)
@@ -159,11 +162,11 @@ class ListenerConfig:
     routing_key: str = attrs.field(validator=_name)
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_LISTENER_HOST
-    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
+    protocol: str = attrs.field(default=DEFAULT_PROTOCOL, validator=attrs.validators.in_(PROTOCOLS))
     # How each new connection picks a provider: "balanced" (fewest outstanding
     # flows plus cost: farther providers take flows as nearer ones fill) or
     # "closest" (only the lowest-cost providers).
-    distribution: str = attrs.field(default=BALANCED, validator=attrs.validators.in_(DISTRIBUTIONS))
+    distribution: str = attrs.field(default=DEFAULT_DISTRIBUTION, validator=attrs.validators.in_(DISTRIBUTIONS))
     # The only sites its clients are carried to, by site id or name (see
     # router/policy.py); empty: any site that offers the routing key.
     providers: tuple[str, ...] = attrs.field(default=(), converter=_listed, validator=_names)
@@ -175,7 +178,7 @@ class ConnectorConfig:
     routing_key: str = attrs.field(validator=_name)
     port: int = attrs.field(validator=_port)
     host: str = DEFAULT_CONNECTOR_HOST
-    protocol: str = attrs.field(default="tcp", validator=attrs.validators.in_(PROTOCOLS))
+    protocol: str = attrs.field(default=DEFAULT_PROTOCOL, validator=attrs.validators.in_(PROTOCOLS))
     # The only sites whose flows it takes, by site id or name (see
     # router/policy.py); empty: any site. This site's own listeners always may.
     allow: tuple[str, ...] = attrs.field(default=(), converter=_listed, validator=_names)
@@ -184,7 +187,7 @@ class ConnectorConfig:
 @attrs.frozen
 class SiteConfig:
     name: str = attrs.field(validator=_name)
-    mode: str = attrs.field(default="interior", validator=_mode)
+    mode: str = attrs.field(default=INTERIOR, validator=check_mode)
     link_host: str = DEFAULT_LINK_HOST
     link_port: int | None = attrs.field(default=None, validator=_port)  # None: accepts no links
     # Port that accepts links as WebSockets (at addresses.WS_PATH), for reverse

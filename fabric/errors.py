@@ -80,3 +80,36 @@ class FlowReset(FlowError):
 
 class NoProviderError(FabricError):
     """No reachable site has a connector for the routing key."""
+
+
+def sole_exception(
+    group: BaseExceptionGroup, *, ignore: type[BaseException] | tuple[type[BaseException], ...] = ()
+) -> BaseException | None:
+    """The one exception in `group` and the groups nested in it, leaving out those of the `ignore` types.
+
+    None when there are several, or none: then the group itself says more. Trio
+    nurseries wrap what their tasks raise; a caller that expects one failure
+    raises it as itself.
+    """
+    if ignore:
+        _, rest = group.split(ignore)
+        if rest is None:
+            return None
+        group = rest
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending and len(leaves) < 2:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 and not pending else None
+
+
+def describe(error: BaseException) -> str:
+    """The one line a user sees for an error fabric or the OS raised."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename
+        return f"{error.strerror}: {where}" if where else error.strerror
+    return str(error) or type(error).__name__

@@ -56,6 +56,7 @@ from .errors import (
 from .files import write_new_file, write_private_atomic
 from .names import brief as _brief
 from .names import check_name, check_names
+from .router.frames import check_cost
 from .strict import strict
 
 __all__ = [
@@ -113,7 +114,7 @@ MAX_TOKEN_ADDRESSES = 16  # a site with more link addresses than this is misconf
 TOKEN_SECRET_BYTES = 32  # 256 bits: guessing it is hopeless even without expiry
 TOKEN_ID_BYTES = 8  # 64 bits: only has to be unique among one issuer's grants
 DEFAULT_EXPIRATION_WINDOW = 900.0  # seconds; long enough to copy a file to another host
-MAX_COST = 2**31 - 1  # link costs are summed along paths; keep them far from overflow
+DEFAULT_REDEMPTIONS = 1  # a token links one site unless its issuer says more
 
 GRANTS_KIND = "fabric-grants"
 GRANTS_VERSION = 1
@@ -168,10 +169,6 @@ class Identity:
     def cert_path(self) -> Path:
         """The site's certificate signed by its own CA (PEM), for `load_cert_chain`."""
         return self.identity_dir / SITE_CERT_FILE
-
-    @property
-    def ca_cert_path(self) -> Path:
-        return self.identity_dir / CA_CERT_FILE
 
 
 def create_identity(site_dir: Path, name: str, *, now: dt.datetime | None = None) -> Identity:
@@ -473,7 +470,7 @@ def _why_key_refused(public_key: CertificatePublicKeyTypes) -> str | None:
     return f"{type(public_key).__name__} keys are not accepted (use EC P-256)"
 
 
-def _hash_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+def _hash_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     # Ed25519 hashes internally and refuses an external hash.
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
@@ -651,13 +648,6 @@ def _check_ca_pem(instance: Any, attribute: attrs.Attribute, value: Any) -> None
         raise ValueError(f"{attribute.name} is not a CA certificate")
 
 
-def _check_cost(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    if type(value) is not int or not 1 <= value <= MAX_COST:
-        raise ValueError(f"{attribute.name} must be an integer from 1 to {MAX_COST}")
-
-
 def _check_count(minimum: int) -> Any:
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if type(value) is not int or value < minimum:
@@ -689,7 +679,7 @@ class Token:
     token_id: str = attrs.field(validator=_check_urlsafe)
     secret: str = attrs.field(validator=_check_urlsafe, repr=False)
     expires_at: float = attrs.field(converter=_to_time)  # unix seconds, UTC
-    cost: int | None = attrs.field(default=None, validator=_check_cost)  # link cost; None: the redeemer's default
+    cost: int | None = attrs.field(default=None, validator=attrs.validators.optional(check_cost))  # link cost; None: the redeemer's default
 
     def dumps(self) -> str:
         """The token as a small YAML document that people can read (and see it is a token)."""
@@ -826,7 +816,7 @@ class TokenGrant:
     redemptions_allowed: int = attrs.field(validator=_check_count(1))
     redemptions_used: int = attrs.field(validator=_check_count(0))
     expires_at: float = attrs.field(converter=_to_time)  # unix seconds, UTC
-    cost: int | None = attrs.field(default=None, validator=_check_cost)
+    cost: int | None = attrs.field(default=None, validator=attrs.validators.optional(check_cost))
     issued: tuple[IssuedCert, ...] = ()  # one per redemption: the certificates this token led to
     # No more redemptions: a site that redeemed it was revoked, and may hold its secret still.
     withdrawn: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
@@ -844,7 +834,7 @@ def new_token(
     addresses: Sequence[str],
     *,
     now: float,
-    redemptions_allowed: int = 1,
+    redemptions_allowed: int = DEFAULT_REDEMPTIONS,
     expiration_window: float = DEFAULT_EXPIRATION_WINDOW,
     cost: int | None = None,
     offers: Sequence[str] | None = None,
@@ -1102,12 +1092,15 @@ def _load_verify_key(der: bytes) -> tuple[CertificatePublicKeyTypes, str] | None
     """A parsed, acceptable public key and its site id, or None. Cached: the same keys come back in every push."""
     try:
         key = serialization.load_der_public_key(der)
-        if _why_key_refused(key) is not None:  # type: ignore[arg-type]
+        # Only the kinds _why_key_refused can accept (DH, X25519... keys never sign).
+        if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, rsa.RSAPublicKey)):
             return None
-        if _spki(key) != der:  # type: ignore[arg-type]
+        if _why_key_refused(key) is not None:
+            return None
+        if _spki(key) != der:
             # A non-canonical encoding of a good key: the site id is the digest
             # of the canonical one, so accepting this would only confuse.
             return None
-        return key, site_id_of(key)  # type: ignore[arg-type]
+        return key, site_id_of(key)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return None

@@ -21,7 +21,6 @@ upload against its own. Nothing may follow the last digest either way.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import socket
@@ -36,12 +35,11 @@ import pytest
 import trio
 
 import fabric
+from fabric.testing import CHUNK, abort, concurrently, connect, echo, echo_round_trip, send_random, serve
 
 SETUP_DEADLINE = 20  # seconds to open sites, link them and see routes; ~0.1 s on loopback
-CHUNK = 64 * 1024  # bytes per read and per write of the test clients and servers
 HEADER = struct.Struct("!QQ")  # hash exchange: upload size, download size
 DIGEST = hashlib.sha256().digest_size
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -87,41 +85,6 @@ class Reader:
             raise AssertionError(f"{extra} unexpected byte(s) after the end of the exchange")
 
 
-async def send_random(stream: trio.abc.SendStream, size: int, digest: hashlib._Hash, rng: random.Random) -> None:
-    """Send `size` random bytes in chunks, adding them to `digest`."""
-    left = size
-    while left:
-        chunk = rng.randbytes(min(left, CHUNK))
-        digest.update(chunk)
-        await stream.send_all(chunk)
-        left -= len(chunk)
-
-
-async def concurrently(*tasks: Callable[[], Awaitable[None]]) -> None:
-    """Run the tasks at once. A single failure is raised as itself, not inside an exception group."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        _, failures = group.split(trio.Cancelled)
-        if failures is not None and len(failures.exceptions) == 1 and not isinstance(
-            failures.exceptions[0], BaseExceptionGroup
-        ):
-            raise failures.exceptions[0]  # keeps its __cause__ (e.g. ConnectionResetError)
-        raise
-
-
-async def connect(port: int) -> trio.SocketStream:
-    return await trio.open_tcp_stream("127.0.0.1", port)
-
-
-def abort(stream: trio.SocketStream) -> None:
-    """Close with an RST, as the kernel does for a process that crashed with unread data."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    stream.socket.close()
-
-
 def closed_port() -> int:
     """A port nothing listens on: bound, then released (the kernel does not hand it out again at once)."""
     with socket.socket() as probe:
@@ -143,25 +106,6 @@ async def read_until_end(stream: trio.abc.ReceiveStream) -> tuple[int, BaseExcep
 def is_reset(error: BaseException | None) -> bool:
     """True for a connection reset (an RST from the other side)."""
     return isinstance(error, trio.BrokenResourceError) and isinstance(error.__cause__, ConnectionResetError)
-
-
-async def echo_round_trip(stream: trio.SocketStream, size: int) -> None:
-    """Send `size` random bytes to an echo and read the same bytes back, writing and reading at once."""
-    data = random.randbytes(size)
-    back = bytearray()
-
-    async def send() -> None:
-        await stream.send_all(data)
-
-    async def receive() -> None:
-        while len(back) < size:
-            chunk = await stream.receive_some(CHUNK)
-            if not chunk:
-                raise EOFError(f"echo ended after {len(back)} of {size} bytes")
-            back.extend(chunk)
-
-    await concurrently(send, receive)
-    assert bytes(back) == data, f"echo of {size} bytes came back changed"
 
 
 class Tcp:
@@ -189,21 +133,9 @@ def start_server(nursery: trio.Nursery) -> Callable[[Handler], Awaitable[int]]:
     """`port = await start_server(handler)`: a TCP server on 127.0.0.1, alive for the test."""
 
     async def start(handler: Handler) -> int:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        return listeners[0].socket.getsockname()[1]
+        return await serve(nursery, handler)
 
     return start
-
-
-async def echo(stream: trio.SocketStream) -> None:
-    """Send back what arrives; pass EOF on; a reset just ends it."""
-    async with stream:
-        try:
-            while data := await stream.receive_some(CHUNK):
-                await stream.send_all(data)
-            await stream.send_eof()
-        except trio.BrokenResourceError:
-            pass
 
 
 @pytest.fixture

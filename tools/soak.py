@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -51,12 +50,12 @@ import attrs
 import trio
 
 import fabric
-from tools.bench.chaos import Relay, abort, echo
+from fabric.testing import CHUNK, abort, echo, send_random, serve
+from tools.bench.chaos import Relay
 from tools.bench.common import growth, open_fds, rss_mb
 
 HEADER = struct.Struct("!QQ")  # hash exchange: upload size, download size
 DIGEST = 32
-CHUNK = 64 * 1024
 CLIENT_TIMEOUT = 60.0  # seconds for one client operation before it counts as hung (generous: shared CPUs)
 SETUP_DEADLINE = 60.0  # seconds to open, link and expose the four sites
 DRAIN_DEADLINE = 30.0  # seconds, once traffic stops, for flows to drain and links to come back
@@ -158,14 +157,6 @@ async def read_end(stream, buffer: bytearray) -> None:
         raise Corrupt("bytes after the end of the exchange")
 
 
-async def send_random(stream, size: int, digest, rng: random.Random) -> None:
-    while size:
-        chunk = rng.randbytes(min(size, CHUNK))
-        digest.update(chunk)
-        await stream.send_all(chunk)
-        size -= len(chunk)
-
-
 async def both(*tasks) -> None:
     """Run the tasks at once; a failure is raised as itself (a Corrupt first, when there are several)."""
     try:
@@ -221,11 +212,6 @@ class HashServer:
         if claimed != received.digest():
             raise Corrupt(f"upload of {upload} bytes arrived changed")
         await stream.send_all(received.digest())
-
-
-async def serve(nursery: trio.Nursery, handler) -> int:
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return listeners[0].socket.getsockname()[1]
 
 
 # -- clients ---------------------------------------------------------------------------------------

@@ -13,10 +13,15 @@ from typing import Any
 
 import cattrs
 
-from ..config import config_as_dict
+from ..config import (
+    DEFAULT_CONNECTOR_HOST,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_LISTENER_HOST,
+    DEFAULT_PROTOCOL,
+    config_as_dict,
+)
 from ..errors import FabricError
-from ..pki import Token
-from ..router.routes import BALANCED
+from ..pki import DEFAULT_EXPIRATION_WINDOW, DEFAULT_REDEMPTIONS, Token
 from ..site import Site
 
 _plain = cattrs.Converter()
@@ -39,10 +44,10 @@ async def create_listener(
     site: Site,
     name: str,
     port: int,
-    host: str = "127.0.0.1",
+    host: str = DEFAULT_LISTENER_HOST,
     routing_key: str | None = None,
-    distribution: str = BALANCED,
-    protocol: str = "tcp",
+    distribution: str = DEFAULT_DISTRIBUTION,
+    protocol: str = DEFAULT_PROTOCOL,
     providers: list[str] | None = None,
 ) -> dict:
     made = await site.create_listener(
@@ -66,9 +71,9 @@ async def create_connector(
     site: Site,
     name: str,
     port: int,
-    host: str = "localhost",
+    host: str = DEFAULT_CONNECTOR_HOST,
     routing_key: str | None = None,
-    protocol: str = "tcp",
+    protocol: str = DEFAULT_PROTOCOL,
     allow: list[str] | None = None,
 ) -> dict:
     made = await site.create_connector(name, port, host=host, routing_key=routing_key, protocol=protocol, allow=allow or ())
@@ -82,8 +87,8 @@ async def delete_connector(site: Site, name: str) -> dict:
 
 async def issue_token(
     site: Site,
-    redemptions_allowed: int = 1,
-    expiration_window: float = 900.0,
+    redemptions_allowed: int = DEFAULT_REDEMPTIONS,
+    expiration_window: float = DEFAULT_EXPIRATION_WINDOW,
     cost: int | None = None,
     link_urls: list[str] | None = None,
     offers: list[str] | None = None,

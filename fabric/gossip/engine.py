@@ -640,9 +640,6 @@ class GossipEngine:
         """Sites reachable from here over links both ends advertise, this site included."""
         return self._reachable
 
-    def present(self, site_id: str) -> bool:
-        return site_id in self._reachable
-
     def age(self, site_id: str, now: float) -> float | None:
         """Seconds since a present site's record reached us, or since an absent one became unreachable.
 

@@ -36,11 +36,9 @@ from cattrs.preconf.json import JsonConverter, make_converter
 from .. import pki
 from ..errors import ProtocolError
 from ..names import check_name
+from ..router.frames import MAX_COST, check_mode
 
 __all__ = [
-    "EDGE",
-    "INTERIOR",
-    "MAX_COST",
     "MAX_COUNTER",
     "MAX_KEY_TEXT",
     "MAX_LINKS",
@@ -49,7 +47,6 @@ __all__ = [
     "MAX_SERVICES",
     "MAX_SIGNATURE_TEXT",
     "MAX_TEXT",
-    "MODES",
     "SIGNING_CONTEXT",
     "LinkInfo",
     "RecordTable",
@@ -69,9 +66,6 @@ __all__ = [
     "why_unverified",
 ]
 
-INTERIOR = "interior"  # routes transit traffic for other sites
-EDGE = "edge"  # only originates and terminates flows; never transit
-MODES = frozenset({INTERIOR, EDGE})
 
 # Limits on what one gossip payload may hold. They bound the work and memory a
 # peer can cause before the payload is refused; the frame codec's length limit
@@ -85,7 +79,6 @@ MAX_TEXT = 255  # characters in a site id, name, routing key or protocol (a DNS-
 # doubles), and a version raised a million times a second takes 285 years to
 # get there: a larger one is absurd, not just big, and is refused.
 MAX_COUNTER = 2**53 - 1
-MAX_COST = 2**32 - 1  # link cost: fits u32; path sums stay exact as floats
 MAX_PORT = 65535  # TCP port numbers
 # One record, as compact JSON with its signature. Half a frame (MAX_PAYLOAD of
 # the link codec is 1 MiB), so any record fits a push with room for the
@@ -180,12 +173,7 @@ def _base64_text(limit: int) -> _Validator:
 
 def _int_to_float(value: object) -> object:
     """Let JSON's `0` stand for `0.0`; anything else is left for the validator to judge."""
-    return float(value) if _is_int(value) else value
-
-
-def _mode(instance: object, attribute: "attrs.Attribute[Any]", value: object) -> None:
-    if value not in MODES:
-        raise ValueError(f"{attribute.name} must be one of {sorted(MODES)}, got {value!r}")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _tuple_of(item_type: type, limit: int) -> _Validator:
@@ -239,7 +227,7 @@ class SiteRecord:
     name: str = attrs.field(validator=_name)
     incarnation: int = attrs.field(validator=_integer(0, MAX_COUNTER))  # raised at every start
     version: int = attrs.field(validator=_integer(0, MAX_COUNTER))  # raised at every change
-    mode: str = attrs.field(validator=_mode)  # INTERIOR or EDGE
+    mode: str = attrs.field(validator=check_mode)  # INTERIOR or EDGE
     links: tuple[LinkInfo, ...] = attrs.field(default=(), validator=_tuple_of(LinkInfo, MAX_LINKS))
     services: tuple[ServiceInfo, ...] = attrs.field(default=(), validator=_tuple_of(ServiceInfo, MAX_SERVICES))
     # Base64 SubjectPublicKeyInfo DER of the site key, whose digest is site_id,
@@ -315,17 +303,6 @@ class RecordTable:
     def digest(self) -> dict[str, Stamp]:
         """Site id -> stamp of what is held: the summary neighbours swap in anti-entropy."""
         return {site_id: record.stamp for site_id, record in self._records.items()}
-
-    def newer_than(self, digest: Mapping[str, Stamp]) -> list[SiteRecord]:
-        """The records a peer with this `digest` lacks: newer than its stamp, or absent from it.
-
-        Sorted by site id so a reply is deterministic.
-        """
-        return [
-            record
-            for site_id, record in sorted(self._records.items())
-            if site_id not in digest or record.stamp > tuple(digest[site_id])
-        ]
 
     def __repr__(self) -> str:
         held = ", ".join(f"{r.site_id}@{r.incarnation}.{r.version}" for _, r in sorted(self._records.items()))

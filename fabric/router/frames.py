@@ -23,7 +23,7 @@ import cattrs
 from cattrs.preconf.json import make_converter
 
 from ..errors import FrameError
-from ..names import check_name
+from ..names import brief, check_name
 
 FRAME_VERSION = 1  # the header layout; the link protocol version is in HELLO
 PROTOCOL_MIN = 1  # link protocol versions this code speaks (HELLO negotiates)
@@ -33,6 +33,14 @@ HEADER = struct.Struct("!BBHII")
 HEADER_SIZE = HEADER.size  # 12 bytes
 MAX_PAYLOAD = 1024 * 1024  # bytes; a larger length ends the link (DATA chunks are far smaller)
 MAX_FLOW_ID = 2**32 - 1
+# A site's mode, carried in HELLO and in its gossiped record.
+INTERIOR = "interior"  # routes transit traffic for other sites
+EDGE = "edge"  # only originates and terminates flows; never transit
+MODES = frozenset({INTERIOR, EDGE})
+# A link's configured cost, as HELLO, site records, tokens and site.yaml carry
+# it (JSON numbers). A signed 32-bit integer, so any peer's JSON reader holds
+# it; routes sum costs as floats, exact far beyond any real path.
+MAX_COST = 2**31 - 1
 _U64 = struct.Struct("!Q")
 _REASON = struct.Struct("!H")
 MAX_REASON_TEXT = 1024  # bytes of UTF-8 in a RESET/OPEN_FAIL/GOAWAY reason
@@ -215,9 +223,22 @@ def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise ValueError(f"{attribute.name} must be a non-negative integer")
 
 
-def _mode(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in ("interior", "edge"):
-        raise ValueError(f"{attribute.name} must be 'interior' or 'edge'")
+def check_mode(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator of a site mode (HELLO, site records, site.yaml)."""
+    if value not in MODES:
+        raise ValueError(f"{attribute.name} must be one of {sorted(MODES)}, not {brief(value)}")
+
+
+def check_cost(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator of a configured link cost (tokens, site.yaml): 1 to MAX_COST."""
+    if type(value) is not int or not 1 <= value <= MAX_COST:
+        raise ValueError(f"{attribute.name} must be an integer from 1 to {MAX_COST}")
+
+
+def _advertised_cost(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    # The accepting end advertises 0: the dialer's cost is the link's.
+    if type(value) is not int or not 0 <= value <= MAX_COST:
+        raise ValueError(f"{attribute.name} must be an integer from 0 to {MAX_COST}")
 
 
 @attrs.frozen
@@ -228,10 +249,10 @@ class Hello:
     max_version: int = attrs.field(validator=_non_negative_int)
     site_id: str = attrs.field(validator=_short_str)
     name: str = attrs.field(validator=_name)
-    mode: str = attrs.field(validator=_mode)
+    mode: str = attrs.field(validator=check_mode)
     incarnation: int = attrs.field(validator=_non_negative_int)
     flow_window: int = attrs.field(validator=_non_negative_int)  # bytes of credit each new flow starts with
-    cost: int = attrs.field(validator=_non_negative_int)  # the dialer's configured link cost; both ends advertise it
+    cost: int = attrs.field(validator=_advertised_cost)  # the dialer's configured link cost; both ends advertise it
 
 
 @attrs.frozen
@@ -253,7 +274,7 @@ class Redeem:
     secret: str = attrs.field(validator=_short_str)
     name: str = attrs.field(validator=_name)
     csr_pem: str = attrs.field(validator=attrs.validators.max_len(16384))
-    mode: str = attrs.field(default="interior", validator=_short_str)  # of the redeeming site: edges link only to interiors
+    mode: str = attrs.field(default=INTERIOR, validator=check_mode)  # of the redeeming site: edges link only to interiors
 
 
 @attrs.frozen
@@ -278,7 +299,7 @@ def decode_message_untrusted(payload: bytes, cls: type[_T]) -> _T:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         # Strict types: cattrs would turn "1" into 1, so check before structuring.
-        for field in attrs.fields(cls):
+        for field in attrs.fields(cls):  # type: ignore[arg-type]  # every message class is an attrs class
             if field.name in raw and field.type in (int, "int") and type(raw[field.name]) is not int:
                 raise ValueError(f"{field.name} must be an integer")
             if field.name in raw and field.type in (str, "str") and not isinstance(raw[field.name], str):

@@ -26,10 +26,9 @@ from .. import logs, pki
 from ..addresses import WS_PATH, Address
 from ..config import Settings
 from ..errors import FabricError, LinkError, TokenError
-from ..gossip.records import EDGE
 from ..store import ConfigStore
 from ..tokens import Tokens, refusal_code
-from .frames import FrameDecoder, FrameType, Hello, Reason, Redeem, decode_message_untrusted, encode_frame, encode_message
+from .frames import EDGE, FrameDecoder, FrameType, Hello, Reason, Redeem, decode_message_untrusted, encode_frame, encode_message
 from .link import Link, goaway_frame, make_hello, read_frame, read_hello_untrusted
 from .router import Router
 from .transports import WebSocketStream, accept_tls, listen_tcp, peer_address, tune

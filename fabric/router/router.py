@@ -27,8 +27,8 @@ import trio
 from .. import logs
 from ..config import Settings
 from ..errors import FlowError, FlowRefused, NoProviderError
-from ..gossip.records import EDGE, LinkInfo, RecordTable, ServiceInfo, SiteRecord
-from .frames import Open, Reason
+from ..gossip.records import LinkInfo, RecordTable, ServiceInfo, SiteRecord
+from .frames import EDGE, Open, Reason
 from .link import FlowEnd, Link
 from .policy import OPEN, by_name, site_label, sites_admitted
 from .relay import End, relay

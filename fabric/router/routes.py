@@ -33,7 +33,8 @@ from collections.abc import Collection, Mapping, Sequence
 
 import attrs
 
-from ..gossip.records import EDGE, LinkInfo, SiteRecord
+from ..gossip.records import LinkInfo, SiteRecord
+from .frames import EDGE
 
 __all__ = [
     "BALANCED",

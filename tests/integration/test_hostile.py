@@ -49,6 +49,7 @@ from fabric.router.frames import (
 from fabric.router.handshake import MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, source_of
 from fabric.router.link import make_hello, read_frame
 from fabric.router.transports import dial
+from fabric.testing import concurrently
 
 HASH_HEADER = struct.Struct("!QQ")  # the hash exchange's header (see conftest): upload size, download size
 HANDSHAKE_TIMEOUT = 2.0  # seconds; short, so held connections are freed within the test
@@ -111,19 +112,6 @@ class Arena:
         assert self.hash_server.verified == self.exchanges
         assert self.hub.router.links.get(self.edge.site_id) is hub_link and not hub_link.closed
         return result[0]
-
-
-async def concurrently(*tasks) -> None:
-    """Run the tasks at once; a single failure is raised as itself, not in an exception group."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        _, failures = group.split(trio.Cancelled)
-        if failures is not None and len(failures.exceptions) == 1:
-            raise failures.exceptions[0] from None
-        raise
 
 
 @pytest.fixture

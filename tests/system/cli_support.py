@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import trio
-
 FABRIC = (sys.executable, "-m", "fabric.cli")
 COMMAND_TIMEOUT = 90  # seconds for one command; --wait verbs wait at most 60 s by default
 START_TIMEOUT = "30s"  # for `site status --wait`: a site starts in well under a second
@@ -170,13 +168,3 @@ def wait_port(port: int, deadline: float = 10, *, host: str = "127.0.0.1") -> No
                 raise AssertionError(f"nothing listens on {host}:{port} after {deadline} s") from None
             time.sleep(0.05)  # a child process has no event to wait on
 
-
-async def echo(stream: trio.SocketStream) -> None:
-    """A TCP echo target for a test's Trio nursery: every byte back, then EOF after the client's."""
-    async with stream:
-        try:
-            while data := await stream.receive_some(65536):
-                await stream.send_all(data)
-            await stream.send_eof()
-        except trio.BrokenResourceError:
-            pass

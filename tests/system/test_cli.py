@@ -128,7 +128,8 @@ def test_a_stopped_site_is_changed_through_its_files(tmp_path):
 
 
 def test_durations_and_tables():
-    from fabric.cli import DURATION, format_duration, table
+    from fabric.cli_session import DURATION, format_duration
+    from fabric.cli_tables import table
 
     assert [DURATION.convert(text, None, None) for text in ("90s", "15m", "2h", "1d", "1h30m", "45", "1.5m")] == [
         90, 900, 7200, 86400, 5400, 45, 90

@@ -19,8 +19,10 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok, running
+from cli_support import SiteProcess, as_json, fabric, free_port, ok, running
 from polling import wait_until
+
+from fabric.testing import echo
 
 pytestmark = pytest.mark.system
 

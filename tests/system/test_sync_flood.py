@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 import trio
 import yaml
-from cli_support import SiteProcess, as_json, echo, fabric, free_port, ok
+from cli_support import SiteProcess, as_json, fabric, free_port, ok
 from polling import wait_until
+
+from fabric.testing import echo
 
 pytestmark = pytest.mark.system
 

@@ -8,6 +8,7 @@ from fabric import names
 from fabric.errors import FrameError
 from fabric.router.frames import (
     HEADER,
+    MAX_COST,
     MAX_PAYLOAD,
     Frame,
     FrameDecoder,
@@ -117,7 +118,7 @@ messages = st.one_of(
         mode=st.sampled_from(["interior", "edge"]),
         incarnation=st.integers(0, 2**40),
         flow_window=st.integers(0, 2**31),
-        cost=st.integers(0, 1000),
+        cost=st.integers(0, MAX_COST),
     ),
     st.builds(Open, dest=texts, routing_key=names, origin=texts, flow_uid=texts, hop_limit=st.integers(0, 64)),
 )
@@ -149,3 +150,17 @@ def test_wrongly_typed_field_is_named():
     good["hop_limit"] = "8"
     with pytest.raises(FrameError, match="malformed OPEN payload: hop_limit must be an integer"):
         decode_message_untrusted(json.dumps(good).encode(), Open)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("cost", MAX_COST + 1, "cost must be an integer from 0 to"),  # would make the acceptor's own record invalid
+        ("mode", "core", "mode must be one of"),
+    ],
+)
+def test_hello_out_of_range_is_refused(field, value, message):
+    hello = json.loads(encode_message(Hello(1, 1, "s", "s", "edge", 1, 1024, 1)))
+    hello[field] = value
+    with pytest.raises(FrameError, match=message):
+        decode_message_untrusted(json.dumps(hello).encode(), Hello)

@@ -353,9 +353,9 @@ def test_a_link_only_one_end_advertises_does_not_count(ids: list[pki.Identity]) 
     engine.link_up(b, 0.0)
     engine.publish(0.0, links=[LinkInfo(b, 1)])
     engine.receive(b, Push((signed(ids[1], services=(ServiceInfo("db"),)),)), 0.0)  # b does not list a
-    assert engine.reachable() == {a} and not engine.present(b) and engine.catalog() == {}
+    assert engine.reachable() == {a} and b not in engine.reachable() and engine.catalog() == {}
     engine.receive(b, Push((signed(ids[1], 1, 2, links=(LinkInfo(a, 1),), services=(ServiceInfo("db"),)),)), 1.0)
-    assert engine.present(b) and engine.catalog() == {"db": {b}}
+    assert b in engine.reachable() and engine.catalog() == {"db": {b}}
 
 
 def test_new_records_are_forwarded_once_and_not_back(ids: list[pki.Identity]) -> None:
@@ -525,7 +525,7 @@ def test_membership_withdraw_at_once_then_purge(ids: list[pki.Identity]) -> None
     # b drops its link to c: at a, c is absent (and its services gone) as soon as b's record arrives.
     engines[b].link_down(c, 10.0)
     flow(engines, engines[b].publish(10.0, links=[LinkInfo(a, 1)]), b, 10.0)
-    assert not engine.present(c) and engine.catalog() == {} and c in engine.table
+    assert c not in engine.reachable() and engine.catalog() == {} and c in engine.table
     assert engine.age(c, 25.0) == 15.0  # since it became unreachable
     [row] = [row for row in engine.status(25.0) if row.site_id == c]
     assert (row.present, row.age, row.purge_in) == (False, 15.0, 45.0)
@@ -541,9 +541,9 @@ def test_membership_withdraw_at_once_then_purge(ids: list[pki.Identity]) -> None
     # purged it, gets it back from its next anti-entropy round.
     engines[b].link_up(c, 80.0)
     flow(engines, engines[b].publish(80.0, links=[LinkInfo(a, 1), LinkInfo(c, 1)]), b, 80.0)
-    assert not engine.present(c)
+    assert c not in engine.reachable()
     flow(engines, engine.tick(engine.next_deadline()), a, 81.0)
-    assert engine.present(c) and engine.catalog() == {"db": {c}} and engine.age(c, 90.0) == 9.0
+    assert c in engine.reachable() and engine.catalog() == {"db": {c}} and engine.age(c, 90.0) == 9.0
 
 
 def test_absent_sites_are_not_gossiped(ids: list[pki.Identity]) -> None:
@@ -553,7 +553,7 @@ def test_absent_sites_are_not_gossiped(ids: list[pki.Identity]) -> None:
     engine.link_up(b, 0.0)
     engine.publish(0.0, links=[LinkInfo(b, 1)])
     engine.receive(b, Push((signed(ids[1], links=(LinkInfo(a, 1),)), signed(ids[4]))), 0.0)  # x: no links
-    assert not engine.present(x)
+    assert x not in engine.reachable()
     assert x not in {site for site, _, _ in engine._stamps_for(b)}
     assert engine.receive(b, Digest(()), 1.0) == [(b, Push((engine.record, engine.table.get(b))))]
     # Asked for it by name (a digest listed it), it is given.
@@ -678,7 +678,7 @@ class Flood:
         real = [identity.site_id for identity in self.cast.real if identity.site_id in self.engines]
         for site_id in real:
             engine = self.engines[site_id]
-            missing = [other[:8] for other in real if not engine.present(other)]
+            missing = [other[:8] for other in real if other not in engine.reachable()]
             assert not missing, (engine, missing)
             if self.cast.newcomer.site_id in self.engines:
                 assert engine.catalog() == {"web": {self.cast.newcomer.site_id}, "db": {self.cast.third.site_id}}
@@ -761,7 +761,7 @@ def test_anti_entropy_repairs_a_lost_push_of_a_newcomer_and_then_asks_for_nothin
     client, hub = cast.client.site_id, cast.hub.site_id
     attack = flooded(cast)
     attack.join(lost=lambda src, dst: (src, dst) == (hub, client))
-    assert not attack.engines[client].present(cast.newcomer.site_id)
+    assert cast.newcomer.site_id not in attack.engines[client].reachable()
     now = run_timers(attack.engines, attack.now, 3 * INTERVAL)
     attack.unharmed()
     # Settled: the client and the hub hold different fakes (each refused some the other holds), yet once
@@ -814,9 +814,9 @@ def test_a_neighbours_record_is_kept_over_the_limit_until_its_link_goes(cast: Ca
     attack = flooded(cast)
     hub = attack.hub
     attack.join()
-    assert len(hub.table) == FULL + 3 and hub.present(cast.newcomer.site_id)  # client, attacker, newcomer
+    assert len(hub.table) == FULL + 3 and cast.newcomer.site_id in hub.reachable()  # client, attacker, newcomer
     attack.push(attack.records, 5)
-    assert hub.present(cast.newcomer.site_id)
+    assert cast.newcomer.site_id in hub.reachable()
     # The link goes: the newcomer's record competes like any other now, and the table is back under its limit.
     hub.link_down(cast.newcomer.site_id, 3.0)
     assert len(hub.table) == FULL + 2 and hub.table.get(cast.newcomer.site_id) is not None
@@ -915,7 +915,7 @@ def test_a_full_size_flood_is_refused_cheaply(cast: Cast) -> None:
     behind = signed(second, links=(LinkInfo(newcomer.site_id, 1),))
     links = (LinkInfo(hub_id, 1), LinkInfo(second.site_id, 1))
     hub.receive(newcomer.site_id, Push((signed(newcomer, links=links), behind)), 3.0)
-    assert hub.present(newcomer.site_id) and hub.present(second.site_id)
+    assert newcomer.site_id in hub.reachable() and second.site_id in hub.reachable()
     assert len(hub.table) == MAX_SITES + 2
 
 

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fabric.gossip.records import EDGE, INTERIOR, LinkInfo, SiteRecord
+from fabric.gossip.records import LinkInfo, SiteRecord
+from fabric.router.frames import EDGE, INTERIOR
 from fabric.router.routes import (
     BALANCED,
     CLOSEST,

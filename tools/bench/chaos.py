@@ -34,8 +34,6 @@ import itertools
 import os
 import platform
 import random
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,7 @@ import attrs
 import trio
 
 from fabric.pki import Token
+from fabric.testing import abort, echo
 
 from .common import finish, raise_fd_limit
 
@@ -54,7 +53,6 @@ ROUND_TRIP_DEADLINE = 5.0  # seconds for one client: connect, 1000 bytes there a
 MESSAGE = bytes(range(250)) * 4  # 1000 bytes
 TARGET_SUCCESS = 0.99
 TARGET_GAP = 3.0  # seconds
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
 
 def run_cli(site_dir: Path, *args: str) -> str:
@@ -66,14 +64,6 @@ def run_cli(site_dir: Path, *args: str) -> str:
 
 async def cli(site_dir: Path, *args: str) -> str:
     return await trio.to_thread.run_sync(functools.partial(run_cli, site_dir, *args))
-
-
-def abort(stream: trio.SocketStream) -> None:
-    """Close with an RST (once; a closed stream is left as it is)."""
-    if stream.socket.fileno() == -1:
-        return
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    stream.socket.close()
 
 
 @attrs.define
@@ -126,16 +116,6 @@ class Relay:
         self.silent_until = self.down_until if kind == "silent" else 0.0
         for scope in self._open:
             scope.cancel()
-
-
-async def echo(stream: trio.SocketStream) -> None:
-    try:
-        async with stream:
-            while data := await stream.receive_some(65536):
-                await stream.send_all(data)
-            await stream.send_eof()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
 
 
 @attrs.define

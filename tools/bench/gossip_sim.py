@@ -38,13 +38,12 @@ from fabric.gossip.engine import (
     encode_message,
 )
 from fabric.gossip.records import (
-    INTERIOR,
     LinkInfo,
     ServiceInfo,
     SiteRecord,
     sign_record,
 )
-from fabric.router.frames import HEADER_SIZE
+from fabric.router.frames import HEADER_SIZE, INTERIOR
 
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 

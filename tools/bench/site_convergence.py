@@ -54,6 +54,7 @@ from pathlib import Path
 import trio
 
 import fabric
+from fabric.errors import sole_exception
 from fabric.router.frames import HEADER_SIZE
 from fabric.router.link import Link
 
@@ -483,8 +484,8 @@ async def run_all(args: argparse.Namespace) -> list[dict]:
 
 
 def _describe(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        exc = sole_exception(exc) or exc
     return f"{type(exc).__name__}: {exc}"
 
 
