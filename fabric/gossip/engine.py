@@ -324,7 +324,7 @@ def decode_message_untrusted(data: bytes) -> Message:
         raise _malformed("expected an object")
     kind = raw.get("type")
     keys = _KEYS.get(kind) if isinstance(kind, str) else None
-    if keys is None:
+    if keys is None or not isinstance(kind, str):
         raise _malformed(f"unknown type {str(kind)[:40]!r}")
     if set(raw) != keys:
         extra, missing = sorted(set(raw) - keys), sorted(keys - set(raw))
@@ -806,8 +806,8 @@ class GossipEngine:
             if above is not None and above >= self._record.stamp:
                 outbox += self._outrank(above, now, peer=self._outrank_peer)
 
-        for peer, due in list(self._follow_ups.items()):
-            if due <= now:
+        for peer, when in list(self._follow_ups.items()):
+            if when <= now:
                 del self._follow_ups[peer]
                 if not self._settled_with(peer):
                     outbox.append((peer, self._summary_for(peer)))
@@ -1215,7 +1215,7 @@ class GossipEngine:
             stamps = tuple(
                 (site_id, *self.table.records[site_id].stamp) for site_id in sorted(self._reachable)
             )
-            self._digest = (stamps, digest_hash(stamps))  # type: ignore[arg-type]
+            self._digest = (stamps, digest_hash(stamps))
         return self._digest
 
     def _summary_for(self, peer: str) -> Summary:
@@ -1235,7 +1235,7 @@ class GossipEngine:
         held = self.table.get(peer)
         if held is None or peer in self._reachable:
             return stamps, value
-        stamps = tuple(sorted(stamps + ((peer, *held.stamp),)))  # type: ignore[operator]
+        stamps = tuple(sorted(stamps + ((peer, *held.stamp),)))
         return stamps, digest_hash(stamps)
 
     def _round_interval(self) -> float:

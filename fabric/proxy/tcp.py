@@ -19,7 +19,7 @@ from ..config import ConnectorConfig, ListenerConfig
 from ..errors import FabricError, FlowError, FlowRefused, NoProviderError
 from ..router.frames import Reason
 from ..router.relay import SocketEnd, relay
-from ..router.router import Router
+from ..router.router import PolicyView, Router
 from ..router.transports import describe_connect_error, listen_tcp
 
 log = logging.getLogger("fabric.proxy")
@@ -107,7 +107,7 @@ class TcpListener(trio.abc.AsyncResource):
     answers_without_provider = False
 
     def __init__(
-        self, config: ListenerConfig, router: Router, *, auto: bool = False, on_state: Callable[[], None] = lambda: None
+        self, config: ListenerConfig, router: Router | PolicyView, *, auto: bool = False, on_state: Callable[[], None] = lambda: None
     ) -> None:
         self.config = config
         self.auto = auto  # made by service sync, not configured

@@ -299,7 +299,7 @@ def decode_message_untrusted(payload: bytes, cls: type[_T]) -> _T:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         # Strict types: cattrs would turn "1" into 1, so check before structuring.
-        for field in attrs.fields(cls):  # type: ignore[arg-type]  # every message class is an attrs class
+        for field in attrs.fields(cls):
             if field.name in raw and field.type in (int, "int") and type(raw[field.name]) is not int:
                 raise ValueError(f"{field.name} must be an integer")
             if field.name in raw and field.type in (str, "str") and not isinstance(raw[field.name], str):

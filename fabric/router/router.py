@@ -491,7 +491,7 @@ class Router:
         offered = self._offered.get(routing_key, ())
         if policy:
             admitted = self.admitted(policy)
-            offered = [site for site in offered if site in admitted]
+            return sorted(site for site in offered if site in admitted)
         return sorted(offered)
 
     async def wait_unreachable(self, routing_key: str, policy: tuple[str, ...] = OPEN) -> None:
@@ -688,9 +688,10 @@ class Router:
 
     async def _dial_local(self, routing_key: str) -> End:
         slot = self.connectors.get(routing_key)
-        if not slot or not slot.connectors:
+        connector = slot.next() if slot else None
+        if connector is None:
             raise FlowRefused(Reason.NO_CONNECTOR, f"site {self.name} has no connector for {routing_key!r}")
-        return await slot.next().dial()
+        return await connector.dial()
 
     def name_of(self, site_id: str) -> str:
         """A site's name for messages and status (its id's start while its record is unknown)."""
@@ -776,6 +777,7 @@ class Router:
             flow.refuse(exc.code, str(exc))
             return
         self.active[hop] += 1
+        assert self._nursery is not None  # (on_open refuses flows until the router runs)
         self._nursery.start_soon(self._contained, self._carry, flow, onward, hop)
 
     async def _carry(self, flow: FlowEnd, onward: FlowEnd, hop: str) -> None:
