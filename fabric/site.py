@@ -19,8 +19,16 @@ from pathlib import Path
 import trio
 
 from . import logs, pki
-from .config import DEFAULT_CONNECTOR_HOST, DEFAULT_LISTENER_HOST, ConnectorConfig, Settings, SiteConfig
-from .errors import ConfigError, FabricError, TokenError
+from .config import (
+    DEFAULT_CONNECTOR_HOST,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_LISTENER_HOST,
+    DEFAULT_PROTOCOL,
+    ConnectorConfig,
+    Settings,
+    SiteConfig,
+)
+from .errors import ConfigError, FabricError, TokenError, sole_exception
 from .gossip.gossip import Gossip
 from .gossip.records import sign_record
 from .proxy.manager import ProxyManager
@@ -28,7 +36,6 @@ from .router.dialer import Dialer
 from .router.frames import Reason
 from .router.handshake import Handshakes, LinkSetup
 from .router.router import Router
-from .router.routes import BALANCED
 from .sitedir import SiteFiles, load, prepare
 from .status import ListenerStatus, NetworkStatus, SiteStatus, SiteView, network_status, network_view, site_status
 from .store import ConfigStore
@@ -113,8 +120,8 @@ class Site:
     async def issue_token(
         self,
         *,
-        redemptions_allowed: int = 1,
-        expiration_window: float = 900.0,
+        redemptions_allowed: int = pki.DEFAULT_REDEMPTIONS,
+        expiration_window: float = pki.DEFAULT_EXPIRATION_WINDOW,
         cost: int | None = None,
         link_urls: Sequence[str] | None = None,
         offers: Sequence[str] | None = None,
@@ -200,7 +207,7 @@ class Site:
 
     async def create_connector(
         self, name: str, port: int, *, host: str = DEFAULT_CONNECTOR_HOST, routing_key: str | None = None,
-        protocol: str = "tcp", allow: Sequence[str] = (),
+        protocol: str = DEFAULT_PROTOCOL, allow: Sequence[str] = (),
     ) -> ConnectorConfig:
         """Offer `host:port` to the network under `routing_key`: see `ProxyManager.create_connector`."""
         return await self.proxies.create_connector(
@@ -212,7 +219,7 @@ class Site:
 
     async def create_listener(
         self, name: str, port: int, *, host: str = DEFAULT_LISTENER_HOST, routing_key: str | None = None,
-        distribution: str = BALANCED, protocol: str = "tcp", providers: Sequence[str] = (),
+        distribution: str = DEFAULT_DISTRIBUTION, protocol: str = DEFAULT_PROTOCOL, providers: Sequence[str] = (),
     ) -> ListenerStatus:
         """Accept clients on `host:port` for `routing_key`: see `ProxyManager.create_listener`."""
         return await self.proxies.create_listener(
@@ -296,7 +303,7 @@ async def open_site(
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # One failure (the caller's, or the site's own) is raised as itself, not wrapped.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        if (sole := sole_exception(group)) is not None:
+            raise sole from None
         raise
 

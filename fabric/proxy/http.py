@@ -78,7 +78,7 @@ import attrs
 import trio
 
 from .. import logs
-from ..errors import FlowError
+from ..errors import FlowError, sole_exception
 from ..router.frames import Reason
 from ..router.relay import End, SocketEnd, relay
 from ..router.router import Outstanding, Tries
@@ -622,8 +622,8 @@ class HttpListener(TcpListener):
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None  # (a port in use is the caller's FabricError, not a group)
+            if (sole := sole_exception(group)) is not None:
+                raise sole from None  # (a port in use is the caller's FabricError, not a group)
             raise
 
     async def aclose(self) -> None:

@@ -21,7 +21,9 @@ import trio
 from .. import logs
 from ..config import (
     DEFAULT_CONNECTOR_HOST,
+    DEFAULT_DISTRIBUTION,
     DEFAULT_LISTENER_HOST,
+    DEFAULT_PROTOCOL,
     PROTOCOLS,
     ConnectorConfig,
     ListenerConfig,
@@ -30,7 +32,7 @@ from ..config import (
 from ..errors import ConfigError, FabricError
 from ..router.policy import check_unambiguous
 from ..router.router import Router
-from ..router.routes import BALANCED, DISTRIBUTIONS
+from ..router.routes import DISTRIBUTIONS
 from ..status import ListenerState, ListenerStatus, listener_status, network_view
 from ..store import ConfigStore
 from .http import HttpListener
@@ -116,7 +118,7 @@ class ProxyManager:
         *,
         host: str = DEFAULT_CONNECTOR_HOST,
         routing_key: str | None = None,
-        protocol: str = "tcp",
+        protocol: str = DEFAULT_PROTOCOL,
         allow: Sequence[str] = (),
     ) -> ConnectorConfig:
         """Offer `host:port` to the network under `routing_key` (default: the name).
@@ -167,8 +169,8 @@ class ProxyManager:
         *,
         host: str = DEFAULT_LISTENER_HOST,
         routing_key: str | None = None,
-        distribution: str = BALANCED,
-        protocol: str = "tcp",
+        distribution: str = DEFAULT_DISTRIBUTION,
+        protocol: str = DEFAULT_PROTOCOL,
         providers: Sequence[str] = (),
     ) -> ListenerStatus:
         """Accept clients on `host:port` for `routing_key` (default: the name).
