@@ -33,6 +33,8 @@ from cli_support import free_port
 from polling import wait_until
 from prerequisites import require_programs
 
+from fabric.proxy import plain
+
 pytestmark = pytest.mark.system
 
 DEADLINE = 120  # seconds per test
@@ -414,6 +416,7 @@ EXCHANGES = [
 ]
 
 
+@pytest.mark.skipif(plain.parse is None, reason="no fast path: the compiled module is not built or FABRIC_PURE_PYTHON is set")
 async def test_plain_messages_read_whole_are_forwarded_as_the_events_would_forward_them(network, start_server, monkeypatch):
     """The listener reads a plain request, and its flow's sink a plain answer, whole (`Reader.whole`),
     without events: the target and the client get byte for byte what they get when every message is read
